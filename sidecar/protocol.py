@@ -1,0 +1,239 @@
+"""Agent protocol v1: the frames exchanged between an agent and its sidecar.
+
+Defined once, as msgspec structs in one tagged union per direction (the tag field is
+``kind``). Frames travel as WebSocket messages over a Unix socket: JSON in text frames,
+MessagePack in binary frames. Unknown fields are ignored (so newer agents and sidecars
+interoperate); unknown kinds and malformed frames get an ``error`` frame and the
+connection keeps serving.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+# Failure reasons an agent may report; the seed's four plus the sidecar's own.
+FAILURE_REASONS = (
+    "TIMEOUT",
+    "NETWORK_ERROR",
+    "RATE_LIMITED",
+    "VALIDATION_FAILED",
+    "UNRECOVERABLE",
+    "CONSTRAINT_VIOLATION",
+    "PROCESSING_ERROR",
+)
+
+
+class Frame(msgspec.Struct, tag_field="kind", omit_defaults=True):
+    """Base of every frame; ``kind`` is the tag."""
+
+
+# --- agent -> sidecar ------------------------------------------------------------------
+
+
+class Hello(Frame, tag="hello"):
+    """First frame of a session: who the agent is and what it consumes."""
+
+    agent: str
+    version: str = ""
+    pid: int | None = None
+    queues: list[str] = []
+    token: str | None = None
+    protocol: int = PROTOCOL_VERSION
+
+
+class Pull(Frame, tag="pull"):
+    """Ask for up to ``max`` messages; answered by one ``batch`` (possibly fewer, or empty
+    after ``wait`` seconds when nothing arrives)."""
+
+    max: int = 1
+    wait: float = 1.0
+
+
+class Ack(Frame, tag="ack"):
+    """These deliveries succeeded."""
+
+    ids: list[int]
+
+
+class Fail(Frame, tag="fail"):
+    """This delivery failed; the sidecar decides between retry and dead-letter."""
+
+    id: int
+    reason: str
+    error: str = ""
+    retry_after: float | None = None
+
+
+class Extend(Frame, tag="extend"):
+    """Still working: push these deliveries' deadlines ``seconds`` into the future."""
+
+    ids: list[int]
+    seconds: float
+
+
+class Publish(Frame, tag="publish"):
+    """Publish a message; answered by a ``published`` frame carrying the same ``ref``.
+
+    Give ``queue`` to publish straight to a queue (default exchange), or ``exchange`` and
+    ``routing_key``."""
+
+    ref: int
+    body: bytes
+    queue: str | None = None
+    exchange: str = ""
+    routing_key: str = ""
+    headers: dict[str, Any] = {}
+    priority: int | None = None
+    persistent: bool = True
+    content_type: str | None = None
+    message_id: str | None = None
+
+
+class Heartbeat(Frame, tag="heartbeat"):
+    """Liveness in either direction."""
+
+    ts: float = 0.0
+
+
+# --- sidecar -> agent ------------------------------------------------------------------
+
+
+class Limits(msgspec.Struct, omit_defaults=True):
+    """What the sidecar accepts from this agent; exceeding one gets an error frame."""
+
+    max_batch: int
+    max_frame_bytes: int
+    max_body_bytes: int
+    max_in_flight: int
+    deadline: float
+    heartbeat: float
+
+
+class Welcome(Frame, tag="welcome"):
+    session: str
+    protocol: int
+    limits: Limits
+    pressure: str = "NORMAL"
+    batch_size: int = 1
+
+
+class Delivery(msgspec.Struct, omit_defaults=True):
+    """One message handed to the agent. ``attempt`` counts from 1; ``reduced_scope`` asks
+    the agent to do less this time (the seed's retryWithReducedScope after a TIMEOUT)."""
+
+    id: int
+    queue: str
+    body: bytes
+    attempt: int = 1
+    deadline: float = 30.0
+    routing_key: str = ""
+    exchange: str = ""
+    headers: dict[str, Any] = {}
+    message_id: str | None = None
+    content_type: str | None = None
+    priority: int | None = None
+    redelivered: bool = False
+    reduced_scope: bool = False
+
+
+class Batch(Frame, tag="batch"):
+    messages: list[Delivery]
+
+
+class Published(Frame, tag="published"):
+    """Result of a ``publish``: ok, or an error; ``throttled`` with ``retry_after`` when the
+    publish was not sent because of backpressure (send it again later)."""
+
+    ref: int
+    ok: bool
+    error: str | None = None
+    throttled: bool = False
+    retry_after: float | None = None
+
+
+class Pressure(Frame, tag="pressure"):
+    """The agent's memory pressure level changed; batches are now ``batch_size`` at most."""
+
+    level: str
+    batch_size: int
+    ratio: float = 0.0
+
+
+class Error(Frame, tag="error"):
+    """Something the agent sent was refused. ``fatal`` errors close the connection."""
+
+    code: str
+    message: str
+    ref: int | None = None
+    fatal: bool = False
+
+
+AgentFrame = Hello | Pull | Ack | Fail | Extend | Publish | Heartbeat
+SidecarFrame = Welcome | Batch | Published | Pressure | Heartbeat | Error
+
+AGENT_KINDS = frozenset(t.__struct_config__.tag for t in AgentFrame.__args__)  # type: ignore[attr-defined]
+SIDECAR_KINDS = frozenset(t.__struct_config__.tag for t in SidecarFrame.__args__)  # type: ignore[attr-defined]
+
+
+class ProtocolError(Exception):
+    """A frame the sidecar cannot accept; ``code`` is stable for clients to match on."""
+
+    def __init__(self, code: str, message: str, *, ref: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+    def to_frame(self, *, fatal: bool = False) -> Error:
+        return Error(code=self.code, message=self.message, ref=self.ref, fatal=fatal)
+
+
+class _Kind(msgspec.Struct):
+    kind: Any = None
+
+
+class Codec:
+    """Encoders and decoders built once and reused (msgspec's fast path)."""
+
+    def __init__(self) -> None:
+        self._json_agent = msgspec.json.Decoder(AgentFrame)
+        self._mp_agent = msgspec.msgpack.Decoder(AgentFrame)
+        self._json_sidecar = msgspec.json.Decoder(SidecarFrame)
+        self._mp_sidecar = msgspec.msgpack.Decoder(SidecarFrame)
+        self._json_kind = msgspec.json.Decoder(_Kind)
+        self._mp_kind = msgspec.msgpack.Decoder(_Kind)
+        self._json_enc = msgspec.json.Encoder()
+        self._mp_enc = msgspec.msgpack.Encoder()
+
+    def encode(self, frame: Frame, *, binary: bool) -> bytes | str:
+        if binary:
+            return self._mp_enc.encode(frame)
+        return self._json_enc.encode(frame).decode()
+
+    def decode_agent(self, data: bytes | str) -> AgentFrame:
+        """Decode one agent frame or raise ProtocolError naming the problem."""
+        return self._decode(data, self._json_agent, self._mp_agent, AGENT_KINDS)
+
+    def decode_sidecar(self, data: bytes | str) -> SidecarFrame:
+        return self._decode(data, self._json_sidecar, self._mp_sidecar, SIDECAR_KINDS)
+
+    def _decode(self, data: bytes | str, json_dec: Any, mp_dec: Any, kinds: frozenset[str]) -> Any:
+        binary = isinstance(data, bytes)
+        try:
+            return mp_dec.decode(data) if binary else json_dec.decode(data)
+        except msgspec.DecodeError as exc:
+            kind = self._peek_kind(data, binary)
+            if kind is not None and kind not in kinds:
+                raise ProtocolError("unknown_kind", f"unknown frame kind {kind!r}") from None
+            raise ProtocolError("malformed", f"malformed frame: {exc}") from None
+
+    def _peek_kind(self, data: bytes | str, binary: bool) -> str | None:
+        try:
+            kind = (self._mp_kind if binary else self._json_kind).decode(data).kind
+        except msgspec.DecodeError:
+            return None
+        return kind if isinstance(kind, str) else None
