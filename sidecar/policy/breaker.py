@@ -1,0 +1,204 @@
+"""Circuit breaker: stop pulling work for an agent (or target) that keeps failing.
+
+Trips on consecutive failures (the seed's rule) or on a failure ratio over a sliding window,
+so an agent that fails every other message is caught too. Re-trips from HALF_OPEN back off
+exponentially so a still-broken agent is probed less and less often.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+
+class BreakerState(enum.StrEnum):
+    CLOSED = "CLOSED"
+    OPEN = "OPEN"
+    HALF_OPEN = "HALF_OPEN"
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """Trip thresholds and open-time backoff; defaults follow the seed (5 failures, 60 s)."""
+
+    failure_threshold: int = 5
+    open_timeout: float = 60.0
+    max_open_timeout: float = 600.0
+    backoff_multiplier: float = 2.0
+    window: float = 60.0
+    min_calls_in_window: int = 10
+    failure_ratio: float = 0.5
+    half_open_probes: int = 3
+    half_open_successes: int = 2
+
+    def __post_init__(self) -> None:
+        checks = (
+            (self.failure_threshold >= 1, "failure_threshold must be >= 1"),
+            (self.open_timeout > 0, "open_timeout must be > 0"),
+            (
+                self.max_open_timeout >= self.open_timeout,
+                "max_open_timeout must be >= open_timeout",
+            ),
+            (self.backoff_multiplier >= 1, "backoff_multiplier must be >= 1"),
+            (self.window > 0, "window must be > 0"),
+            (self.min_calls_in_window >= 1, "min_calls_in_window must be >= 1"),
+            (0 < self.failure_ratio <= 1, "failure_ratio must be in (0, 1]"),
+            (self.half_open_probes >= 1, "half_open_probes must be >= 1"),
+            (
+                1 <= self.half_open_successes <= self.half_open_probes,
+                "half_open_successes must be in [1, half_open_probes] or the breaker never closes",
+            ),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{message} (got {self})")
+
+
+class CircuitBreaker:
+    """CLOSED -> OPEN -> HALF_OPEN -> CLOSED (or back to OPEN, for longer)."""
+
+    def __init__(self, config: BreakerConfig) -> None:
+        self.config = config
+        self.trips = 0
+        self.current_open_timeout = config.open_timeout
+        self._state = BreakerState.CLOSED
+        self._open_until: float | None = None
+        self._consecutive = 0
+        self._calls: deque[tuple[float, bool]] = deque()
+        self._failures_in_window = 0
+        self._probes_out = 0
+        self._probe_successes = 0
+
+    @property
+    def closed(self) -> bool:
+        """True when closed; needs no clock because only time moves OPEN to HALF_OPEN."""
+        return self._state is BreakerState.CLOSED
+
+    def state(self, now: float) -> BreakerState:
+        """The state at ``now``; an elapsed open period turns into HALF_OPEN here."""
+        opened_until = self._open_until
+        if self._state is BreakerState.OPEN and opened_until is not None and now >= opened_until:
+            self._state = BreakerState.HALF_OPEN
+            self._open_until = None
+            self._probes_out = 0
+            self._probe_successes = 0
+        return self._state
+
+    def allow(self, now: float) -> bool:
+        """May one more delivery go to the agent? In HALF_OPEN, each True is a counted probe."""
+        state = self.state(now)
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and self._probes_out < self.config.half_open_probes:
+            self._probes_out += 1
+            return True
+        return False
+
+    def record_success(self, now: float) -> None:
+        state = self.state(now)
+        if state is BreakerState.CLOSED:
+            self._consecutive = 0
+            self._remember(now, ok=True)
+        elif state is BreakerState.HALF_OPEN:
+            self._probes_out = max(0, self._probes_out - 1)
+            self._probe_successes += 1
+            if self._probe_successes >= self.config.half_open_successes:
+                self._close()
+        # OPEN: a late result from before the trip says nothing about recovery; ignore it.
+
+    def record_failure(self, now: float) -> None:
+        state = self.state(now)
+        if state is BreakerState.HALF_OPEN:
+            self.current_open_timeout = min(
+                self.current_open_timeout * self.config.backoff_multiplier,
+                self.config.max_open_timeout,
+            )
+            self._trip(now)
+        elif state is BreakerState.CLOSED:
+            self._consecutive += 1
+            self._remember(now, ok=False)
+            if self._consecutive >= self.config.failure_threshold or self._ratio_exceeded():
+                self._trip(now)
+
+    def open_until(self) -> float | None:
+        """When the current open period ends, or None when not open."""
+        return self._open_until if self._state is BreakerState.OPEN else None
+
+    def retry_in(self, now: float) -> float:
+        """Seconds until HALF_OPEN; 0 when not open."""
+        if self.state(now) is BreakerState.OPEN and self._open_until is not None:
+            return self._open_until - now
+        return 0.0
+
+    def _remember(self, now: float, *, ok: bool) -> None:
+        self._calls.append((now, ok))
+        self._failures_in_window += not ok
+        horizon = now - self.config.window
+        while self._calls and self._calls[0][0] <= horizon:
+            _, old_ok = self._calls.popleft()
+            self._failures_in_window -= not old_ok
+
+    def _ratio_exceeded(self) -> bool:
+        calls = len(self._calls)
+        if calls < self.config.min_calls_in_window:
+            return False
+        return self._failures_in_window / calls >= self.config.failure_ratio
+
+    def _reset_counts(self) -> None:
+        self._consecutive = 0
+        self._calls.clear()
+        self._failures_in_window = 0
+        self._probes_out = 0
+        self._probe_successes = 0
+
+    def _trip(self, now: float) -> None:
+        self.trips += 1
+        self._state = BreakerState.OPEN
+        self._open_until = now + self.current_open_timeout
+        self._reset_counts()
+
+    def _close(self) -> None:
+        self._state = BreakerState.CLOSED
+        self._open_until = None
+        self.current_open_timeout = self.config.open_timeout
+        self._reset_counts()
+
+
+class KeyedBreakers:
+    """One breaker per key (e.g. target host), created lazily, at most ``max_keys`` kept."""
+
+    def __init__(self, config: BreakerConfig, max_keys: int = 1000) -> None:
+        if max_keys < 1:
+            raise ValueError(f"max_keys must be >= 1, got {max_keys}")
+        self.config = config
+        self.max_keys = max_keys
+        self._breakers: OrderedDict[str, CircuitBreaker] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._breakers
+
+    def get(self, key: str) -> CircuitBreaker:
+        """The breaker for ``key``, marking it most recently used."""
+        breaker = self._breakers.get(key)
+        if breaker is not None:
+            self._breakers.move_to_end(key)
+            return breaker
+        breaker = self._breakers[key] = CircuitBreaker(self.config)
+        if len(self._breakers) > self.max_keys:
+            self._evict(keep=key)
+        return breaker
+
+    def open_keys(self, now: float) -> list[str]:
+        """Keys whose breaker is OPEN at ``now`` (HALF_OPEN ones are already probing)."""
+        return [k for k, b in self._breakers.items() if b.state(now) is BreakerState.OPEN]
+
+    def _evict(self, keep: str) -> None:
+        # Forgetting a closed breaker loses little; forgetting an open one loses protection,
+        # so an open one goes only when nothing closed is left (the bound still holds).
+        others = [(k, b) for k, b in self._breakers.items() if k != keep]
+        victim = next((k for k, b in others if b.closed), others[0][0])
+        del self._breakers[victim]
