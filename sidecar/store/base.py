@@ -1,0 +1,261 @@
+"""The dead-letter store contract, its error type, and ``open_store``.
+
+The API is synchronous on purpose: the daemon calls it through ``trio.to_thread.run_sync``
+with a limiter of one per store, and both backends' drivers are blocking.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+from urllib.parse import unquote, urlsplit
+
+import msgspec
+
+from sidecar.store.records import (
+    DeadLetterRecord,
+    MetricSnapshot,
+    PatternRow,
+    RecordFilter,
+    utc_ms,
+)
+
+__all__ = [
+    "PATTERN_KEYS",
+    "DeadLetterStore",
+    "PatternKey",
+    "StoreUnavailable",
+    "apply_put",
+    "apply_reprocess",
+    "open_store",
+    "redact_url",
+    "scrub",
+]
+
+PatternKey = Literal["failureReason", "signature", "processingHost", "originalQueue"]
+PATTERN_KEYS: frozenset[str] = frozenset(
+    {"failureReason", "signature", "processingHost", "originalQueue"}
+)
+
+
+class StoreUnavailable(Exception):
+    """The store cannot be reached or written; the caller must not ack on a failed put.
+
+    Messages name the store and the cause but never credentials (see ``redact_url``).
+    """
+
+
+@runtime_checkable
+class DeadLetterStore(Protocol):
+    """One behavioural contract for every backend (SQLite, MongoDB, the spooling wrapper)."""
+
+    name: str
+
+    def put(self, record: DeadLetterRecord) -> bool:
+        """Idempotent upsert keyed by ``id``; True when the record is new.
+
+        A later failure of a known id (greater lastFailureAt) updates attemptCount,
+        lastFailureAt, errorMessage, failureReason, signature, deadLetteredAt and resets
+        ``reprocessed`` (it failed again after a reprocess), keeping history and
+        reprocessCount. An equal or older one changes nothing.
+        """
+        ...
+
+    def get(self, id: str) -> DeadLetterRecord | None: ...
+
+    def find(
+        self, filter: RecordFilter | None = None, *, limit: int = 50, offset: int = 0
+    ) -> list[DeadLetterRecord]:
+        """Newest first: lastFailureAt descending, then id descending."""
+        ...
+
+    def count(self, filter: RecordFilter | None = None) -> int: ...
+
+    def failure_patterns(
+        self, filter: RecordFilter | None = None, *, by: PatternKey = "failureReason"
+    ) -> list[PatternRow]:
+        """The seed's $group: count, min firstFailureAt, max lastFailureAt; count desc, key asc."""
+        ...
+
+    def oldest_newest(
+        self, filter: RecordFilter | None = None
+    ) -> tuple[datetime | None, datetime | None]:
+        """Min and max deadLetteredAt (the dashboard's "Oldest/Newest Message")."""
+        ...
+
+    def signatures(self) -> set[str]:
+        """Distinct non-empty signatures, to seed the new-failure-pattern alert."""
+        ...
+
+    def begin_retry(self, id: str, token: str) -> bool:
+        """Claim an operator retry: True when retryToken is now ``token``.
+
+        False when the record does not exist or another token is in flight.
+        """
+        ...
+
+    def cancel_retry(self, id: str, token: str) -> bool:
+        """Abandon a claimed retry that was never published; True when the token was cleared."""
+        ...
+
+    def mark_reprocessed(
+        self, id: str, *, token: str | None, target_queue: str, at: datetime, tool: str
+    ) -> bool:
+        """Record a republish; a repeat with the same token is a no-op returning False."""
+        ...
+
+    def in_flight_retries(self) -> list[DeadLetterRecord]:
+        """Records with a retryToken set (a retry claimed but not yet marked)."""
+        ...
+
+    def delete(self, filter: RecordFilter) -> int: ...
+
+    def insert_metric(self, snapshot: MetricSnapshot) -> None: ...
+
+    def metrics(
+        self, type: str, *, since: datetime | None = None, limit: int = 1000
+    ) -> list[MetricSnapshot]:
+        """The most recent ``limit`` snapshots at/after ``since``, returned oldest first."""
+        ...
+
+    def ping(self) -> None:
+        """Raise StoreUnavailable unless the store answers."""
+        ...
+
+    def close(self) -> None: ...
+
+    def describe(self) -> str:
+        """Where the store is, without credentials (for logs and the status page)."""
+        ...
+
+
+# --- shared semantics (SQLite applies them in Python; MongoDB mirrors them with operators)
+
+
+def apply_put(existing: DeadLetterRecord, new: DeadLetterRecord) -> DeadLetterRecord | None:
+    """The record after a repeated put of a known id, or None when nothing changes."""
+    if new.lastFailureAt <= existing.lastFailureAt:
+        return None
+    return msgspec.structs.replace(
+        existing,
+        attemptCount=new.attemptCount,
+        lastFailureAt=new.lastFailureAt,
+        errorMessage=new.errorMessage,
+        failureReason=new.failureReason,
+        signature=new.signature,
+        deadLetteredAt=new.deadLetteredAt,
+        reprocessed=False,
+    )
+
+
+def history_entry(*, token: str | None, target_queue: str, at: datetime, tool: str) -> dict:
+    """One reprocess in ``history``; ``at`` is ISO text so every backend returns the same type."""
+    return {
+        "at": utc_ms(at).isoformat().replace("+00:00", "Z"),
+        "targetQueue": target_queue,
+        "tool": tool,
+        "token": token,
+    }
+
+
+def apply_reprocess(
+    existing: DeadLetterRecord,
+    *,
+    token: str | None,
+    target_queue: str,
+    at: datetime,
+    tool: str,
+) -> DeadLetterRecord | None:
+    """The record after ``mark_reprocessed``, or None when this token was already recorded."""
+    if token is not None and any(h.get("token") == token for h in existing.history):
+        return None
+    at = utc_ms(at)
+    return msgspec.structs.replace(
+        existing,
+        reprocessed=True,
+        reprocessedAt=at,
+        reprocessTarget=target_queue,
+        reprocessCount=existing.reprocessCount + 1,
+        history=[
+            *existing.history,
+            history_entry(token=token, target_queue=target_queue, at=at, tool=tool),
+        ],
+        # Only our own claim is released; another operator's in-flight claim stays.
+        retryToken=None if existing.retryToken == token else existing.retryToken,
+    )
+
+
+# --- URLs and credentials
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+
+
+def redact_url(url: str) -> str:
+    """The URL without ``user:password@`` and without query options (they can hold secrets)."""
+    url = _USERINFO.sub(lambda m: m.group("scheme"), url, count=1)
+    return url.split("?", 1)[0]
+
+
+def scrub(text: str, url: str) -> str:
+    """Remove any credential of ``url`` that a driver message might echo back."""
+    secrets: set[str] = {url}
+    netloc = urlsplit(url).netloc if "://" in url else ""
+    if "@" in netloc:
+        userinfo = netloc.rpartition("@")[0]
+        user, _, password = userinfo.partition(":")
+        for secret in (userinfo, user, password):
+            if secret:
+                secrets.update({secret, unquote(secret)})
+    for secret in sorted(secrets, key=len, reverse=True):
+        if len(secret) >= 3:  # a 1-2 character "secret" would mangle every message
+            text = text.replace(secret, "***")
+    return text
+
+
+def _sqlite_path(url: str) -> str:
+    """SQLAlchemy style: ``sqlite:///rel.db`` is relative, ``sqlite:////abs.db`` absolute."""
+    rest = url[len("sqlite:") :]
+    if not rest.startswith("///"):
+        raise ValueError(
+            f"bad SQLite URL {redact_url(url)!r}: expected sqlite:///relative/path.db "
+            "or sqlite:////absolute/path.db"
+        )
+    path = rest[3:]
+    if not path:
+        raise ValueError(f"bad SQLite URL {url!r}: no database path")
+    return path
+
+
+def open_store(url: str, **options: Any) -> DeadLetterStore:
+    """Open the store a configuration URL names.
+
+    ``sqlite:///rel.db``, ``sqlite:////abs.db`` or a plain path -> SQLite (the default,
+    embedded); ``mongodb://`` or ``mongodb+srv://`` -> MongoDB (database from the URI
+    path, default "sidecar"). ``options`` go to the backend's constructor.
+    """
+    url = url.strip()
+    if not url:
+        raise ValueError("empty dead-letter store URL")
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        if url.lower().startswith("sqlite:"):
+            raise ValueError(f"bad SQLite URL {url!r}: expected sqlite:///path.db")
+        from sidecar.store.sqlite import SqliteStore
+
+        return SqliteStore(Path(url).expanduser(), **options)
+    scheme = scheme.lower()
+    if scheme == "sqlite":
+        from sidecar.store.sqlite import SqliteStore
+
+        path = _sqlite_path("sqlite:" + url[len("sqlite:") :])
+        return SqliteStore(path if path == ":memory:" else Path(path).expanduser(), **options)
+    if scheme in ("mongodb", "mongodb+srv"):
+        from sidecar.store.mongo import MongoStore
+
+        return MongoStore(url, **options)
+    raise ValueError(
+        f"unknown dead-letter store scheme {scheme!r} in {redact_url(url)!r}: use "
+        "sqlite:///path.db, a plain file path, mongodb:// or mongodb+srv://"
+    )

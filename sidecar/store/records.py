@@ -1,0 +1,207 @@
+"""Dead-letter record types shared by every store backend.
+
+Field names follow the "DLQ Structure" of the source design (camelCase, as stored in
+MongoDB) so that a record in SQLite, in MongoDB and on the wire has one vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "REQUIRED_FIELDS",
+    "DeadLetterRecord",
+    "MetricSnapshot",
+    "PatternRow",
+    "RecordFilter",
+    "missing_fields",
+    "normalise_filter",
+    "normalise_metric",
+    "normalise_record",
+    "payload_from_body",
+    "utc_ms",
+]
+
+
+class DeadLetterRecord(msgspec.Struct, kw_only=True):
+    """One dead-lettered message: the seed's fields plus what a faithful republish needs."""
+
+    id: str
+    originalQueue: str
+    payload: Any
+    rawBody: bytes
+    failureReason: str
+    errorMessage: str
+    attemptCount: int
+    firstFailureAt: datetime
+    lastFailureAt: datetime
+    processingHost: str
+    agentVersion: str
+    agentName: str = ""
+    routingKey: str = ""
+    exchange: str = ""
+    headers: dict[str, Any] = {}
+    properties: dict[str, Any] = {}
+    signature: str = ""
+    deadLetteredAt: datetime
+    reprocessed: bool = False
+    reprocessedAt: datetime | None = None
+    reprocessCount: int = 0
+    reprocessTarget: str | None = None
+    retryToken: str | None = None
+    history: list[dict[str, Any]] = []
+
+
+class RecordFilter(msgspec.Struct, kw_only=True):
+    """Selects records; every set field must match (AND).
+
+    ``since`` is inclusive and ``until`` exclusive, both on ``lastFailureAt``, so adjacent
+    windows never count a record twice. ``pattern`` is a case-insensitive substring of
+    failureReason, errorMessage or signature. ``ids=[]`` matches nothing.
+    """
+
+    queue: str | None = None
+    reason: str | None = None
+    host: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    pattern: str | None = None
+    reprocessed: bool | None = None
+    ids: list[str] | None = None
+
+
+class PatternRow(msgspec.Struct):
+    """One row of the seed's failure-pattern aggregation ($group by a key)."""
+
+    key: str
+    count: int
+    firstOccurrence: datetime
+    lastOccurrence: datetime
+
+
+class MetricSnapshot(msgspec.Struct, kw_only=True):
+    """A point of the seed's ``db.metrics`` collection (e.g. type "dlq_size")."""
+
+    type: str
+    queue: str
+    count: float
+    timestamp: datetime
+    labels: dict[str, str] = {}
+
+
+REQUIRED_FIELDS: tuple[str, ...] = (
+    "originalQueue",
+    "payload",
+    "failureReason",
+    "errorMessage",
+    "attemptCount",
+    "firstFailureAt",
+    "lastFailureAt",
+    "processingHost",
+    "agentVersion",
+    "id",
+)
+
+# A record whose one of these is "" cannot be routed back or attributed: treat as missing.
+_NON_EMPTY: frozenset[str] = frozenset({"id", "originalQueue", "failureReason", "processingHost"})
+# payload=None is legitimate (a body that is not UTF-8); only its absence is a defect.
+_NULLABLE: frozenset[str] = frozenset({"payload"})
+
+
+def payload_from_body(body: bytes) -> Any:
+    """Decode a body for humans and queries; ``rawBody`` keeps the exact bytes anyway.
+
+    JSON value when the body is valid UTF-8 JSON, else the UTF-8 text, else None.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    try:
+        return msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return text
+
+
+def _unusable(name: str, value: Any) -> bool:
+    """A present field that still cannot be relied on."""
+    if value is None:
+        return name not in _NULLABLE
+    return name in _NON_EMPTY and (not isinstance(value, str) or not value.strip())
+
+
+def missing_fields(record: DeadLetterRecord | Mapping[str, Any]) -> list[str]:
+    """Names of REQUIRED_FIELDS absent (or unusable) in a record or a raw stored document.
+
+    Used by the chaos tests to assert that no dead letter was stored without its fields;
+    a raw MongoDB document's ``_id`` stands for ``id``.
+    """
+    missing: list[str] = []
+    for name in REQUIRED_FIELDS:
+        if isinstance(record, Mapping):
+            key = "_id" if name == "id" and "id" not in record else name
+            present, value = key in record, record.get(key)
+        else:
+            present, value = hasattr(record, name), getattr(record, name, None)
+        if not present or _unusable(name, value):
+            missing.append(name)
+    return missing
+
+
+def utc_ms(value: datetime) -> datetime:
+    """Aware UTC datetime truncated to milliseconds.
+
+    BSON dates hold milliseconds; truncating in the store layer for every backend keeps
+    the contract identical (what you get back equals what was stored, on any backend).
+    Naive datetimes are refused: guessing their zone would silently shift failure times.
+    """
+    if value.tzinfo is None or value.tzinfo.utcoffset(value) is None:
+        raise ValueError(f"naive datetime {value!r}: dead-letter times must be timezone-aware")
+    value = value.astimezone(UTC)
+    return value.replace(microsecond=value.microsecond - value.microsecond % 1000)
+
+
+def _json_safe(value: Any) -> Any:
+    """Round-trip through JSON so every backend stores (and returns) the same values."""
+    return msgspec.json.decode(msgspec.json.encode(value))
+
+
+def normalise_record(record: DeadLetterRecord) -> DeadLetterRecord:
+    """Canonical form written by every backend: UTC ms datetimes, JSON-safe documents."""
+    return msgspec.structs.replace(
+        record,
+        firstFailureAt=utc_ms(record.firstFailureAt),
+        lastFailureAt=utc_ms(record.lastFailureAt),
+        deadLetteredAt=utc_ms(record.deadLetteredAt),
+        reprocessedAt=None if record.reprocessedAt is None else utc_ms(record.reprocessedAt),
+        payload=_json_safe(record.payload),
+        headers=_json_safe(record.headers),
+        properties=_json_safe(record.properties),
+        history=_json_safe(record.history),
+        rawBody=bytes(record.rawBody),
+    )
+
+
+def normalise_filter(flt: RecordFilter | None) -> RecordFilter:
+    """Filter bounds truncated like stored times, so both backends compare the same values."""
+    if flt is None:
+        return RecordFilter()
+    return msgspec.structs.replace(
+        flt,
+        since=None if flt.since is None else utc_ms(flt.since),
+        until=None if flt.until is None else utc_ms(flt.until),
+    )
+
+
+def normalise_metric(snapshot: MetricSnapshot) -> MetricSnapshot:
+    """Canonical metric: UTC ms timestamp, float count, str labels."""
+    return msgspec.structs.replace(
+        snapshot,
+        timestamp=utc_ms(snapshot.timestamp),
+        count=float(snapshot.count),
+        labels={str(k): str(v) for k, v in snapshot.labels.items()},
+    )
