@@ -1,0 +1,131 @@
+"""The agent-facing socket: WebSocket frames over a Unix socket (and optionally loopback TCP).
+
+trio-websocket has no Unix-socket server of its own, so the listener is a bound AF_UNIX trio
+socket wrapped in ``trio.SocketListener`` and each stream goes through
+``wrap_server_stream``. Connection ids are our own: ``.remote`` raises on AF_UNIX.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+
+log = logging.getLogger("sidecar.agents")
+
+ConnectionHandler = Callable[[WebSocketConnection, int, bool], Awaitable[None]]
+"""Serves one accepted connection: (websocket, connection id, came over TCP)."""
+
+
+class SocketPathError(RuntimeError):
+    """The socket path is unsafe to use (a symlink, or a directory owned by someone else)."""
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Create the socket's directory (owned by us, not world-accessible) and remove a stale
+    socket. Refuses symlinks and foreign ownership: another user could otherwise redirect
+    agents to a socket of theirs."""
+    directory = path.parent
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    for candidate, what in ((directory, "socket directory"), (path, "socket path")):
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            raise SocketPathError(f"{what} {candidate} is a symlink; refusing to use it")
+        if info.st_uid != os.geteuid():
+            raise SocketPathError(
+                f"{what} {candidate} is owned by uid {info.st_uid}, not by this process "
+                f"(uid {os.geteuid()}); refusing to use it"
+            )
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise SocketPathError(f"socket path {path} exists and is not a socket")
+        path.unlink()
+
+
+async def open_unix_listener(path: Path, mode: int) -> trio.SocketListener:
+    prepare_socket_path(path)
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        await sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    sock.listen(256)
+    return trio.SocketListener(sock)
+
+
+class AgentServer:
+    """Accepts agent connections and hands each to ``handler`` in its own task."""
+
+    def __init__(
+        self,
+        handler: ConnectionHandler,
+        *,
+        socket_path: str,
+        socket_mode: int = 0o660,
+        tcp: tuple[str, int] | None = None,
+        max_frame_bytes: int = 16 * 1024 * 1024,
+    ) -> None:
+        self.handler = handler
+        self.socket_path = Path(socket_path)
+        self.socket_mode = socket_mode
+        self.tcp = tcp
+        self.max_frame_bytes = max_frame_bytes
+        self.tcp_port: int | None = None
+        self._ids = itertools.count(1)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners: list[tuple[trio.SocketListener, bool]] = [
+            (await open_unix_listener(self.socket_path, self.socket_mode), False)
+        ]
+        if self.tcp is not None:
+            for listener in await trio.open_tcp_listeners(self.tcp[1], host=self.tcp[0]):
+                listeners.append((listener, True))
+                self.tcp_port = listener.socket.getsockname()[1]
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener, over_tcp in listeners:
+                    nursery.start_soon(self._accept_loop, listener, over_tcp)
+                log.info("agents: listening on %s", self.socket_path)
+                task_status.started()
+        finally:
+            self.socket_path.unlink(missing_ok=True)
+
+    async def _accept_loop(self, listener: trio.SocketListener, over_tcp: bool) -> None:
+        async with listener, trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(self._serve, stream, over_tcp)
+
+    async def _serve(self, stream: trio.abc.Stream, over_tcp: bool) -> None:
+        conn_id = next(self._ids)
+        try:
+            async with trio.open_nursery() as ws_nursery:
+                request = await wrap_server_stream(
+                    ws_nursery,
+                    stream,
+                    message_queue_size=64,
+                    max_message_size=self.max_frame_bytes,
+                    receive_buffer_size=256 * 1024,
+                )
+                ws = await request.accept()
+                try:
+                    await self.handler(ws, conn_id, over_tcp)
+                finally:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await ws.aclose()
+                ws_nursery.cancel_scope.cancel()
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("agent connection %d closed: %s", conn_id, exc)
+        except OSError as exc:
+            log.info("agent connection %d failed: %s", conn_id, exc)

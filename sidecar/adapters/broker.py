@@ -1,0 +1,569 @@
+"""The broker adapter: aiormq driven from trio through trio-asyncio.
+
+This is the only module that imports asyncio or aiormq. The rest of the daemon sees plain
+trio methods and ``Inbound`` records. Design points (measured in bench/, see RESULTS.md):
+
+* The bridge is never crossed with an awaited call per message. Deliveries land in a deque
+  that the engine drains in batches; acks are queued synchronously and written by ONE
+  asyncio task per channel generation, in tag order, coalesced into ``multiple=True`` where
+  the acked tags form a contiguous prefix of what is outstanding (acks sent from several
+  tasks can overtake each other and make the broker close the channel).
+* Separate connections for consuming and publishing: a broker memory alarm blocks
+  publishers, and must not stall the acks of work already done.
+* Publishes use confirms and ``mandatory``: an unroutable message is an error, not a loss.
+* Delivery tags belong to one connection generation. After a reconnect the broker redelivers
+  whatever was unacked, so acks for a dead generation are dropped, never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import aiormq
+import aiormq.exceptions
+import trio
+import trio_asyncio
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+
+from sidecar.adapters.aio_loop import open_drained_loop
+from sidecar.config import redact_url
+
+log = logging.getLogger("sidecar.broker")
+
+PublishCallback = Callable[[str | None], None]
+"""Called (in trio) with None when the broker confirmed a publish, else the error text."""
+
+_BROKER_ERRORS = (
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+    RuntimeError,
+)
+
+
+@dataclass(slots=True)
+class MessageProps:
+    """The AMQP basic properties the daemon cares about, free of aiormq types."""
+
+    headers: dict[str, Any] = field(default_factory=dict)
+    message_id: str | None = None
+    content_type: str | None = None
+    content_encoding: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    priority: int | None = None
+    delivery_mode: int | None = None
+    timestamp: datetime | None = None
+    type: str | None = None
+    app_id: str | None = None
+    expiration: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            k: v
+            for k, v in (
+                ("message_id", self.message_id),
+                ("content_type", self.content_type),
+                ("content_encoding", self.content_encoding),
+                ("correlation_id", self.correlation_id),
+                ("reply_to", self.reply_to),
+                ("priority", self.priority),
+                ("delivery_mode", self.delivery_mode),
+                ("type", self.type),
+                ("app_id", self.app_id),
+            )
+            if v is not None
+        }
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One delivery from the broker, valid for acks only within its ``generation``."""
+
+    generation: int
+    tag: int
+    queue: str
+    body: bytes
+    props: MessageProps
+    routing_key: str
+    exchange: str
+    redelivered: bool
+
+
+def _props_from_aiormq(p: spec.Basic.Properties) -> MessageProps:
+    return MessageProps(
+        headers=dict(p.headers or {}),
+        message_id=p.message_id,
+        content_type=p.content_type,
+        content_encoding=p.content_encoding,
+        correlation_id=p.correlation_id,
+        reply_to=p.reply_to,
+        priority=p.priority,
+        delivery_mode=p.delivery_mode,
+        timestamp=p.timestamp,
+        type=p.message_type,
+        app_id=p.app_id,
+        expiration=p.expiration,
+    )
+
+
+def _props_to_aiormq(p: MessageProps) -> spec.Basic.Properties:
+    return spec.Basic.Properties(
+        headers=p.headers or None,
+        message_id=p.message_id,
+        content_type=p.content_type,
+        content_encoding=p.content_encoding,
+        correlation_id=p.correlation_id,
+        reply_to=p.reply_to,
+        priority=p.priority,
+        delivery_mode=p.delivery_mode,
+        timestamp=p.timestamp,
+        message_type=p.type,
+        app_id=p.app_id,
+        expiration=p.expiration,
+    )
+
+
+def tier_queue_name(prefix: str, queue: str, ttl: float) -> str:
+    return f"{prefix}.{queue}.{round(ttl * 1000)}ms"
+
+
+def _named(url: str, name: str) -> str:
+    """Name the connection so operators (and tests) can find it in rabbitmqctl."""
+    parts = urlsplit(url)
+    query = "&".join(q for q in (parts.query, urlencode({"name": name})) if q)
+    return urlunsplit(parts._replace(query=query))
+
+
+class BrokerUnavailable(Exception):
+    """No connection to the broker right now."""
+
+
+class QueueNotFound(Exception):
+    """The queue does not exist and the sidecar is not allowed to declare it."""
+
+
+class _Generation:
+    """Everything that belongs to one pair of connections; thrown away on reconnect."""
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.consume_conn: Any = None
+        self.publish_conn: Any = None
+        self.consume_channel: Any = None
+        self.publish_channel: Any = None
+        self.consumers: dict[str, str] = {}  # queue -> consumer tag
+        self.outstanding: dict[int, None] = {}  # delivered, not yet settled; ordered by tag
+        self.to_ack: set[int] = set()
+        self.to_requeue: set[int] = set()
+        self.writer_wakeup: asyncio.Event | None = None
+        self.writer: asyncio.Task[None] | None = None
+
+
+class Broker:
+    """Consume, ack, publish and inspect queues; reconnects with jittered backoff."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefetch: int,
+        tiers: tuple[float, ...],
+        tier_prefix: str = "sidecar.retry",
+        declare_queues: bool = True,
+        reconnect_min: float = 0.5,
+        reconnect_max: float = 30.0,
+        heartbeat: int = 30,
+        name: str = "sidecar",
+        rng: random.Random | None = None,
+    ) -> None:
+        self.url = url
+        self.prefetch = prefetch
+        self.tiers = tiers
+        self.tier_prefix = tier_prefix
+        self.declare_queues = declare_queues
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self.heartbeat = heartbeat
+        self.name = name
+        self.rng = rng or random.Random()
+        self.inbox: deque[Inbound] = deque()
+        self.inbox_changed = trio.Event()
+        self.connected = trio.Event()
+        self.queues: list[str] = []
+        self.paused = False
+        self.stale_acks = 0
+        self.reconnects = 0
+        self.last_error = ""
+        self._gen = _Generation(0)
+        self._lost = trio.Event()
+        self._gen_listeners: list[Callable[[int], None]] = []
+        self._loop: Any = None
+
+    def _aio(self, proc: Callable[..., Any]) -> Callable[..., Any]:
+        """Call an asyncio coroutine function from trio, on this adapter's loop."""
+        return trio_asyncio.aio_as_trio(proc, loop=self._loop)
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        return self._gen.number
+
+    @property
+    def is_connected(self) -> bool:
+        return self.connected.is_set()
+
+    @property
+    def publish_blocked(self) -> bool:
+        """True while the broker has blocked the publishing connection (resource alarm)."""
+        conn = self._gen.publish_conn
+        if conn is None:
+            return False
+        unblocked = getattr(conn, "_Connection__connection_unblocked", None)
+        return unblocked is not None and not unblocked.is_set()
+
+    def on_new_generation(self, listener: Callable[[int], None]) -> None:
+        self._gen_listeners.append(listener)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a connection up until cancelled. Ready at once: the daemon serves (and
+        reports not ready) while the broker is away."""
+        async with open_drained_loop() as loop:
+            self._loop = loop
+            task_status.started()
+            delay = self.reconnect_min
+            while True:
+                try:
+                    await self._serve_generation()
+                    delay = self.reconnect_min
+                except _BROKER_ERRORS as exc:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("broker %s: %s", redact_url(self.url), self.last_error)
+                finally:
+                    await self._end_generation()
+                wait = delay * (0.5 + self.rng.random() / 2)
+                delay = min(delay * 2, self.reconnect_max)
+                await trio.sleep(wait)
+
+    async def _serve_generation(self) -> None:
+        gen = _Generation(self._gen.number + 1)
+        self._gen = gen
+        self._lost = trio.Event()
+        gen.consume_conn = await self._aio(aiormq.connect)(_named(self.url, f"{self.name}-consume"))
+        gen.publish_conn = await self._aio(aiormq.connect)(_named(self.url, f"{self.name}-publish"))
+        gen.consume_channel = await self._aio(gen.consume_conn.channel)(publisher_confirms=False)
+        gen.publish_channel = await self._aio(gen.publish_conn.channel)()
+        gen.writer_wakeup = asyncio.Event()
+        writer = gen.writer = self._loop.create_task(self._ack_writer(gen))
+        for conn in (gen.consume_conn, gen.publish_conn):
+            conn.closing.add_done_callback(lambda _f: self._lost.set())
+        writer.add_done_callback(lambda _f: self._lost.set())
+        for queue in self.queues:
+            await self._start_consumer(gen, queue)
+        for listener in self._gen_listeners:
+            listener(gen.number)
+        self.connected.set()
+        log.info("broker connected (generation %d)", gen.number)
+        await self._lost.wait()
+        if writer.done() and writer.exception():
+            raise writer.exception()  # type: ignore[misc]
+        raise ConnectionError("connection to the broker lost")
+
+    async def _end_generation(self) -> None:
+        if self.connected.is_set():
+            self.reconnects += 1
+        self.connected = trio.Event()
+        gen = self._gen
+        # Unacked deliveries of this generation come back from the broker; forget them.
+        self.inbox = deque(m for m in self.inbox if m.generation != gen.number)
+        gen.outstanding.clear()
+        gen.to_ack.clear()
+        gen.to_requeue.clear()
+        if gen.writer is not None and not gen.writer.done():
+            gen.writer.cancel()
+        with trio.move_on_after(2) as scope:
+            scope.shield = True
+            for conn in (gen.consume_conn, gen.publish_conn):
+                if conn is not None and not conn.is_closed:
+                    with contextlib.suppress(*_BROKER_ERRORS):
+                        await self._aio(conn.close)()
+
+    # --- consuming ---------------------------------------------------------------------
+
+    async def consume(self, queue: str) -> None:
+        """Consume ``queue`` (now, and after every reconnect)."""
+        if queue in self.queues:
+            return
+        await self.check_queue(queue)
+        self.queues.append(queue)
+        if self.is_connected and not self.paused:
+            await self._start_consumer(self._gen, queue)
+
+    async def _start_consumer(self, gen: _Generation, queue: str) -> None:
+        await self._ensure_queue(gen, queue)
+        await self._declare_tiers(gen, queue)
+        if self.paused:
+            return
+        channel = gen.consume_channel
+        await self._aio(channel.basic_qos)(prefetch_count=self.prefetch)
+
+        def on_message(message: DeliveredMessage) -> None:
+            self._on_delivery(gen, queue, message)
+
+        ok = await self._aio(channel.basic_consume)(queue, on_message)
+        gen.consumers[queue] = ok.consumer_tag
+
+    def _on_delivery(self, gen: _Generation, queue: str, message: DeliveredMessage) -> None:
+        if gen is not self._gen:
+            return
+        d = message.delivery
+        gen.outstanding[d.delivery_tag] = None
+        self.inbox.append(
+            Inbound(
+                generation=gen.number,
+                tag=d.delivery_tag,
+                queue=queue,
+                body=message.body,
+                props=_props_from_aiormq(message.header.properties),
+                routing_key=d.routing_key or "",
+                exchange=d.exchange or "",
+                redelivered=bool(d.redelivered),
+            )
+        )
+        self.inbox_changed.set()
+
+    async def wait_inbox(self) -> None:
+        """Return when the inbox may have changed since the last call."""
+        await self.inbox_changed.wait()
+        self.inbox_changed = trio.Event()
+
+    async def set_prefetch(self, prefetch: int) -> None:
+        """Consumer prefetch is fixed when a consumer starts, so re-consume to change it.
+        Deliveries already outstanding stay valid on the channel."""
+        if prefetch == self.prefetch:
+            return
+        self.prefetch = prefetch
+        if self.is_connected and not self.paused:
+            await self._cancel_consumers(self._gen)
+            for queue in self.queues:
+                await self._start_consumer(self._gen, queue)
+
+    async def pause(self) -> None:
+        """Stop deliveries (circuit open) and hand buffered ones back to the queue."""
+        if self.paused:
+            return
+        self.paused = True
+        if self.is_connected:
+            await self._cancel_consumers(self._gen)
+        for message in self.inbox:
+            self.settle(message.generation, message.tag, requeue=True)
+        self.inbox.clear()
+
+    async def resume(self) -> None:
+        if not self.paused:
+            return
+        self.paused = False
+        if self.is_connected:
+            for queue in self.queues:
+                await self._start_consumer(self._gen, queue)
+
+    async def _cancel_consumers(self, gen: _Generation) -> None:
+        for queue, tag in list(gen.consumers.items()):
+            try:
+                await self._aio(gen.consume_channel.basic_cancel)(tag)
+            except _BROKER_ERRORS as exc:
+                log.warning("cancel consumer on %s: %s", queue, exc)
+            gen.consumers.pop(queue, None)
+
+    # --- settling ------------------------------------------------------------------------
+
+    def settle(self, generation: int, tag: int, *, requeue: bool = False) -> bool:
+        """Queue an ack (or a requeue) for the single ack writer. Returns False, sending
+        nothing, when the tag belongs to a dead generation."""
+        gen = self._gen
+        if generation != gen.number or tag not in gen.outstanding:
+            self.stale_acks += 1
+            return False
+        (gen.to_requeue if requeue else gen.to_ack).add(tag)
+        if gen.writer_wakeup is not None:
+            gen.writer_wakeup.set()
+        return True
+
+    async def _ack_writer(self, gen: _Generation) -> None:
+        assert gen.writer_wakeup is not None
+        channel = gen.consume_channel
+        while True:
+            await gen.writer_wakeup.wait()
+            gen.writer_wakeup.clear()
+            for tag, multiple, requeue in self._settle_plan(gen):
+                if requeue:
+                    await channel.basic_nack(tag, multiple=False, requeue=True, wait=False)
+                else:
+                    await channel.basic_ack(tag, multiple=multiple, wait=False)
+
+    @staticmethod
+    def _settle_plan(gen: _Generation) -> list[tuple[int, bool, bool]]:
+        """Frames for the pending settlements, in tag order: one ``multiple=True`` ack for
+        the longest acked prefix of the outstanding tags, single frames for the rest."""
+        plan: list[tuple[int, bool, bool]] = []
+        prefix_end = None
+        for tag in gen.outstanding:
+            if tag not in gen.to_ack:
+                break
+            prefix_end = tag
+        if prefix_end is not None:
+            for tag in list(gen.outstanding):
+                del gen.outstanding[tag]
+                gen.to_ack.discard(tag)
+                if tag == prefix_end:
+                    break
+            plan.append((prefix_end, True, False))
+        for tag in sorted(gen.to_ack | gen.to_requeue):
+            plan.append((tag, False, tag in gen.to_requeue))
+            gen.outstanding.pop(tag, None)
+        gen.to_ack.clear()
+        gen.to_requeue.clear()
+        return plan
+
+    # --- publishing ----------------------------------------------------------------------
+
+    def publish_nowait(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        props: MessageProps,
+        on_done: PublishCallback,
+    ) -> None:
+        """Publish with confirms and ``mandatory``; ``on_done`` gets the outcome. Sync, so a
+        session can pipeline many publishes without a task per message on the trio side."""
+        gen = self._gen
+        if not self.is_connected or gen.publish_channel is None:
+            on_done("broker not connected")
+            return
+        future = self._loop.create_task(
+            gen.publish_channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=_props_to_aiormq(props),
+                mandatory=True,
+            )
+        )
+        future.add_done_callback(lambda f: on_done(_confirm_error(f)))
+
+    async def publish(
+        self, body: bytes, *, exchange: str, routing_key: str, props: MessageProps
+    ) -> str | None:
+        """Publish and wait for the confirm; returns None on success, else the error."""
+        done = trio.Event()
+        result: list[str | None] = []
+
+        def on_done(error: str | None) -> None:
+            result.append(error)
+            done.set()
+
+        self.publish_nowait(
+            body, exchange=exchange, routing_key=routing_key, props=props, on_done=on_done
+        )
+        await done.wait()
+        return result[0]
+
+    # --- inspection and declarations ----------------------------------------------------
+
+    async def queue_depth(self, queue: str) -> tuple[int, int] | None:
+        """(messages ready, consumers) of a queue, or None when it does not exist."""
+        if not self.is_connected:
+            raise BrokerUnavailable("broker not connected")
+        return await self._passive(self._gen, queue)
+
+    async def _passive(self, gen: _Generation, queue: str) -> tuple[int, int] | None:
+        # A passive declare of a missing queue closes its channel, so use a throwaway one.
+        channel = await self._aio(gen.publish_conn.channel)(publisher_confirms=False)
+        try:
+            ok = await self._aio(channel.queue_declare)(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        finally:
+            if not channel.is_closed:
+                await self._aio(channel.close)()
+        return ok.message_count, ok.consumer_count
+
+    async def check_queue(self, queue: str) -> None:
+        """Declare ``queue`` if allowed, else make sure it exists."""
+        if self.is_connected:
+            await self._ensure_queue(self._gen, queue)
+
+    async def _ensure_queue(self, gen: _Generation, queue: str) -> None:
+        if await self._passive(gen, queue) is not None:
+            return
+        if not self.declare_queues:
+            raise QueueNotFound(f"queue {queue!r} does not exist (and declare_queues is off)")
+        await self._aio(gen.publish_channel.queue_declare)(queue, durable=True)
+
+    async def _declare_tiers(self, gen: _Generation, queue: str) -> None:
+        """Fixed-TTL delay queues that dead-letter back to ``queue``. Quorum queues with
+        at-least-once dead-lettering, because classic-queue DLX may drop a message."""
+        for ttl in self.tiers:
+            await self._aio(gen.publish_channel.queue_declare)(
+                tier_queue_name(self.tier_prefix, queue, ttl),
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": round(ttl * 1000),
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue,
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                },
+            )
+
+    def tier_for(self, queue: str, ttl: float) -> str:
+        return tier_queue_name(self.tier_prefix, queue, ttl)
+
+
+def _confirm_error(future: asyncio.Future[Any]) -> str | None:
+    if future.cancelled():
+        return "publish cancelled"
+    exc = future.exception()
+    if exc is None:
+        confirm = future.result()
+        if isinstance(confirm, spec.Basic.Nack):
+            return "broker refused the message (nack)"
+        return None
+    if isinstance(exc, aiormq.exceptions.PublishError):
+        return f"unroutable: no queue is bound for this exchange and routing key ({exc})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def headers_json_safe(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """AMQP header values as JSON-friendly values (datetimes and bytes become text)."""
+    out: dict[str, Any] = {}
+    for key, value in headers.items():
+        out[key] = _json_safe(value)
+    return out
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return headers_json_safe(value)
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value

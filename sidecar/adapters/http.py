@@ -1,0 +1,136 @@
+"""The HTTP port: health for orchestrators, Prometheus metrics, status JSON, the dashboard
+and its live WebSocket. Served by hypercorn (a well-kept HTTP/1.1 and WebSocket server on
+trio) around a small ASGI app, so no HTTP is parsed by hand.
+
+The port is read-only: no endpoint changes state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+log = logging.getLogger("sidecar.http")
+
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+
+
+@dataclass
+class HttpProviders:
+    """What the HTTP port reports, supplied by the supervisor."""
+
+    ready: Callable[[], tuple[bool, dict[str, Any]]]
+    status: Callable[[], Awaitable[dict[str, Any]]]
+    registry: Any
+    dashboard_html: Callable[[], bytes]
+    live: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    live_interval: float = 1.0
+
+
+class HttpApp:
+    def __init__(self, providers: HttpProviders) -> None:
+        self.p = providers
+        self._json = msgspec.json.Encoder()
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http(self, scope: dict[str, Any], send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        if method not in ("GET", "HEAD"):
+            await self._respond(
+                send, 405, b"read-only: GET only\n", "text/plain", [(b"allow", b"GET, HEAD")]
+            )
+            return
+        if path == "/healthz":
+            # Answering at all proves the event loop is alive.
+            await self._respond(send, 200, b"ok\n", "text/plain")
+        elif path == "/readyz":
+            ready, detail = self.p.ready()
+            await self._respond(
+                send, 200 if ready else 503, self._json.encode(detail), "application/json"
+            )
+        elif path == "/metrics":
+            await self._respond(send, 200, generate_latest(self.p.registry), CONTENT_TYPE_LATEST)
+        elif path == "/status":
+            await self._respond(
+                send, 200, self._json.encode(await self.p.status()), "application/json"
+            )
+        elif path in ("/", "/dashboard"):
+            await self._respond(send, 200, self.p.dashboard_html(), "text/html; charset=utf-8")
+        else:
+            await self._respond(send, 404, b"not found\n", "text/plain")
+
+    async def _respond(
+        self,
+        send: Send,
+        status: int,
+        body: bytes,
+        content_type: str,
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        headers = [(b"content-type", content_type.encode()), (b"cache-control", b"no-store")]
+        await send(
+            {"type": "http.response.start", "status": status, "headers": headers + (extra or [])}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _websocket(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        """``/live``: pushes the live view every interval until the browser goes away."""
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        if scope["path"] != "/live" or self.p.live is None:
+            await send({"type": "websocket.close", "code": 4404})
+            return
+        await send({"type": "websocket.accept"})
+        async with trio.open_nursery() as nursery:
+
+            async def watch_disconnect() -> None:
+                while (await receive())["type"] != "websocket.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            while True:
+                payload = self._json.encode(await self.p.live()).decode()
+                await send({"type": "websocket.send", "text": payload})
+                await trio.sleep(self.p.live_interval)
+
+
+async def serve_http(
+    providers: HttpProviders,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    config = HypercornConfig()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("sidecar.http.server")
+    config.graceful_timeout = 1.0
+    await serve(HttpApp(providers), config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]

@@ -1,0 +1,78 @@
+"""Memory and CPU readings: the agent's process (pid from its handshake), the container's
+cgroup when it sets a limit, the sidecar itself and the machine. psutil does the reading."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySample:
+    used: int
+    limit: int
+    source: str  # "cgroup", "agent" or "system"
+    agent_rss: int
+    sidecar_rss: int
+    cpu_percent: float
+
+
+def cgroup_memory(root: Path = CGROUP_ROOT) -> tuple[int, int] | None:
+    """(usage, limit) from cgroup v2 or v1, or None when no limit is set."""
+    for current, limit in (
+        (root / "memory.current", root / "memory.max"),
+        (root / "memory" / "memory.usage_in_bytes", root / "memory" / "memory.limit_in_bytes"),
+    ):
+        try:
+            raw_limit = limit.read_text().strip()
+            used = int(current.read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if raw_limit == "max" or not raw_limit.isdigit():
+            return None
+        value = int(raw_limit)
+        # cgroup v1 reports "no limit" as a huge number near 2**63.
+        if value >= 1 << 60:
+            return None
+        return used, value
+    return None
+
+
+class SystemMonitor:
+    def __init__(self, *, source: str = "auto", agent_limit_bytes: int = 0) -> None:
+        self.source = source
+        self.agent_limit_bytes = agent_limit_bytes
+        self._me = psutil.Process(os.getpid())
+        self._agents: dict[int, psutil.Process] = {}
+        psutil.cpu_percent(None)  # the first reading is meaningless; prime it
+
+    def _agent_rss(self, pids: list[int]) -> int:
+        total = 0
+        for pid in pids:
+            proc = self._agents.get(pid)
+            try:
+                if proc is None:
+                    proc = self._agents[pid] = psutil.Process(pid)
+                total += proc.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                self._agents.pop(pid, None)
+        return total
+
+    def sample(self, agent_pids: list[int]) -> MemorySample:
+        agent_rss = self._agent_rss(agent_pids)
+        sidecar_rss = self._me.memory_info().rss
+        cpu = psutil.cpu_percent(None)
+        vm = psutil.virtual_memory()
+        cgroup = cgroup_memory() if self.source in ("auto", "cgroup") else None
+        if cgroup is not None:
+            used, limit, source = cgroup[0], cgroup[1], "cgroup"
+        elif self.source in ("auto", "agent") and agent_pids:
+            used, limit, source = agent_rss, self.agent_limit_bytes or vm.total, "agent"
+        else:
+            used, limit, source = vm.total - vm.available, vm.total, "system"
+        return MemorySample(used, limit, source, agent_rss, sidecar_rss, cpu)

@@ -1,0 +1,128 @@
+"""The ``sidecar`` command: the daemon, config checks, the demo and the operator tools."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from sidecar import __version__
+from sidecar.config import Config, ConfigError, example_toml, load_config
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="TOML config file")
+    parser.add_argument("--broker", metavar="URL", help="AMQP URL (overrides broker.url)")
+    parser.add_argument("--store", metavar="URL", help="DLQ store: sqlite:///path or mongodb://...")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "broker", None):
+        overrides.setdefault("broker", {})["url"] = args.broker
+    if getattr(args, "store", None):
+        overrides.setdefault("store", {})["url"] = args.store
+    if getattr(args, "socket", None):
+        overrides.setdefault("agent", {})["socket"] = args.socket
+    if getattr(args, "http", None):
+        overrides.setdefault("http", {})["listen"] = args.http
+    for queue in getattr(args, "queue", None) or []:
+        overrides.setdefault("broker", {}).setdefault("queues", []).append(queue)
+    return load_config(args.config, overrides=overrides)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from sidecar.supervisor import Sidecar
+
+    config = config_from_args(args)
+    _setup_logging(args.verbose)
+    trio.run(Sidecar(config).run)
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    load_config(args.file)
+    print(f"{args.file}: ok")
+    return EXIT_OK
+
+
+def cmd_config_example(args: argparse.Namespace) -> int:
+    print(example_toml())
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar import demo
+
+    _setup_logging(False)
+    return demo.main(seconds=args.seconds, messages=args.messages, broker=args.broker)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon")
+    add_config_flags(run)
+    run.add_argument("--socket", metavar="PATH", help="agent Unix socket path")
+    run.add_argument("--http", metavar="HOST:PORT", help="health/metrics/dashboard listener")
+    run.add_argument(
+        "--queue", action="append", metavar="NAME", help="queue to consume (repeatable)"
+    )
+    run.add_argument("-v", "--verbose", action="store_true")
+    run.set_defaults(func=cmd_run)
+
+    config = sub.add_parser("config", help="configuration helpers")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate a config file without starting")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_config_check)
+    example = config_sub.add_parser("example", help="print the defaults as TOML")
+    example.set_defaults(func=cmd_config_example)
+
+    demo = sub.add_parser("demo", help="sidecar + demo agent + demo publisher on the local broker")
+    demo.add_argument("--seconds", type=float, default=40.0)
+    demo.add_argument("--messages", type=int, default=400)
+    demo.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from sidecar.tools import register
+    except ImportError:
+        pass
+    else:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"sidecar: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

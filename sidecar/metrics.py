@@ -1,0 +1,183 @@
+"""Prometheus metrics, one registry per daemon (tests run several daemons in one process).
+
+Names follow Prometheus conventions: units in names, ``_total`` counters, and labels
+bounded to queues, reasons, levels and states the configuration or the code fixes.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        # consume path
+        self.delivered = Counter(
+            "sidecar_messages_delivered_total",
+            "Messages handed to the agent",
+            ["queue"],
+            registry=r,
+        )
+        self.acked = Counter(
+            "sidecar_messages_acked_total", "Messages the agent processed", ["queue"], registry=r
+        )
+        self.failures = Counter(
+            "sidecar_failures_total",
+            "Failed attempts by reason (agent-reported, TIMEOUT and AGENT_CRASH)",
+            ["queue", "reason"],
+            registry=r,
+        )
+        self.failures_by_host = Counter(
+            "sidecar_failures_by_host_total",
+            "Failed attempts by processing host",
+            ["host"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "sidecar_retries_total", "Messages sent to a delay tier", ["queue", "tier"], registry=r
+        )
+        self.retry_attempt = Histogram(
+            "sidecar_retry_attempt",
+            "Attempt number at which messages were retried or dead-lettered",
+            ["outcome"],
+            buckets=(1, 2, 3, 4, 5, 7, 10, 20),
+            registry=r,
+        )
+        self.dead_lettered = Counter(
+            "sidecar_dead_lettered_total",
+            "Messages written to the DLQ store",
+            ["queue", "reason"],
+            registry=r,
+        )
+        self.parked = Counter(
+            "sidecar_parked_total",
+            "Messages sent back without charging an attempt (open circuit, agent crash)",
+            ["queue", "why"],
+            registry=r,
+        )
+        self.processing_seconds = Histogram(
+            "sidecar_processing_seconds",
+            "Time from handing a message to the agent until its answer",
+            ["queue", "outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stale_acks = Counter(
+            "sidecar_stale_acks_total",
+            "Acks for a dead broker channel generation, dropped (the broker redelivers)",
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "sidecar_in_flight_messages", "Messages held by agents right now", registry=r
+        )
+        self.buffered = Gauge(
+            "sidecar_buffered_messages", "Messages received, not yet handed out", registry=r
+        )
+        # publish path
+        self.published = Counter(
+            "sidecar_publishes_total", "Agent publishes by outcome", ["outcome"], registry=r
+        )
+        self.throttled = Counter(
+            "sidecar_throttled_publishes_total",
+            "Agent publishes answered with throttled",
+            ["why"],
+            registry=r,
+        )
+        self.publish_rate = Gauge(
+            "sidecar_publish_rate_limit",
+            "Current publish rate limit, messages per second (0 = held)",
+            registry=r,
+        )
+        # DLQ
+        self.dlq_size = Gauge("sidecar_dlq_size", "Records in the DLQ store", registry=r)
+        self.dlq_by_reason = Gauge(
+            "sidecar_dlq_records", "DLQ records by failure reason", ["reason"], registry=r
+        )
+        self.spooled = Gauge(
+            "sidecar_dlq_spooled_records",
+            "DLQ records held in the local spool while the store is down",
+            registry=r,
+        )
+        # backpressure
+        self.queue_depth = Gauge(
+            "sidecar_queue_depth_messages", "Messages ready in a queue", ["queue"], registry=r
+        )
+        self.queue_consumers = Gauge(
+            "sidecar_queue_consumers", "Consumers on a queue", ["queue"], registry=r
+        )
+        self.queue_depth_level = Gauge(
+            "sidecar_queue_depth_level",
+            "Depth level: 0 normal, 1 warning, 2 critical, 3 emergency",
+            ["queue"],
+            registry=r,
+        )
+        self.producer_consumer_ratio = Gauge(
+            "sidecar_producer_consumer_ratio",
+            "Publish rate into a queue divided by its consume rate, over the last interval",
+            ["queue"],
+            registry=r,
+        )
+        self.recommended_consumers = Gauge(
+            "sidecar_recommended_consumers",
+            "Consumers the scaling rule recommends (depth / messages per consumer)",
+            ["queue"],
+            registry=r,
+        )
+        self.scaling_events = Counter(
+            "sidecar_scaling_events_total",
+            "Changes of the recommendation",
+            ["queue", "direction"],
+            registry=r,
+        )
+        self.memory_ratio = Gauge(
+            "sidecar_memory_pressure_ratio", "Agent memory used / limit", registry=r
+        )
+        self.pressure_level = Gauge(
+            "sidecar_memory_pressure_level",
+            "0 normal, 1 warning, 2 critical, 3 emergency",
+            registry=r,
+        )
+        self.agent_memory_bytes = Gauge(
+            "sidecar_agent_memory_bytes", "Agent resident memory", registry=r
+        )
+        self.cpu_percent = Gauge(
+            "sidecar_cpu_percent", "CPU use of the host (whole machine), percent", registry=r
+        )
+        self.sidecar_rss_bytes = Gauge(
+            "sidecar_process_resident_memory_bytes", "Sidecar resident memory", registry=r
+        )
+        self.batch_size = Gauge(
+            "sidecar_batch_size", "Largest batch handed to the agent now", registry=r
+        )
+        self.prefetch = Gauge("sidecar_prefetch", "Consumer prefetch in force", registry=r)
+        self.breaker_state = Gauge(
+            "sidecar_circuit_breaker_state",
+            "0 closed, 1 half-open, 2 open",
+            ["key"],
+            registry=r,
+        )
+        self.breaker_trips = Counter(
+            "sidecar_circuit_breaker_trips_total", "Times the breaker opened", registry=r
+        )
+        self.degradation = Gauge(
+            "sidecar_degradation_level",
+            "Graceful degradation level applied (0 none .. 3 emergency)",
+            registry=r,
+        )
+        # health
+        self.broker_connected = Gauge(
+            "sidecar_broker_connected", "1 when connected to the broker", registry=r
+        )
+        self.broker_reconnects = Counter(
+            "sidecar_broker_reconnects_total", "Broker connections lost", registry=r
+        )
+        self.agents = Gauge("sidecar_agent_sessions", "Connected agent sessions", registry=r)
+        self.protocol_errors = Counter(
+            "sidecar_protocol_errors_total", "Frames refused, by error code", ["code"], registry=r
+        )
+        self.alerts = Counter(
+            "sidecar_alerts_total", "Alerts raised", ["alert", "severity"], registry=r
+        )

@@ -1,0 +1,234 @@
+"""Status views, DLQ metrics, metric snapshots and alerts.
+
+The seed's two dashboard views ("DLQ Health" and "Backpressure Status") are built here once
+and served as ``/status``, pushed to the dashboard's live WebSocket and printed by
+``sidecar status``. Alerts go to the structured log and, when configured, a webhook.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.request
+from datetime import UTC, datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from sidecar.config import Config
+from sidecar.metrics import Metrics
+from sidecar.policy.alerts import Alert, AlertConfig, AlertRules
+from sidecar.policy.pressure import PressureLevel
+from sidecar.store.base import StoreUnavailable
+from sidecar.store.records import DeadLetterRecord, MetricSnapshot
+
+if TYPE_CHECKING:
+    from sidecar.adapters.broker import Broker
+    from sidecar.backpressure import BackpressureMonitor
+    from sidecar.dlq import DeadLetterWriter
+    from sidecar.engine import Engine
+    from sidecar.store.spool import SpoolingStore
+
+log = logging.getLogger("sidecar.alerts")
+
+DLQ_REFRESH = 2.0
+HISTORY_POINTS = 300
+
+
+def dlq_health(store: SpoolingStore, top: int = 5) -> dict[str, Any]:
+    """The seed's "DLQ Health" view, read from the store."""
+    patterns = store.failure_patterns()
+    oldest, newest = store.oldest_newest()
+    return {
+        "size": store.count(),
+        "top_failures": [{"reason": r.key, "count": r.count} for r in patterns[:top]],
+        "oldest": oldest.isoformat() if oldest else None,
+        "newest": newest.isoformat() if newest else None,
+        "spooled": store.spooled(),
+    }
+
+
+class Observability:
+    def __init__(self, config: Config, metrics: Metrics, store: SpoolingStore) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.store = store
+        self.rules = AlertRules(
+            AlertConfig(
+                growth_per_minute=config.alerts.growth_per_minute,
+                cooldown=config.alerts.cooldown,
+            )
+        )
+        self.recent_alerts: list[dict[str, Any]] = []
+        self.dlq: dict[str, Any] = {"size": 0, "top_failures": [], "oldest": None, "newest": None}
+        self.history: list[dict[str, Any]] = []
+        self._webhook_send, self._webhook_recv = trio.open_memory_channel[Alert](256)
+
+    def bind(
+        self,
+        engine: Engine,
+        monitor: BackpressureMonitor,
+        broker: Broker,
+        dlq: DeadLetterWriter,
+    ) -> None:
+        self.engine, self.monitor, self.broker, self.writer = engine, monitor, broker, dlq
+
+    # --- alerts --------------------------------------------------------------------------
+
+    def on_dead_letter(self, record: DeadLetterRecord, new: bool) -> None:
+        if new:
+            self._emit(self.rules.observe_dead_letter(trio.current_time(), record.signature))
+
+    def observe(self, kind: str, value: Any) -> None:
+        now = trio.current_time()
+        if kind == "pressure":
+            level: PressureLevel = value
+            if level > PressureLevel.NORMAL:
+                self._emit(self.rules.observe_pressure(now, level.name))
+        elif kind == "depth":
+            queue, depth_level = value
+            self._emit(self.rules.observe_depth(now, queue, depth_level.name))
+        elif kind == "breaker":
+            key, state = value
+            self._emit(self.rules.observe_breaker(now, key, state))
+
+    def _emit(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            entry = {
+                "alert": alert.name,
+                "severity": str(alert.severity),
+                "message": alert.message,
+                "labels": dict(alert.labels),
+                "at": datetime.now(UTC).isoformat(),
+            }
+            self.metrics.alerts.labels(alert.name, str(alert.severity)).inc()
+            log.warning("ALERT %s", json.dumps(entry, sort_keys=True))
+            self.recent_alerts = [entry, *self.recent_alerts[:49]]
+            if self.config.alerts.webhook:
+                try:
+                    self._webhook_send.send_nowait(alert)
+                except trio.WouldBlock:
+                    log.error("alert webhook is backed up; dropping %s", alert.name)
+
+    async def _deliver_webhooks(self) -> None:
+        url = self.config.alerts.webhook
+        async for alert in self._webhook_recv:
+            body = json.dumps(
+                {
+                    "alert": alert.name,
+                    "severity": str(alert.severity),
+                    "message": alert.message,
+                    "labels": dict(alert.labels),
+                    "host": self.config.identity.host,
+                }
+            ).encode()
+            request = urllib.request.Request(
+                url, data=body, headers={"content-type": "application/json"}, method="POST"
+            )
+            try:
+                await trio.to_thread.run_sync(
+                    lambda r=request: urllib.request.urlopen(r, timeout=5).close()
+                )
+            except OSError as exc:
+                log.error("alert webhook %s failed: %s", alert.name, exc)
+
+    # --- periodic work ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._deliver_webhooks)
+            nursery.start_soon(self._snapshot_forever)
+            try:
+                known = await self.writer.call(self.store.signatures)
+                self.rules = AlertRules(self.rules.config, known_signatures=known)  # type: ignore[arg-type]
+            except StoreUnavailable as exc:
+                log.warning("could not read known failure patterns: %s", exc)
+            task_status.started()
+            while True:
+                await self.refresh()
+                await trio.sleep(DLQ_REFRESH)
+
+    async def refresh(self) -> None:
+        """Re-read the DLQ view and evaluate the DLQ alert rules."""
+        try:
+            self.dlq = await self.writer.call(dlq_health, self.store)  # type: ignore[assignment]
+        except StoreUnavailable as exc:
+            self.dlq = {**self.dlq, "error": str(exc)}
+            return
+        now = trio.current_time()
+        m = self.metrics
+        m.dlq_size.set(self.dlq["size"])
+        m.spooled.set(self.dlq.get("spooled", 0))
+        for row in self.dlq["top_failures"]:
+            m.dlq_by_reason.labels(row["reason"]).set(row["count"])
+        m.broker_connected.set(1 if self.broker.is_connected else 0)
+        self._emit(self.rules.observe_dlq(now, self.dlq["size"]))
+        state = self.engine.breaker.state(now)
+        self._emit(self.rules.observe_breaker(now, "agent", state.name))
+        self.history = [
+            *self.history[-(HISTORY_POINTS - 1) :],
+            {
+                "t": datetime.now(UTC).isoformat(),
+                "dlq": self.dlq["size"],
+                "depths": {q: v.depth for q, v in self.monitor.queues.items()},
+            },
+        ]
+
+    async def _snapshot_forever(self) -> None:
+        """The seed's ``db.metrics`` records, so history survives restarts. Skipped under
+        CRITICAL memory pressure (the seed's "disable analytics collection")."""
+        while True:
+            await trio.sleep(self.config.store.metrics_interval)
+            if self.engine.pressure >= PressureLevel.CRITICAL:
+                continue
+            now = datetime.now(UTC)
+            snapshots = [
+                MetricSnapshot(
+                    type="dlq_size", queue="dead_letter", count=self.dlq["size"], timestamp=now
+                )
+            ]
+            snapshots += [
+                MetricSnapshot(type="queue_depth", queue=q, count=v.depth, timestamp=now)
+                for q, v in self.monitor.queues.items()
+            ]
+            try:
+                for snap in snapshots:
+                    await self.writer.call(self.store.insert_metric, snap)
+            except StoreUnavailable as exc:
+                log.warning("metric snapshot not written: %s", exc)
+
+    # --- views -----------------------------------------------------------------------------
+
+    async def status(self) -> dict[str, Any]:
+        bp = self.monitor.status()
+        return {
+            "host": self.config.identity.host,
+            "dlq_health": self.dlq,
+            "backpressure_status": {
+                "queue_depths": bp["queues"],
+                "consumer_counts": {
+                    q: v["consumers"] for q, v in bp["queues"].items() if q in self.broker.queues
+                },
+                "system_pressure": bp["system_pressure"],
+                "memory": bp["memory"],
+                "degradation": bp["degradation"],
+                "publish": bp["publish"],
+            },
+            "engine": self.engine.status(),
+            "broker": {
+                "connected": self.broker.is_connected,
+                "generation": self.broker.generation,
+                "reconnects": self.broker.reconnects,
+                "paused": self.broker.paused,
+                "blocked": self.broker.publish_blocked,
+                "queues": list(self.broker.queues),
+            },
+            "alerts": self.recent_alerts[:10],
+        }
+
+    async def live(self) -> dict[str, Any]:
+        return {**(await self.status()), "history": self.history[-120:]}
+
+    def dashboard_html(self) -> bytes:
+        return resources.files("sidecar").joinpath("dashboard.html").read_bytes()
