@@ -1,0 +1,391 @@
+"""``sidecar dlq``: list, show, analyze, retry, move and purge dead letters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from sidecar.store.base import DeadLetterStore
+from sidecar.store.records import DeadLetterRecord, PatternRow
+from sidecar.tools.amqp import Amqp, QueueMissing
+from sidecar.tools.common import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    Progress,
+    ToolError,
+    add_common,
+    add_filter_flags,
+    emit_json,
+    filter_from,
+    iso,
+    load,
+    parse_duration,
+    positive_float,
+    positive_int,
+    store_from,
+    table,
+    to_json,
+    tool,
+)
+from sidecar.tools.republish import (
+    RateLimiter,
+    Recovery,
+    Republisher,
+    new_token,
+    preview,
+)
+
+
+def _summary(record: DeadLetterRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "originalQueue": record.originalQueue,
+        "failureReason": record.failureReason,
+        "errorMessage": record.errorMessage,
+        "attemptCount": record.attemptCount,
+        "lastFailureAt": iso(record.lastFailureAt),
+        "processingHost": record.processingHost,
+        "reprocessed": record.reprocessed,
+    }
+
+
+def _short(text: str, n: int = 48) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+# --- list / show
+
+
+@tool
+def cmd_list(args: argparse.Namespace) -> int:
+    config = load(args)
+    flt = filter_from(args)
+    with store_from(config) as store:
+        total = store.count(flt)
+        records = store.find(flt, limit=args.limit, offset=args.offset)
+    if args.json:
+        emit_json(
+            {
+                "total": total,
+                "offset": args.offset,
+                "limit": args.limit,
+                "records": [_summary(r) for r in records],
+            }
+        )
+        return EXIT_OK
+    if not records:
+        print(f"no dead letters match (total {total})")
+        return EXIT_OK
+    rows = [
+        [
+            r.id,
+            r.originalQueue,
+            r.failureReason,
+            r.attemptCount,
+            iso(r.lastFailureAt),
+            r.processingHost,
+            "yes" if r.reprocessed else "no",
+            _short(r.errorMessage),
+        ]
+        for r in records
+    ]
+    print(
+        table(
+            rows, ["ID", "QUEUE", "REASON", "ATTEMPTS", "LAST FAILURE", "HOST", "REPROC", "ERROR"]
+        )
+    )
+    end = args.offset + len(records)
+    print(f"\n{args.offset + 1}-{end} of {total} (newest first)")
+    return EXIT_OK
+
+
+@tool
+def cmd_show(args: argparse.Namespace) -> int:
+    config = load(args)
+    with store_from(config) as store:
+        record = store.get(args.id)
+    if record is None:
+        raise ToolError(f"no dead letter with id {args.id!r}", EXIT_REFUSED)
+    if args.json:
+        emit_json(record)
+        return EXIT_OK
+    data = to_json(record)
+    data.pop("rawBody", None)
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        print(f"{key.ljust(width)}  {value}")
+    print(f"{'rawBody'.ljust(width)}  {len(record.rawBody)} bytes")
+    return EXIT_OK
+
+
+# --- analyze
+
+_SECTIONS = (
+    ("failure_patterns", "failureReason", "Failure patterns (by failure reason)"),
+    ("by_signature", "signature", "By error signature"),
+    ("by_host", "processingHost", "By processing host"),
+    ("by_queue", "originalQueue", "By original queue"),
+)
+
+
+def _rows(rows: list[PatternRow], key_name: str) -> list[dict[str, Any]]:
+    return [
+        {
+            key_name: r.key,
+            "count": r.count,
+            "firstOccurrence": iso(r.firstOccurrence),
+            "lastOccurrence": iso(r.lastOccurrence),
+        }
+        for r in rows
+    ]
+
+
+@tool
+def cmd_analyze(args: argparse.Namespace) -> int:
+    config = load(args)
+    flt = filter_from(args)
+    with store_from(config) as store:
+        total = store.count(flt)
+        report = {
+            name: _rows(store.failure_patterns(flt, by=by), by)  # type: ignore[arg-type]
+            for name, by, _ in _SECTIONS
+        }
+    if args.json:
+        emit_json({"report": args.report, "total": total, **report})
+        return EXIT_OK
+    print(f"Dead letters: {total}")
+    for name, by, title in _SECTIONS:
+        print(f"\n{title}")
+        rows = [
+            [_short(r[by] or "(none)", 60), r["count"], r["firstOccurrence"], r["lastOccurrence"]]
+            for r in report[name]
+        ]
+        print(table(rows, [by, "COUNT", "FIRST", "LAST"]) if rows else "  (none)")
+    return EXIT_OK
+
+
+# --- retry / move
+
+
+def _print_recovery(recovery: Recovery, as_json: bool) -> None:
+    if as_json or not (recovery.marked or recovery.cancelled):
+        return
+    print(
+        f"recovered an interrupted run: {len(recovery.marked)} marked reprocessed "
+        f"(published before the crash), {len(recovery.cancelled)} released for retry",
+        file=sys.stderr,
+    )
+
+
+@tool
+def cmd_retry(args: argparse.Namespace) -> int:
+    config = load(args)
+    flt = filter_from(args, reprocessed=False)
+    if flt == filter_from(argparse.Namespace(), reprocessed=False):
+        raise ToolError("give --pattern (or another filter) to select what to retry", EXIT_USAGE)
+    with store_from(config) as store:
+        if args.dry_run:
+            return _retry_dry_run(store, flt, args)
+        return asyncio.run(_retry(config.broker.url, store, flt, args))
+
+
+def _retry_dry_run(store: DeadLetterStore, flt: Any, args: argparse.Namespace) -> int:
+    records = store.find(flt, limit=args.limit)
+    plan = [preview(r, r.originalQueue) for r in records]
+    in_flight = len(store.in_flight_retries())
+    if args.json:
+        emit_json({"dry_run": True, "would_retry": plan, "in_flight_to_recover": in_flight})
+        return EXIT_OK
+    rows = [[p["id"], p["targetQueue"], p["failureReason"], p["bytes"]] for p in plan]
+    print(table(rows, ["ID", "TARGET QUEUE", "REASON", "BYTES"]) if rows else "nothing matches")
+    print(f"\ndry run: would republish {len(plan)} message(s); nothing was changed")
+    if in_flight:
+        print(f"({in_flight} interrupted retr(y/ies) would be recovered first)")
+    return EXIT_OK
+
+
+async def _retry(url: str, store: DeadLetterStore, flt: Any, args: argparse.Namespace) -> int:
+    token = new_token("retry")
+    async with Amqp(url) as amqp:
+        rp = Republisher(amqp, store, tool="dlq retry", token=token)
+        await rp.open()
+        recovery = await rp.recover()
+        _print_recovery(recovery, args.json)
+        ids = [r.id for r in store.find(flt, limit=args.limit)]  # the snapshot
+        limiter = RateLimiter(args.rate)
+        progress = Progress("retrying", len(ids))
+        done: list[dict[str, str]] = []
+        skipped: list[dict[str, str]] = []
+        failed: list[dict[str, str]] = []
+        try:
+            for n, record_id in enumerate(ids, 1):
+                record = store.get(record_id)
+                if record is None or record.reprocessed:
+                    skipped.append({"id": record_id, "why": "gone or already reprocessed"})
+                    continue
+                await limiter.wait()
+                try:
+                    why = await rp.republish(record, record.originalQueue)
+                except QueueMissing as exc:
+                    failed.append({"id": record_id, "error": str(exc)})
+                    continue
+                if why is None:
+                    done.append({"id": record_id, "targetQueue": record.originalQueue})
+                else:
+                    skipped.append({"id": record_id, "why": why})
+                progress.update(n)
+        finally:
+            progress.close()
+    result = {
+        "token": token,
+        "recovered": recovery.as_dict(),
+        "selected": len(ids),
+        "republished": done,
+        "skipped": skipped,
+        "failed": failed,
+    }
+    if args.json:
+        emit_json(result)
+    else:
+        print(
+            f"republished {len(done)} of {len(ids)} selected; "
+            f"{len(skipped)} skipped, {len(failed)} failed (token {token})"
+        )
+        for f in failed:
+            print(f"  failed {f['id']}: {f['error']}")
+        for s in skipped:
+            print(f"  skipped {s['id']}: {s['why']}")
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+@tool
+def cmd_move(args: argparse.Namespace) -> int:
+    config = load(args)
+    with store_from(config) as store:
+        return asyncio.run(_move(config.broker.url, store, args))
+
+
+async def _move(url: str, store: DeadLetterStore, args: argparse.Namespace) -> int:
+    token = new_token("move")
+    async with Amqp(url) as amqp:
+        rp = Republisher(amqp, store, tool="dlq move", token=token)
+        await rp.open()
+        recovery = await rp.recover()
+        _print_recovery(recovery, args.json)
+        record = store.get(args.message_id)
+        if record is None:
+            raise ToolError(f"no dead letter with id {args.message_id!r}", EXIT_REFUSED)
+        try:
+            why = await rp.republish(record, args.target_queue)
+        except QueueMissing as exc:
+            raise ToolError(
+                f"target queue {args.target_queue!r} does not exist; refusing to move "
+                f"{record.id!r}",
+                EXIT_REFUSED,
+            ) from exc
+    if why is not None:
+        raise ToolError(f"cannot move {record.id!r}: {why}", EXIT_REFUSED)
+    result = {"id": record.id, "targetQueue": args.target_queue, "token": token}
+    if args.json:
+        emit_json({**result, "recovered": recovery.as_dict()})
+    else:
+        print(f"moved {record.id} to {args.target_queue} (token {token})")
+    return EXIT_OK
+
+
+# --- purge
+
+
+def confirm(prompt: str) -> bool:
+    """A 'yes' on stdin; no input (EOF) or anything else refuses."""
+    print(prompt, end=" ", file=sys.stderr, flush=True)
+    try:
+        answer = sys.stdin.readline()
+    except (OSError, ValueError):
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+@tool
+def cmd_purge(args: argparse.Namespace) -> int:
+    config = load(args)
+    extra: dict[str, Any] = {}
+    if args.older_than is not None:
+        cutoff = datetime.now(UTC) - args.older_than
+        until = getattr(args, "f_until", None)
+        extra["until"] = min(cutoff, until) if until else cutoff
+    flt = filter_from(args, **extra)
+    with store_from(config) as store:
+        matches = store.count(flt)
+        if matches == 0:
+            if args.json:
+                emit_json({"matched": 0, "deleted": 0})
+            else:
+                print("no dead letters match; nothing deleted")
+            return EXIT_OK
+        if not args.yes and not confirm(f"delete {matches} dead letter(s)? type 'yes' to confirm:"):
+            raise ToolError(
+                f"not confirmed: {matches} dead letter(s) kept (use --yes in scripts)",
+                EXIT_REFUSED,
+            )
+        deleted = store.delete(flt)
+    if args.json:
+        emit_json({"matched": matches, "deleted": deleted})
+    else:
+        print(f"deleted {deleted} dead letter(s)")
+    return EXIT_OK
+
+
+# --- registration
+
+
+def register(sub: Any) -> None:
+    dlq = sub.add_parser("dlq", help="inspect and recover dead letters")
+    dsub = dlq.add_subparsers(dest="dlq_command", required=True)
+
+    p = dsub.add_parser("list", help="dead letters, newest first, paged")
+    add_common(p)
+    add_filter_flags(p)
+    p.add_argument("--limit", type=positive_int, default=50)
+    p.add_argument("--offset", type=positive_int, default=0)
+    p.set_defaults(func=cmd_list)
+
+    p = dsub.add_parser("show", help="one dead letter in full")
+    add_common(p)
+    p.add_argument("id")
+    p.set_defaults(func=cmd_show)
+
+    p = dsub.add_parser("analyze", help="failure-pattern report")
+    add_common(p)
+    add_filter_flags(p)
+    p.add_argument("--report", choices=["failure-patterns"], default="failure-patterns")
+    p.set_defaults(func=cmd_analyze)
+
+    p = dsub.add_parser("retry", help="republish matching dead letters to their original queue")
+    add_common(p)
+    add_filter_flags(p)
+    p.add_argument("--limit", type=positive_int, default=100)
+    p.add_argument("--rate", type=positive_float, default=50.0, help="messages per second")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print what would be sent; change nothing"
+    )
+    p.set_defaults(func=cmd_retry)
+
+    p = dsub.add_parser("move", help="republish one dead letter to a chosen queue")
+    add_common(p)
+    p.add_argument("--message-id", required=True, metavar="ID")
+    p.add_argument("--target-queue", required=True, metavar="Q")
+    p.set_defaults(func=cmd_move)
+
+    p = dsub.add_parser("purge", help="delete dead letters (asks unless --yes)")
+    add_common(p)
+    add_filter_flags(p)
+    p.add_argument("--older-than", type=parse_duration, metavar="DURATION", help="e.g. 7d, 12h")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(func=cmd_purge)
