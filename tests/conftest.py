@@ -133,7 +133,9 @@ def unique_queue(rabbitmq: str) -> Any:
     names = []
     for queue in created:
         names.append(queue)
-        names += [tier_queue_name("sidecar.retry", queue, t) for t in (*TEST_TIERS, 1, 5, 30, 120, 600)]
+        names += [
+            tier_queue_name("sidecar.retry", queue, t) for t in (*TEST_TIERS, 1, 5, 30, 120, 600)
+        ]
     delete_queues(list(dict.fromkeys(names)))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 import textwrap
 
@@ -23,7 +24,9 @@ async def test_message_that_times_out_lands_in_dlq_with_reason_timeout(tmp_path,
     attempts_seen: list[tuple[int, bool]] = []
     with trio.fail_after(30):
         async with running_sidecar(config) as sidecar:
-            async with open_agent(config.agent.socket, agent="scraper", version="1.2.3", queues=[queue]) as agent:
+            async with open_agent(
+                config.agent.socket, agent="scraper", version="1.2.3", queues=[queue]
+            ) as agent:
                 while sidecar.store.count(RecordFilter(queue=queue)) == 0:
                     for m in await agent.pull(1, wait=0.5):
                         attempts_seen.append((m.attempt, m.reduced_scope))  # never answered
@@ -60,7 +63,7 @@ async def test_retry_goes_through_delay_tier_with_backoff_then_succeeds(tmp_path
             counts = dict(sidecar.engine.counts)
     assert counts["retried"] == 2 and counts["dead_lettered"] == 0 and counts["acked"] == 1
     # Backoff grows (base 0.2 s, x2) and each wait went through a tier, not a hot loop.
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps[0] >= 0.2 * 0.8 - 0.05
     assert gaps[1] >= 0.4 * 0.8 - 0.05
 
@@ -116,7 +119,9 @@ async def test_poison_message_that_kills_its_agent_ends_in_dlq_alone(tmp_path, u
             while sidecar.store.count(RecordFilter(queue=queue)) == 0:
                 runs += 1
                 assert runs <= 6, "the poison message never reached the DLQ"
-                await trio.run_process([sys.executable, str(script), config.agent.socket, queue], check=False)
+                await trio.run_process(
+                    [sys.executable, str(script), config.agent.socket, queue], check=False
+                )
                 await trio.sleep(0.1)
             record = sidecar.store.find(RecordFilter(queue=queue))[0]
             total_dead = sidecar.store.count()
@@ -129,7 +134,9 @@ async def test_poison_message_that_kills_its_agent_ends_in_dlq_alone(tmp_path, u
     assert await queue_count(queue) == 0
 
 
-async def test_agent_crash_with_several_unanswered_charges_none_and_isolates_them(tmp_path, unique_queue):
+async def test_agent_crash_with_several_unanswered_charges_none_and_isolates_them(
+    tmp_path, unique_queue
+):
     queue = unique_queue()
     await publish_many(queue, [b"x1", b"x2", b"x3"])
     config = make_config(tmp_path, [queue], agent={"batch_size": 3})

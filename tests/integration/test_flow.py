@@ -87,7 +87,10 @@ async def test_broker_connection_drop_mid_stream_loses_nothing(tmp_path, unique_
                             _close_connections, f"sidecar-{config.identity.host}-consume"
                         )
                         assert closed == 1
-                        while sidecar.broker.generation == generation or not sidecar.broker.is_connected:
+                        while (
+                            sidecar.broker.generation == generation
+                            or not sidecar.broker.is_connected
+                        ):
                             await trio.sleep(0.05)
                         dropped = True
                     processed |= {m.body for m in batch}

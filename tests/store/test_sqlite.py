@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -20,7 +21,8 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path):
+def store(db_path: Path) -> Iterator[SqliteStore]:
+    """Shadows the contract fixture: these tests are about SQLite only."""
     s = SqliteStore(db_path)
     yield s
     s.close()

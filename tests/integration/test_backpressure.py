@@ -1,0 +1,189 @@
+"""Backpressure for real: circuit breaking, memory pressure, producer throttling, scaling."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import trio
+
+from sidecar import protocol as p
+from sidecar.client import open_agent
+from sidecar.policy.breaker import BreakerState
+from tests.conftest import make_config, publish_many, queue_count, running_sidecar
+
+pytestmark = pytest.mark.integration
+
+
+async def test_breaker_opens_pauses_without_charging_then_resumes(tmp_path, unique_queue):
+    queue = unique_queue()
+    await publish_many(queue, [f"m{i}".encode() for i in range(30)])
+    config = make_config(
+        tmp_path,
+        [queue],
+        agent={"batch_size": 1},
+        breaker={
+            "failure_threshold": 5,
+            "open_timeout": 1.0,
+            "half_open_probes": 1,
+            "half_open_successes": 1,
+        },
+        retry={"max_attempts": 10},
+    )
+    with trio.fail_after(60):
+        async with running_sidecar(config) as sidecar:
+            async with open_agent(config.agent.socket, agent="t", queues=[queue]) as agent:
+                # The agent fails everything: five failures trip the breaker.
+                while sidecar.engine.breaker.state(trio.current_time()) is not BreakerState.OPEN:
+                    for m in await agent.pull(1, wait=0.5):
+                        await agent.fail(m.id, "NETWORK_ERROR", "ECONNRESET")
+                counts_at_trip = dict(sidecar.engine.counts)
+                # While open: no work is handed out, nothing is charged or dead-lettered.
+                while not sidecar.broker.paused:
+                    await trio.sleep(0.02)
+                assert await agent.pull(1, wait=0.5) == []
+                assert sidecar.engine.counts["failed"] == counts_at_trip["failed"]
+                assert sidecar.engine.counts["dead_lettered"] == 0
+                # After the open time a probe goes through; its success closes the breaker.
+                done = 0
+                while done < 30:
+                    for m in await agent.pull(1, wait=0.5):
+                        await agent.ack([m.id])
+                        done += 1
+                    if sidecar.engine.counts["acked"] >= 30 - counts_at_trip["failed"] + 5:
+                        break
+                state = sidecar.engine.breaker.state(trio.current_time())
+            final = dict(sidecar.engine.counts)
+    assert counts_at_trip["failed"] == 5
+    assert state is BreakerState.CLOSED
+    assert final["dead_lettered"] == 0
+    assert final["acked"] == 30  # the five failed ones came back through their tier
+
+
+ALLOCATING_AGENT = textwrap.dedent(
+    """
+    import sys, trio
+    from sidecar.client import open_agent
+
+    async def main(socket, queue, out):
+        hog = []
+        sizes = []
+        async with open_agent(socket, agent="hungry", queues=[queue]) as agent:
+            for step in range(200):
+                batch = await agent.pull(20, wait=0.3)
+                if batch:
+                    sizes.append(len(batch))
+                    await agent.ack([m.id for m in batch])
+                text = " ".join(map(str, sizes))
+                if step == 15:
+                    hog.append(bytearray(130 * 1024 * 1024))  # RSS climbs past 0.8 of 200 MB
+                    for i in range(0, len(hog[0]), 4096):
+                        hog[0][i] = 1
+                    sizes.append(-1)
+                if step == 45:
+                    hog.clear()  # memory released: batches recover
+                    sizes.append(-2)
+                await trio.sleep(0.05)
+        open(out, "w").write(" ".join(map(str, sizes)))
+
+    trio.run(main, *sys.argv[1:4])
+    """
+)
+
+
+async def test_agent_memory_pressure_shrinks_batches_then_recovers(tmp_path, unique_queue):
+    queue = unique_queue()
+    await publish_many(queue, [b"x"] * 3000)
+    config = make_config(
+        tmp_path,
+        [queue],
+        agent={"batch_size": 20},
+        pressure={"source": "agent", "agent_limit_bytes": 200 * 1024 * 1024, "interval": 0.1},
+    )
+    script = tmp_path / "agent.py"
+    script.write_text(ALLOCATING_AGENT)
+    out = tmp_path / "sizes.txt"
+    with trio.fail_after(90):
+        async with running_sidecar(config) as sidecar:
+            await trio.run_process(
+                [sys.executable, str(script), config.agent.socket, queue, str(out)]
+            )
+            pressure_metric = sidecar.metrics.pressure_level._value.get()
+    sizes = [int(x) for x in out.read_text().split()]
+    before = sizes[: sizes.index(-1)]
+    during = sizes[sizes.index(-1) + 1 : sizes.index(-2)]
+    after = sizes[sizes.index(-2) + 1 :]
+    assert max(before) == 20
+    assert during and min(during) <= 15  # x0.75 or less while the agent is under pressure
+    assert after and max(after[-10:]) == 20  # back to full batches once memory is released
+    assert pressure_metric == 0
+
+
+async def test_deep_target_queue_throttles_publishes_and_loses_none(tmp_path, unique_queue):
+    """The seed's "Backpressure under load": a producer pushing as fast as it can into a deep
+    queue is held, then rate-limited; every publish still lands once the agent re-sends."""
+    target = unique_queue("deep")
+    consumed = unique_queue("src")
+    await publish_many(target, [b"backlog"] * 600)  # beyond emergency (500)
+    config = make_config(
+        tmp_path,
+        [consumed],
+        throttle={"rate": 200.0, "burst": 20.0},
+        depth={"interval": 0.2, "watch": [target]},
+    )
+    results: list[p.Published] = []
+    with trio.fail_after(60):
+        async with running_sidecar(config) as sidecar:
+            while sidecar.gate.depths.get(target, 0) < 600:
+                await trio.sleep(0.05)
+            async with open_agent(config.agent.socket, agent="producer", queues=[]) as agent:
+                # Deep queue (EMERGENCY): held.
+                held = await agent.publish(b"x", queue=target)
+                assert held.throttled and held.error == "queue_emergency"
+                # Drain the backlog to 100; publishing 300 more keeps it under EMERGENCY while the
+                # adaptive rate falls from 180/s (depth 100) to 120/s (depth 400).
+
+                async def shrink() -> None:
+                    from tests.conftest import amqp
+
+                    async def go(channel):
+                        for _ in range(500):
+                            m = await channel.basic_get(target)
+                            await channel.basic_ack(m.delivery.delivery_tag)
+
+                    await amqp(go)
+
+                await shrink()
+                while sidecar.gate.depths.get(target, 0) > 100:
+                    await trio.sleep(0.05)
+                start = trio.current_time()
+                for i in range(300):
+                    results.append(await agent.publish_with_backoff(f"n{i}".encode(), queue=target))
+                elapsed = trio.current_time() - start
+                throttled = sidecar.metrics.throttled.labels("rate_limited")._value.get()
+    assert all(r.ok for r in results)
+    assert throttled > 0  # the producer was rate-limited
+    assert elapsed >= (300 - 20) / 180 * 0.8  # paced by the adaptive rate, not the base
+    assert len(results) == 300
+    assert await queue_count(target) == 100 + 300
+
+
+async def test_backlog_of_200_raises_recommended_consumers(tmp_path, unique_queue):
+    """The seed's "Auto-scaling response": a backlog of 200 raises the recommendation."""
+    queue = unique_queue()
+    config = make_config(tmp_path, [], depth={"interval": 0.2, "watch": [queue]})
+    await publish_many(queue, [])
+    with trio.fail_after(30):
+        async with running_sidecar(config) as sidecar:
+            while queue not in sidecar.monitor.queues:
+                await trio.sleep(0.05)
+            initial = sidecar.monitor.queues[queue].recommended_consumers
+            await publish_many(queue, [b"job"] * 200)
+            while sidecar.monitor.queues[queue].depth < 200:
+                await trio.sleep(0.05)
+            final = sidecar.monitor.queues[queue].recommended_consumers
+            level = sidecar.monitor.queues[queue].level
+    assert initial == 1
+    assert final == 20 > initial
+    assert level == "WARNING"
