@@ -158,3 +158,47 @@ async def test_agent_crash_with_several_unanswered_charges_none_and_isolates_the
                         await agent.ack([m.id])
             counts = dict(sidecar.engine.counts)
     assert counts["parked"] == 3 and counts["dead_lettered"] == 0
+
+
+async def test_dead_lettered_message_retried_succeeds_and_shows_reprocessed(tmp_path, unique_queue):
+    """The seed's "DLQ message recovery" test, for real: the operator retries a dead
+    letter, the agent processes it, and the record shows it was reprocessed."""
+    from sidecar.cli import main as cli
+
+    queue = unique_queue()
+    await publish_many(queue, [b'{"jobId": "abc123"}'])
+    config = make_config(tmp_path, [queue], agent={"deadline": 0.3})
+    with trio.fail_after(60):
+        async with running_sidecar(config) as sidecar:
+            async with open_agent(config.agent.socket, agent="t", queues=[queue]) as agent:
+                while sidecar.store.count(RecordFilter(queue=queue)) == 0:
+                    await agent.pull(1, wait=0.3)  # never answered: TIMEOUT x3
+                record_id = sidecar.store.find(RecordFilter(queue=queue))[0].id
+                code = await trio.to_thread.run_sync(
+                    cli,
+                    [
+                        "dlq",
+                        "retry",
+                        "--pattern",
+                        "TIMEOUT",
+                        "--store",
+                        config.store.url,
+                        "--broker",
+                        config.broker.url,
+                        "--json",
+                    ],
+                )
+                assert code == 0
+                while True:
+                    batch = await agent.pull(1, wait=1.0)
+                    if batch:
+                        break
+                (m,) = batch
+                assert m.attempt == 1  # a fresh start after an operator's retry
+                await agent.ack([m.id])
+                while sidecar.broker._gen.outstanding:
+                    await trio.sleep(0.05)
+            record = sidecar.store.get(record_id)
+    assert record is not None and record.reprocessed and record.reprocessCount == 1
+    assert record.reprocessTarget == queue
+    assert await queue_count(queue) == 0
