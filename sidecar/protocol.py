@@ -9,11 +9,14 @@ connection keeps serving.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 PROTOCOL_VERSION = 1
+
+# Ids must fit MessagePack's integers (JSON's are unbounded) so any answer can be encoded.
+Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 # Failure reasons an agent may report; the seed's four plus the sidecar's own.
 FAILURE_REASONS = (
@@ -56,13 +59,13 @@ class Pull(Frame, tag="pull"):
 class Ack(Frame, tag="ack"):
     """These deliveries succeeded."""
 
-    ids: list[int]
+    ids: list[Id]
 
 
 class Fail(Frame, tag="fail"):
     """This delivery failed; the sidecar decides between retry and dead-letter."""
 
-    id: int
+    id: Id
     reason: str
     error: str = ""
     retry_after: float | None = None
@@ -71,7 +74,7 @@ class Fail(Frame, tag="fail"):
 class Extend(Frame, tag="extend"):
     """Still working: push these deliveries' deadlines ``seconds`` into the future."""
 
-    ids: list[int]
+    ids: list[Id]
     seconds: float
 
 
@@ -81,7 +84,7 @@ class Publish(Frame, tag="publish"):
     Give ``queue`` to publish straight to a queue (default exchange), or ``exchange`` and
     ``routing_key``."""
 
-    ref: int
+    ref: Id
     body: bytes
     queue: str | None = None
     exchange: str = ""
@@ -225,7 +228,7 @@ class Codec:
         binary = isinstance(data, bytes)
         try:
             return mp_dec.decode(data) if binary else json_dec.decode(data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             kind = self._peek_kind(data, binary)
             if kind is not None and kind not in kinds:
                 raise ProtocolError("unknown_kind", f"unknown frame kind {kind!r}") from None
@@ -234,6 +237,6 @@ class Codec:
     def _peek_kind(self, data: bytes | str, binary: bool) -> str | None:
         try:
             kind = (self._mp_kind if binary else self._json_kind).decode(data).kind
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             return None
         return kind if isinstance(kind, str) else None

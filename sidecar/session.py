@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import re
 import secrets
 from collections.abc import Callable
@@ -63,6 +64,7 @@ class Session:
         self.pulling = False
         self._out_send, self._out_recv = trio.open_memory_channel[p.Frame](OUTBOX_LIMIT)
         self.crashed = True
+        self._nursery: trio.Nursery | None = None
 
     # --- sending -----------------------------------------------------------------------
 
@@ -70,8 +72,14 @@ class Session:
         try:
             self._out_send.send_nowait(frame)
         except trio.WouldBlock:
-            log.warning("agent session %d is not reading its socket; closing it", self.id)
+            # The agent stopped reading; buffering without bound would eat our memory, and a
+            # polite close would block on the same full socket. Cut the connection.
+            log.warning("agent session %d is not reading its socket; dropping it", self.id)
+            self.metrics.protocol_errors.labels("not_reading").inc()
+            self.crashed = False
             self._out_send.close()
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
         except trio.ClosedResourceError:
             pass
 
@@ -85,8 +93,6 @@ class Session:
             async with self._out_recv:
                 async for frame in self._out_recv:
                     await self.ws.send_message(self.codec.encode(frame, binary=self.binary))
-            # The outbox closed because the agent stopped reading: drop the connection.
-            await self.ws.aclose(code=1008, reason="agent is not reading its socket")
         except ConnectionClosed:
             pass
 
@@ -197,12 +203,18 @@ class Session:
             handler(self, frame)
         except p.ProtocolError as exc:
             self.refuse(exc)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # Whatever slipped past validation is still the agent's input, not our crash.
+            log.exception("agent session %d: frame refused", self.id)
+            self.refuse(p.ProtocolError("malformed", f"frame refused: {exc}"))
 
     # --- frame handlers ----------------------------------------------------------------
 
     def _on_pull(self, frame: p.Pull) -> None:
         if frame.max < 1:
             raise p.ProtocolError("invalid_pull", "pull.max must be at least 1")
+        if not math.isfinite(frame.wait) or frame.wait < 0:
+            raise p.ProtocolError("invalid_pull", "pull.wait must be a finite number >= 0")
         if self.pulling:
             raise p.ProtocolError("pull_in_progress", "wait for the batch before pulling again")
         self.pulling = True
@@ -230,16 +242,20 @@ class Session:
                 f"unknown failure reason {frame.reason!r}; expected one of {', '.join(p.FAILURE_REASONS)}",
                 ref=frame.id,
             )
-        if frame.retry_after is not None and frame.retry_after < 0:
-            raise p.ProtocolError("invalid_fail", "retry_after must be >= 0", ref=frame.id)
+        if frame.retry_after is not None and not (
+            math.isfinite(frame.retry_after) and frame.retry_after >= 0
+        ):
+            raise p.ProtocolError(
+                "invalid_fail", "retry_after must be a finite number >= 0", ref=frame.id
+            )
         if not self.engine.fail(self.id, frame.id, reason, frame.error, frame.retry_after):
             raise p.ProtocolError(
                 "unknown_delivery", f"not held by this session: {frame.id}", ref=frame.id
             )
 
     def _on_extend(self, frame: p.Extend) -> None:
-        if frame.seconds <= 0:
-            raise p.ProtocolError("invalid_extend", "extend.seconds must be > 0")
+        if not math.isfinite(frame.seconds) or frame.seconds <= 0:
+            raise p.ProtocolError("invalid_extend", "extend.seconds must be a finite number > 0")
         unknown = self.engine.extend(self.id, frame.ids, frame.seconds)
         if unknown:
             raise p.ProtocolError("unknown_delivery", f"not held by this session: {unknown[:20]}")
@@ -300,7 +316,7 @@ class Session:
         return None
 
     def _on_heartbeat(self, frame: p.Heartbeat) -> None:
-        self.send(p.Heartbeat(ts=frame.ts))
+        self.send(p.Heartbeat(ts=frame.ts if math.isfinite(frame.ts) else 0.0))
 
     def _on_hello(self, frame: p.Hello) -> None:
         raise p.ProtocolError("duplicate_hello", "hello was already received")

@@ -110,7 +110,7 @@ class AgentServer:
     async def _serve(self, stream: trio.abc.Stream, over_tcp: bool) -> None:
         conn_id = next(self._ids)
         try:
-            async with trio.open_nursery() as ws_nursery:
+            async with stream, trio.open_nursery() as ws_nursery:
                 request = await wrap_server_stream(
                     ws_nursery,
                     stream,

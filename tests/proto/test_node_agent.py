@@ -1,0 +1,64 @@
+"""The Node.js example agent (proto/node/agent.js) against a real sidecar and RabbitMQ."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests.conftest import make_config, publish_many, queue_count, running_sidecar
+from tests.proto._util import PROTO
+
+NODE = shutil.which("node")
+NODE_DIR = PROTO / "node"
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(NODE is None, reason="node is not on PATH"),
+    pytest.mark.skipif(
+        not (NODE_DIR / "node_modules" / "ws").is_dir(),
+        reason="proto/node/node_modules is missing: run `npm install` in proto/node",
+    ),
+]
+
+
+async def test_node_agent_processes_messages_end_to_end(
+    tmp_path: Path, unique_queue: Callable[[str], str]
+) -> None:
+    queue = unique_queue("node")
+    out = unique_queue("nodeout")
+    bodies = [f"job {i}" for i in range(8)] + ["please fail this one", "job 9"]
+    n = len(bodies)
+    with trio.fail_after(60):
+        await publish_many(out, [])  # declare the queue the agent publishes to
+        await publish_many(queue, [b.encode() for b in bodies])
+        config = make_config(tmp_path, [queue])
+        async with running_sidecar(config):
+            result = await trio.run_process(
+                [
+                    NODE or "node",
+                    str(NODE_DIR / "agent.js"),
+                    config.agent.socket,
+                    queue,
+                    str(n),
+                    out,
+                ],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+            assert result.returncode == 0, result.stderr.decode()
+            summary = json.loads(result.stdout.decode().strip().splitlines()[-1])
+            assert summary["processed"] == n
+            assert sorted(summary["bodies"]) == sorted(bodies)
+            assert summary["acked"] == n - 1
+            assert summary["failed"] == 1
+            assert summary["published"] == 1
+            assert summary["errors"] == []
+            # The agent's publish reached the broker.
+            while (await queue_count(out)) != 1:
+                await trio.sleep(0.1)
