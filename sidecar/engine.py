@@ -25,7 +25,12 @@ from sidecar.dlq import DeadLetterWriter
 from sidecar.metrics import Metrics
 from sidecar.policy.breaker import BreakerConfig, BreakerState, CircuitBreaker, KeyedBreakers
 from sidecar.policy.failure import FailureReason, error_signature
-from sidecar.policy.pressure import PressureLevel, adjust_batch_size, batch_allowed
+from sidecar.policy.pressure import (
+    PressureLevel,
+    adjust_batch_size,
+    batch_allowed,
+    degradation_actions,
+)
 from sidecar.policy.retry import DeadLetter, Retry, RetryPolicy, choose_tier, decide
 from sidecar.protocol import Delivery
 from sidecar.store.records import DeadLetterRecord, payload_from_body
@@ -33,6 +38,7 @@ from sidecar.store.records import DeadLetterRecord, payload_from_body
 log = logging.getLogger("sidecar.engine")
 
 Clock = Callable[[], float]
+PRESSURE_PAUSE = 0.05  # seconds per pressure level between batches (WARNING 0.05, CRITICAL 0.1)
 
 
 @dataclass(slots=True)
@@ -159,6 +165,9 @@ class Engine:
     async def pull(self, session: int, want: int, wait: float) -> list[Delivery]:
         """Up to ``want`` deliveries (capped by the batch size the pressure allows), waiting
         at most ``wait`` seconds for the first one."""
+        if "increase_processing_delay" in degradation_actions(self.pressure):
+            # The seed's WARNING response: give the agent's memory time between batches.
+            await trio.sleep(PRESSURE_PAUSE * int(self.pressure))
         with trio.move_on_after(max(0.0, wait)):
             while True:
                 batch = self._take(session, want)

@@ -60,12 +60,15 @@ class DlqGrowth:
         self._prune(now)
 
     def rate_per_minute(self, now: float) -> float:
-        """Growth from the oldest sample in the window to the newest, per minute (0 if < 2)."""
+        """Growth from the oldest sample in the window to the newest, per minute (0 if < 2).
+
+        Spread over at least the whole window: a handful of dead letters seconds apart is
+        not "100 a minute" until that many have really arrived within the window."""
         self._prune(now)
         if len(self._samples) < 2:
             return 0.0
         (t0, s0), (t1, s1) = self._samples[0], self._samples[-1]
-        return 0.0 if t1 <= t0 else (s1 - s0) / (t1 - t0) * 60.0
+        return 0.0 if t1 <= t0 else (s1 - s0) / max(t1 - t0, self.window) * 60.0
 
     def _prune(self, now: float) -> None:
         while self._samples and self._samples[0][0] < now - self.window:

@@ -23,8 +23,17 @@ def test_growth_needs_two_samples():
 def test_growth_rate_per_minute():
     growth = DlqGrowth(window=60)
     growth.record(0, 0)
-    growth.record(30, 100)
-    assert growth.rate_per_minute(30) == pytest.approx(200.0)
+    growth.record(60, 150)
+    assert growth.rate_per_minute(60) == pytest.approx(150.0)
+
+
+def test_a_short_burst_is_not_extrapolated_to_a_minute():
+    growth = DlqGrowth(window=60)
+    growth.record(0, 0)
+    growth.record(2, 4)  # 4 dead letters in 2 s is not "120 a minute"
+    assert growth.rate_per_minute(2) == pytest.approx(4.0)
+    growth.record(20, 101)  # but 101 within the window is over 100 a minute
+    assert growth.rate_per_minute(20) == pytest.approx(101.0)
 
 
 def test_growth_uses_the_oldest_sample_still_in_the_window():
@@ -32,7 +41,7 @@ def test_growth_uses_the_oldest_sample_still_in_the_window():
     growth.record(0, 0)
     growth.record(50, 10)
     growth.record(100, 110)  # the sample at 0 has left the window
-    assert growth.rate_per_minute(100) == pytest.approx(100 / 50 * 60)
+    assert growth.rate_per_minute(100) == pytest.approx(100 / 60 * 60)
 
 
 def test_growth_window_boundary_is_inclusive():
@@ -46,7 +55,7 @@ def test_shrinking_dlq_has_negative_growth():
     growth = DlqGrowth(window=60)
     growth.record(0, 100)
     growth.record(30, 0)
-    assert growth.rate_per_minute(30) == pytest.approx(-200.0)
+    assert growth.rate_per_minute(30) == pytest.approx(-100.0)
 
 
 def test_same_time_samples_do_not_divide_by_zero():
@@ -117,7 +126,7 @@ def test_dlq_not_empty_is_a_warning():
 def test_rapid_growth_is_critical():
     rules = AlertRules(AlertConfig())
     rules.observe_dlq(0, 0)
-    alerts = rules.observe_dlq(30, 60)  # 120 / minute
+    alerts = rules.observe_dlq(30, 120)  # 120 within the last minute
     assert names(alerts) == ["CRITICAL_DLQ_GROWTH", "DLQ_NOT_EMPTY"]
     assert alerts[0].severity is AlertSeverity.CRITICAL
 
