@@ -132,7 +132,6 @@ class StoreConfig(Section):
 
 class HttpConfig(Section):
     listen: str = "127.0.0.1:9090"
-    admin_token: str = ""
 
 
 class AlertsConfig(Section):
@@ -210,7 +209,7 @@ def load_config(
 ) -> Config:
     """File, then environment, then explicit overrides (command-line flags)."""
     data: dict[str, Any] = {}
-    source = "defaults"
+    source = "environment and flags"
     if path is not None:
         source = str(path)
         try:
