@@ -20,7 +20,7 @@ from sidecar.config import Config
 from sidecar.metrics import Metrics
 from sidecar.policy.alerts import Alert, AlertConfig, AlertRules
 from sidecar.policy.pressure import PressureLevel
-from sidecar.store.base import StoreUnavailable
+from sidecar.store.base import DeadLetterStore, StoreUnavailable
 from sidecar.store.records import DeadLetterRecord, MetricSnapshot
 
 if TYPE_CHECKING:
@@ -36,17 +36,21 @@ DLQ_REFRESH = 2.0
 HISTORY_POINTS = 300
 
 
-def dlq_health(store: SpoolingStore, top: int = 5) -> dict[str, Any]:
-    """The seed's "DLQ Health" view, read from the store."""
+def dlq_health(store: DeadLetterStore, top: int = 5) -> dict[str, Any]:
+    """The seed's "DLQ Health" view, read from any store (the daemon's spooling store also
+    says how many records wait in its local spool)."""
     patterns = store.failure_patterns()
     oldest, newest = store.oldest_newest()
-    return {
+    health: dict[str, Any] = {
         "size": store.count(),
         "top_failures": [{"reason": r.key, "count": r.count} for r in patterns[:top]],
         "oldest": oldest.isoformat() if oldest else None,
         "newest": newest.isoformat() if newest else None,
-        "spooled": store.spooled(),
     }
+    spooled = getattr(store, "spooled", None)
+    if spooled is not None:
+        health["spooled"] = spooled()
+    return health
 
 
 class Observability:

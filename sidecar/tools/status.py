@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from sidecar.store.base import DeadLetterStore
+from sidecar.observability import dlq_health
 from sidecar.tools.common import (
     EXIT_OK,
     EXIT_UNREACHABLE,
@@ -26,18 +26,6 @@ from sidecar.tools.common import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:9090"
-
-
-def health_from_store(store: DeadLetterStore, top: int = 5) -> dict[str, Any]:
-    """The DLQ Health view (as ``sidecar.observability.dlq_health``) for any store."""
-    patterns = store.failure_patterns()
-    oldest, newest = store.oldest_newest()
-    return {
-        "size": store.count(),
-        "top_failures": [{"reason": r.key, "count": r.count} for r in patterns[:top]],
-        "oldest": oldest.isoformat() if oldest else None,
-        "newest": newest.isoformat() if newest else None,
-    }
 
 
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -103,7 +91,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.store and not args.http_url:
         config = load(args)
         with store_from(config) as store:
-            health = health_from_store(store)
+            health = dlq_health(store)
         if args.json:
             emit_json({"dlq_health": health})
         else:
