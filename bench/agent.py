@@ -1,0 +1,202 @@
+"""Agent roles that talk to a sidecar over its Unix socket (trio + sidecar.client).
+
+python -m bench.agent consume --socket S --queue Q --count N --batch B
+python -m bench.agent latency --socket S --queue Q --count N --batch B
+python -m bench.agent fail    --socket S --queue Q --count N --batch B --reason R --store URL
+python -m bench.agent publish --socket S --queue Q --count N --size B --window W
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import trio
+from trio_websocket import wrap_client_stream
+
+from bench.common import body_of, emit, latency_summary, stamp_of
+from sidecar import protocol as p
+from sidecar.client import AgentClient, connect_unix, open_agent
+
+
+async def consume(socket: str, queue: str, count: int, batch: int, idle: float) -> None:
+    async with open_agent(socket, agent="bench-consume", queues=[queue]) as a:
+        emit(event="ready")
+        n, first, last_progress = 0, 0.0, time.monotonic()
+        while n < count:
+            messages = await a.pull(batch, wait=1.0)
+            if not messages:
+                if time.monotonic() - last_progress > idle:
+                    break
+                continue
+            if n == 0:
+                first = time.time()
+            await a.ack([m.id for m in messages])
+            n += len(messages)
+            last_progress = time.monotonic()
+        last = time.time()
+        elapsed = last - first
+        emit(
+            event="result",
+            n=n,
+            complete=n >= count,
+            first=first,
+            last=last,
+            rate=(n - 1) / elapsed if elapsed > 0 and n > 1 else 0.0,
+            errors=[e.code for e in a.errors][:5],
+        )
+
+
+async def latency(socket: str, queue: str, count: int, batch: int, idle: float) -> None:
+    lat: list[float] = []
+    async with open_agent(socket, agent="bench-latency", queues=[queue]) as a:
+        emit(event="ready")
+        last_progress = time.monotonic()
+        while len(lat) < count:
+            messages = await a.pull(batch, wait=1.0)
+            if not messages:
+                if lat and time.monotonic() - last_progress > idle:
+                    break
+                if not lat and time.monotonic() - last_progress > 60:
+                    break
+                continue
+            t = time.time_ns()
+            lat.extend((t - stamp_of(m.body)) / 1e6 for m in messages)
+            await a.ack([m.id for m in messages])
+            last_progress = time.monotonic()
+    emit(
+        event="result",
+        complete=len(lat) >= count,
+        received=len(lat),
+        **latency_summary(lat),
+        lat=lat,
+    )
+
+
+async def fail(
+    socket: str, queue: str, count: int, batch: int, reason: str, store_url: str, timeout: float
+) -> None:
+    from sidecar.store.base import open_store
+
+    stats = {"deliveries": 0, "first": 0.0, "done": 0.0, "stored": 0}
+    store = open_store(store_url)
+
+    async with open_agent(socket, agent="bench-fail", queues=[queue]) as a:
+        emit(event="ready")
+
+        async def failer() -> None:
+            while True:
+                messages = await a.pull(batch, wait=0.5)
+                if messages and not stats["first"]:
+                    stats["first"] = time.time()
+                for m in messages:
+                    await a.fail(m.id, reason, "bench: injected failure")
+                stats["deliveries"] += len(messages)
+
+        async def poller(cancel: trio.CancelScope) -> None:
+            while True:
+                stats["stored"] = await trio.to_thread.run_sync(store.count)
+                if stats["stored"] >= count:
+                    stats["done"] = time.time()
+                    cancel.cancel()
+                    return
+                await trio.sleep(0.02)
+
+        with trio.move_on_after(timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(failer)
+                nursery.start_soon(poller, nursery.cancel_scope)
+        errors = [e.code for e in a.errors][:5]
+    store.close()
+    done = stats["done"] or time.time()
+    elapsed = done - stats["first"] if stats["first"] else math.nan
+    emit(
+        event="result",
+        n=count,
+        stored=stats["stored"],
+        complete=stats["stored"] == count,
+        deliveries=stats["deliveries"],
+        elapsed=elapsed,
+        rate=stats["stored"] / elapsed if elapsed and elapsed > 0 else 0.0,
+        errors=errors,
+    )
+
+
+async def publish(socket: str, queue: str, count: int, size: int, window: int) -> None:
+    """Pipelined: up to ``window`` Publish frames outstanding, counting ``published``
+    answers (sidecar.client's publish() would wait for each one)."""
+    codec = p.Codec()
+    stream = await connect_unix(socket)
+    body = body_of(size)
+    result = {"ok": 0, "errors": 0, "throttled": 0}
+    async with trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(
+            nursery,
+            stream,
+            "localhost",
+            "/",
+            message_queue_size=1024,
+            max_message_size=64 * 1024 * 1024,
+        )
+        client = AgentClient(ws)
+        await client.send(p.Hello(agent="bench-publish", queues=[]))
+        welcome = codec.decode_sidecar(await ws.get_message())
+        assert isinstance(welcome, p.Welcome), welcome
+        emit(event="ready")
+        credit = trio.Semaphore(window)
+        all_done = trio.Event()
+
+        async def reader() -> None:
+            answered = 0
+            while answered < count:
+                frame = codec.decode_sidecar(await ws.get_message())
+                if isinstance(frame, p.Published):
+                    answered += 1
+                    if frame.throttled:
+                        result["throttled"] += 1
+                    elif frame.ok:
+                        result["ok"] += 1
+                    else:
+                        result["errors"] += 1
+                    credit.release()
+            all_done.set()
+
+        nursery.start_soon(reader)
+        start = time.time()
+        for ref in range(1, count + 1):
+            await credit.acquire()
+            await client.send(p.Publish(ref=ref, body=body, queue=queue))
+        await all_done.wait()
+        elapsed = time.time() - start
+        await ws.aclose()
+        nursery.cancel_scope.cancel()
+    emit(event="result", n=count, elapsed=elapsed, rate=result["ok"] / elapsed, **result)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="bench.agent")
+    ap.add_argument("mode", choices=["consume", "latency", "fail", "publish"])
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--queue", required=True)
+    ap.add_argument("--count", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=10)
+    ap.add_argument("--size", type=int, default=200)
+    ap.add_argument("--window", type=int, default=256)
+    ap.add_argument("--reason", default="NETWORK_ERROR")
+    ap.add_argument("--store", default="")
+    ap.add_argument("--idle", type=float, default=10.0)
+    ap.add_argument("--timeout", type=float, default=120.0)
+    a = ap.parse_args(argv)
+    if a.mode == "consume":
+        trio.run(consume, a.socket, a.queue, a.count, a.batch, a.idle)
+    elif a.mode == "latency":
+        trio.run(latency, a.socket, a.queue, a.count, a.batch, a.idle)
+    elif a.mode == "fail":
+        trio.run(fail, a.socket, a.queue, a.count, a.batch, a.reason, a.store, a.timeout)
+    else:
+        trio.run(publish, a.socket, a.queue, a.count, a.size, a.window)
+
+
+if __name__ == "__main__":
+    main()

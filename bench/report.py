@@ -1,0 +1,150 @@
+"""Render a results JSON as Markdown tables: ``python -m bench.report [results.json]``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.procs import ROOT
+
+
+def f0(v: float) -> str:
+    return f"{v:,.0f}"
+
+
+def f2(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def render(res: dict[str, Any]) -> str:
+    out: list[str] = []
+    m = res["meta"]["machine"]
+    out += [
+        f"Machine: {m['nproc']} cores, {m['cpu']}, RabbitMQ {m['rabbitmq']}, Python {m['python']}",
+        f"Command: `{res['meta']['command']}` ({res['meta']['seconds']:.0f} s)",
+        "",
+    ]
+    for size, c in res.get("consume", {}).items():
+        out += [f"### Consume, {size}-byte messages (msg/s; ratio = sidecar / baseline)", ""]
+        out.append(
+            "| pair | direct ack-each | direct ack x50 | sidecar b1 | sidecar b10 | "
+            "sidecar b50 | b50/each | b50/x50 | b10/each | b10/x50 | b1/each |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for i, p in enumerate(c["pairs"], 1):
+            r, q = p["rates"], p["ratios"]
+            out.append(
+                f"| {i} | {f0(r['base_each'])} | {f0(r['base_multi50'])} | {f0(r['sc_b1'])} | "
+                f"{f0(r['sc_b10'])} | {f0(r['sc_b50'])} | {f2(q['sc_b50_vs_each'])} | "
+                f"{f2(q['sc_b50_vs_multi50'])} | {f2(q['sc_b10_vs_each'])} | "
+                f"{f2(q['sc_b10_vs_multi50'])} | {f2(q['sc_b1_vs_each'])} |"
+            )
+        r, q = c["median_rates"], c["median_ratios"]
+        out.append(
+            f"| **median** | {f0(r['base_each'])} | {f0(r['base_multi50'])} | {f0(r['sc_b1'])} | "
+            f"{f0(r['sc_b10'])} | {f0(r['sc_b50'])} | **{f2(q['sc_b50_vs_each'])}** | "
+            f"**{f2(q['sc_b50_vs_multi50'])}** | {f2(q['sc_b10_vs_each'])} | "
+            f"{f2(q['sc_b10_vs_multi50'])} | {f2(q['sc_b1_vs_each'])} |"
+        )
+        out.append("")
+    if "drain_patch" in res:
+        d = res["drain_patch"]
+        out += [
+            f"### trio-asyncio drain patch on/off (consume, batch 50, {d['size']} B, msg/s)",
+            "",
+            "| patched | stock (patch disabled) | patched again | stock / patched |",
+            "|---|---|---|---|",
+            f"| {f0(d['patched'])} | {f0(d['stock'])} | {f0(d['patched_again'])} | "
+            f"{f2(d['stock_vs_patched'])} |",
+            "",
+        ]
+    if "latency" in res:
+        out += ["### Latency, publish -> receipt (ms; sidecar path at batch 10)", ""]
+        out.append(
+            "| rate | pair | direct p50 | p99 | p99.9 | sidecar p50 | p99 | p99.9 | "
+            "added p50 | added p99 | added p99.9 |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for rate, lat in res["latency"].items():
+            rows = [(str(i), p) for i, p in enumerate(lat["pairs"], 1)]
+            rows.append(("**median**", lat["median"]))
+            for label, p in rows:
+                d, s, a = p["direct"], p["sidecar"], p["added"]
+                out.append(
+                    f"| {rate}/s | {label} | {f2(d['p50'])} | {f2(d['p99'])} | {f2(d['p999'])} | "
+                    f"{f2(s['p50'])} | {f2(s['p99'])} | {f2(s['p999'])} | {f2(a['p50'])} | "
+                    f"{f2(a['p99'])} | {f2(a['p999'])} |"
+                )
+        out.append("")
+    if "publish" in res:
+        out += ["### Publish with confirms (msg/s, window 256 outstanding)", ""]
+        out.append("| size | pair | direct | via sidecar | ratio |")
+        out.append("|---|---|---|---|---|")
+        for size, pub in res["publish"].items():
+            for i, p in enumerate(pub["pairs"], 1):
+                out.append(
+                    f"| {size} B | {i} | {f0(p['direct'])} | {f0(p['sidecar'])} | "
+                    f"{f2(p['ratio'])} |"
+                )
+            mm = pub["median"]
+            out.append(
+                f"| {size} B | **median** | {f0(mm['direct'])} | {f0(mm['sidecar'])} | "
+                f"**{f2(mm['ratio'])}** |"
+            )
+        out.append("")
+    if "failure" in res:
+        out += ["### Failure path (messages/s fully dead-lettered into SQLite)", ""]
+        out.append("| reason | run | N | stored | deliveries | seconds | msg/s |")
+        out.append("|---|---|---|---|---|---|---|")
+        for reason, f in res["failure"].items():
+            for i, r in enumerate(f["runs"], 1):
+                out.append(
+                    f"| {reason} | {i} | {r['n']} | {r['stored']} | {r['deliveries']} | "
+                    f"{f2(r['elapsed'])} | {f0(r['rate'])} |"
+                )
+            out.append(
+                f"| {reason} | **median** | | | | | **{f0(f['median_rate'])}** "
+                f"(nothing lost: {f['nothing_lost']}) |"
+            )
+        out.append("")
+    if "footprint" in res:
+        fp = res["footprint"]
+        out += [
+            "### Footprint of the sidecar process",
+            "",
+            "| state | CPU (share of one core) | RSS (MB) |",
+            "|---|---|---|",
+            f"| idle, agent connected, {fp['idle']['seconds']:.0f} s | "
+            f"{fp['idle']['cpu_share']:.1%} | {fp['idle']['rss_mb']:.1f} |",
+            f"| {fp['load']['rate']:.0f} msg/s paced, {fp['load']['seconds']:.0f} s | "
+            f"{fp['load']['cpu_share']:.1%} | peak {fp['load']['rss_peak_mb']:.1f} |",
+            "",
+        ]
+    out += ["### Targets", "", "| target | value | goal | |", "|---|---|---|---|"]
+    for t in res["targets"]:
+        v = t["value"]
+        shown = f"{v:.3f}" if isinstance(v, float) else str(v)
+        out.append(f"| {t['target']} | {shown} | {t['goal']} | **{t['status']}** |")
+    out.append("")
+    if "profile" in res:
+        pr = res["profile"]
+        out += [f"### py-spy, sidecar during consume batch 50 ({pr.get('samples', 0)} samples)", ""]
+        if "top_self" in pr:
+            out += ["| function (file:line) | self % |", "|---|---|"]
+            for row in pr["top_self"][:20]:
+                out.append(f"| `{row['function']}` | {row['self_pct']:.1f} |")
+        else:
+            out.append(str(pr))
+        out.append("")
+    return "\n".join(out)
+
+
+def main() -> None:
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "bench/out/results-latest.json"
+    print(render(json.loads(path.read_text())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The five scenarios. Each returns a JSON-able dict; rates are msg/s, latencies ms."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import procs
+from bench.common import tier_queue_names, unique_queue
+
+
+@dataclass
+class Settings:
+    pairs: int
+    messages: int
+    sizes: list[int]
+    rates: list[float]
+    latency_duration: float
+    footprint_load: float
+    footprint_idle: float
+    fail_messages: int
+    publish_messages: int
+    window: int = 256
+
+
+def med(values: list[float]) -> float:
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Queues:
+    """Unique queues (and their sidecar retry tiers), deleted on exit."""
+
+    def __init__(self, tag: str, *, tiers: bool = True) -> None:
+        self.name = unique_queue(tag)
+        self.tiers = tiers
+
+    def __enter__(self) -> str:
+        procs.direct_run("declare", "--queues", self.name)
+        return self.name
+
+    def __exit__(self, *exc: object) -> None:
+        names = [self.name, *(tier_queue_names(self.name, procs.TIERS) if self.tiers else [])]
+        procs.direct_run("delete", "--queues", ",".join(names))
+
+
+def _fill(queue: str, count: int, size: int) -> None:
+    r = procs.direct_run("fill", "--queue", queue, "--count", str(count), "--size", str(size))
+    if r["depth"] < count:
+        raise procs.RoleError(f"fill of {queue}: depth {r['depth']} < {count}")
+
+
+def consume_direct(count: int, size: int, ack: str) -> dict[str, Any]:
+    with Queues("consume", tiers=False) as q:
+        _fill(q, count, size)
+        r = procs.direct_run(
+            "consume", "--queue", q, "--count", str(count), "--ack", ack, timeout=600
+        )
+    return r
+
+
+def consume_sidecar(
+    count: int, size: int, batch: int, *, drain_patch: bool = True, profile: str | None = None
+) -> dict[str, Any]:
+    prefetch = max(100, 2 * batch)
+    with Queues("consume") as q:
+        _fill(q, count, size)
+        with procs.sidecar(
+            f"sidecar-consume-b{batch}", batch=batch, prefetch=prefetch, drain_patch=drain_patch
+        ) as (sc, ready, _tmp):
+            spy = None
+            if profile:
+                import subprocess
+
+                spy = subprocess.Popen(
+                    [
+                        str(Path(sys.executable).with_name("py-spy")),
+                        "record",
+                        "--pid",
+                        str(sc.pid),
+                        "--rate",
+                        "200",
+                        "--nonblocking",
+                        "--format",
+                        "raw",
+                        "-o",
+                        profile,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            ag = procs.agent(
+                f"agent-consume-b{batch}",
+                "consume",
+                ready["socket"],
+                "--queue",
+                q,
+                "--count",
+                str(count),
+                "--batch",
+                str(batch),
+            )
+            r = ag.result(timeout=600)
+            if spy is not None:
+                import signal
+
+                spy.send_signal(signal.SIGINT)
+                spy.wait(timeout=30)
+    r["batch"] = batch
+    r["drain_patch"] = drain_patch
+    return r
+
+
+def run_consume(s: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for size in s.sizes:
+        pairs = []
+        for i in range(s.pairs):
+            row: dict[str, float] = {}
+            # A B A B: baseline, sidecar, baseline, sidecar, sidecar.
+            for key, kind, arg in (
+                ("base_each", "direct", "each"),
+                ("sc_b1", "sidecar", 1),
+                ("base_multi50", "direct", "multi50"),
+                ("sc_b10", "sidecar", 10),
+                ("sc_b50", "sidecar", 50),
+            ):
+                if kind == "direct":
+                    r = consume_direct(s.messages, size, str(arg))
+                else:
+                    r = consume_sidecar(s.messages, size, int(arg))
+                if not r.get("complete"):
+                    log(f"consume {key} size {size}: INCOMPLETE {r}")
+                row[key] = r["rate"]
+                log(f"consume size={size} pair={i + 1} {key}: {r['rate']:.0f} msg/s")
+            ratios = {
+                f"{b}_vs_each": row[b] / row["base_each"] for b in ("sc_b1", "sc_b10", "sc_b50")
+            } | {
+                f"{b}_vs_multi50": row[b] / row["base_multi50"]
+                for b in ("sc_b1", "sc_b10", "sc_b50")
+            }
+            pairs.append({"rates": row, "ratios": ratios})
+        out[str(size)] = {
+            "pairs": pairs,
+            "median_rates": {k: med([p["rates"][k] for p in pairs]) for k in pairs[0]["rates"]},
+            "median_ratios": {k: med([p["ratios"][k] for p in pairs]) for k in pairs[0]["ratios"]},
+        }
+    return out
+
+
+def run_drain_compare(s: Settings) -> dict[str, Any]:
+    """Consume at batch 50 with the drained loop, then with stock trio-asyncio."""
+    size = s.sizes[0]
+    row = {}
+    for key, patch in (("patched", True), ("stock", False), ("patched_again", True)):
+        r = consume_sidecar(s.messages, size, 50, drain_patch=patch)
+        row[key] = r["rate"]
+        log(f"drain-patch compare {key}: {r['rate']:.0f} msg/s")
+    row["stock_vs_patched"] = row["stock"] / med([row["patched"], row["patched_again"]])
+    return {"size": size, "batch": 50, **row}
+
+
+def _strip(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r.items() if k not in ("lat", "event")}
+
+
+def latency_direct(rate: float, duration: float) -> dict[str, Any]:
+    count = int(rate * duration)
+    with Queues("latency", tiers=False) as q:
+        rx = procs.direct("direct-latency", "latency", "--queue", q, "--count", str(count))
+        rx.wait_event("ready", 30)
+        pub = procs.direct(
+            "paced", "paced", "--queue", q, "--rate", str(rate), "--duration", str(duration)
+        )
+        p = pub.result(timeout=duration * 4 + 30)
+        r = rx.result(timeout=60)
+    r["publisher"] = _strip(p)
+    return r
+
+
+def latency_sidecar(rate: float, duration: float, batch: int = 10) -> dict[str, Any]:
+    count = int(rate * duration)
+    with Queues("latency") as q, procs.sidecar("sidecar-latency", batch=batch) as (_sc, ready, _t):
+        rx = procs.agent(
+            "agent-latency",
+            "latency",
+            ready["socket"],
+            "--queue",
+            q,
+            "--count",
+            str(count),
+            "--batch",
+            str(batch),
+        )
+        rx.wait_event("ready", 30)
+        pub = procs.direct(
+            "paced", "paced", "--queue", q, "--rate", str(rate), "--duration", str(duration)
+        )
+        p = pub.result(timeout=duration * 4 + 30)
+        r = rx.result(timeout=60)
+    r["publisher"] = _strip(p)
+    return r
+
+
+def run_latency(s: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for rate in s.rates:
+        pairs = []
+        hist: dict[str, list[float]] = {}
+        for i in range(s.pairs):
+            d = latency_direct(rate, s.latency_duration)
+            sc = latency_sidecar(rate, s.latency_duration)
+            if i == 0:
+                hist = {"direct": d.get("lat", [])[::5], "sidecar": sc.get("lat", [])[::5]}
+            added = {k: sc[k] - d[k] for k in ("p50", "p99", "p999")}
+            pairs.append({"direct": _strip(d), "sidecar": _strip(sc), "added": added})
+            log(
+                f"latency {rate:.0f}/s pair={i + 1}: direct p50 {d['p50']:.2f} p99 {d['p99']:.2f}"
+                f" | sidecar p50 {sc['p50']:.2f} p99 {sc['p99']:.2f} ms"
+                f" (received {d['received']}/{sc['received']})"
+            )
+        out[str(int(rate))] = {
+            "pairs": pairs,
+            "median": {
+                side: {k: med([p[side][k] for p in pairs]) for k in ("p50", "p99", "p999")}
+                for side in ("direct", "sidecar", "added")
+            },
+            "samples_pair1": hist,
+        }
+    return out
+
+
+def publish_direct(count: int, size: int, window: int) -> dict[str, Any]:
+    with Queues("publish", tiers=False) as q:
+        return procs.direct_run(
+            "publish",
+            "--queue",
+            q,
+            "--count",
+            str(count),
+            "--size",
+            str(size),
+            "--window",
+            str(window),
+            timeout=600,
+        )
+
+
+def publish_sidecar(count: int, size: int, window: int) -> dict[str, Any]:
+    with Queues("publish", tiers=False) as q, procs.sidecar("sidecar-publish") as (_sc, ready, _t):
+        ag = procs.agent(
+            "agent-publish",
+            "publish",
+            ready["socket"],
+            "--queue",
+            q,
+            "--count",
+            str(count),
+            "--size",
+            str(size),
+            "--window",
+            str(window),
+        )
+        return ag.result(timeout=600)
+
+
+def run_publish(s: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for size in s.sizes:
+        pairs = []
+        for i in range(s.pairs):
+            d = publish_direct(s.publish_messages, size, s.window)
+            sc = publish_sidecar(s.publish_messages, size, s.window)
+            pairs.append(
+                {
+                    "direct": d["rate"],
+                    "sidecar": sc["rate"],
+                    "ratio": sc["rate"] / d["rate"],
+                    "sidecar_errors": sc.get("errors", 0),
+                    "sidecar_throttled": sc.get("throttled", 0),
+                }
+            )
+            log(
+                f"publish size={size} pair={i + 1}: direct {d['rate']:.0f} sidecar "
+                f"{sc['rate']:.0f} msg/s (errors {sc.get('errors')}, throttled "
+                f"{sc.get('throttled')})"
+            )
+        out[str(size)] = {
+            "pairs": pairs,
+            "median": {k: med([p[k] for p in pairs]) for k in ("direct", "sidecar", "ratio")},
+        }
+    return out
+
+
+def failure_run(count: int, reason: str, batch: int = 10) -> dict[str, Any]:
+    with Queues("failure") as q:
+        _fill(q, count, 200)
+        with procs.sidecar(f"sidecar-fail-{reason}", batch=batch) as (_sc, ready, tmp):
+            ag = procs.agent(
+                f"agent-fail-{reason}",
+                "fail",
+                ready["socket"],
+                "--queue",
+                q,
+                "--count",
+                str(count),
+                "--batch",
+                str(batch),
+                "--reason",
+                reason,
+                "--store",
+                procs.store_url(tmp),
+            )
+            return ag.result(timeout=300)
+
+
+def run_failure(s: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for reason in ("NETWORK_ERROR", "VALIDATION_FAILED"):
+        runs = []
+        for i in range(s.pairs):
+            r = failure_run(s.fail_messages, reason)
+            runs.append(_strip(r))
+            log(
+                f"failure {reason} run={i + 1}: {r['rate']:.0f} msg/s dead-lettered, "
+                f"stored {r['stored']}/{r['n']}, deliveries {r['deliveries']}"
+            )
+        out[reason] = {
+            "runs": runs,
+            "median_rate": med([r["rate"] for r in runs]),
+            "nothing_lost": all(r["stored"] == r["n"] for r in runs),
+        }
+    return out
+
+
+class Sampler:
+    """Peak RSS of one process, sampled every 50 ms in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            self._stop.wait(0.05)
+
+    def cpu(self) -> float:
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def run_footprint(s: Settings, rate: float = 1000.0) -> dict[str, Any]:
+    count = int(rate * s.footprint_load)
+    with Queues("footprint") as q, procs.sidecar("sidecar-footprint") as (sc, ready, _t):
+        ag = procs.agent(
+            "agent-footprint",
+            "consume",
+            ready["socket"],
+            "--queue",
+            q,
+            "--count",
+            str(count),
+            "--batch",
+            "10",
+            "--idle",
+            "600",
+        )
+        ag.wait_event("ready", 30)
+        sampler = Sampler(sc.pid)
+        time.sleep(1.0)
+        # Idle first: connected agent long-polling, no traffic.
+        c0, t0 = sampler.cpu(), time.monotonic()
+        time.sleep(s.footprint_idle)
+        idle = {
+            "cpu_share": (sampler.cpu() - c0) / (time.monotonic() - t0),
+            "rss_mb": sampler.proc.memory_info().rss / 2**20,
+            "seconds": s.footprint_idle,
+        }
+        sampler.peak = 0
+        c0, t0 = sampler.cpu(), time.monotonic()
+        pub = procs.direct(
+            "paced", "paced", "--queue", q, "--rate", str(rate), "--duration", str(s.footprint_load)
+        )
+        p = pub.result(timeout=s.footprint_load * 4 + 30)
+        r = ag.result(timeout=60)
+        wall = time.monotonic() - t0
+        load = {
+            "cpu_share": (sampler.cpu() - c0) / wall,
+            "rss_peak_mb": sampler.peak / 2**20,
+            "seconds": wall,
+            "rate": rate,
+            "publisher_rate": p["achieved_rate"],
+            "agent_received": r["n"],
+        }
+        sampler.close()
+    log(
+        f"footprint: load cpu {load['cpu_share']:.1%} rss peak {load['rss_peak_mb']:.1f} MB;"
+        f" idle cpu {idle['cpu_share']:.1%} rss {idle['rss_mb']:.1f} MB"
+    )
+    return {"load": load, "idle": idle}

@@ -1,0 +1,38 @@
+"""Smoke run of the benchmark runner: tiny counts, real RabbitMQ, separate processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.integration
+def test_bench_quick_smoke() -> None:
+    out = ROOT / "bench" / "out"
+    before = set(out.glob("results-2*.json")) if out.exists() else set()
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--scenarios", "consume,failure", "--no-plots"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    new = sorted(set(out.glob("results-2*.json")) - before)
+    assert new, proc.stdout[-3000:]
+    res = json.loads(new[-1].read_text())
+    assert {"meta", "consume", "failure", "targets"} <= res.keys()
+    consume = res["consume"]["200"]
+    for key in ("base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50"):
+        assert consume["median_rates"][key] > 0, key
+    assert consume["median_ratios"]["sc_b50_vs_each"] > 0
+    for reason in ("NETWORK_ERROR", "VALIDATION_FAILED"):
+        failure = res["failure"][reason]
+        assert failure["median_rate"] > 0, reason
+        assert failure["nothing_lost"], failure
