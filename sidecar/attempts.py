@@ -53,7 +53,13 @@ def _int(value: Any) -> int:
         return 0
 
 
+FRESH = AttemptState()
+
+
 def read_state(headers: dict[str, Any]) -> AttemptState:
+    # Hot path: most messages have never failed and were never sent back.
+    if ATTEMPTS not in headers and SUSPECT not in headers:
+        return FRESH
     first = headers.get(FIRST_FAILURE_AT)
     first_at = None
     if isinstance(first, datetime):

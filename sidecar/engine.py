@@ -56,6 +56,13 @@ class InFlight:
     agent_version: str = ""
 
 
+@dataclass(slots=True, frozen=True)
+class QueueMetrics:
+    delivered: Any
+    acked: Any
+    ack_seconds: Any
+
+
 @dataclass(slots=True)
 class SessionInfo:
     agent: str
@@ -138,6 +145,7 @@ class Engine:
             "stale": 0,
         }
         self._ids = itertools.count(1)
+        self._per_queue: dict[str, QueueMetrics] = {}
         self._deadlines: list[tuple[float, int]] = []
         self._deadline_changed = trio.Event()
         self._settled = trio.Event()
@@ -208,12 +216,13 @@ class Engine:
             if state is BreakerState.HALF_OPEN and not self.breaker.allow(now):
                 break
             inbox.popleft()
-            if attempts.read_state(message.props.headers).suspect:
+            message_state = attempts.read_state(message.props.headers)
+            if message_state.suspect:
                 self.suspects.append(message)
                 continue
             if self.key_header and not self._key_allows(message, now):
                 continue
-            out.append(self._hand_out(session, info, message, now))
+            out.append(self._hand_out(session, info, message, now, message_state))
         self.metrics.buffered.set(len(inbox))
         return out
 
@@ -232,8 +241,16 @@ class Engine:
         )
         return False
 
-    def _hand_out(self, session: int, info: SessionInfo, message: Inbound, now: float) -> Delivery:
-        state = attempts.read_state(message.props.headers)
+    def _hand_out(
+        self,
+        session: int,
+        info: SessionInfo,
+        message: Inbound,
+        now: float,
+        state: attempts.AttemptState | None = None,
+    ) -> Delivery:
+        if state is None:
+            state = attempts.read_state(message.props.headers)
         delivery_id = next(self._ids)
         deadline = now + self.config.agent.deadline
         key = str(message.props.headers.get(self.key_header, "")) if self.key_header else ""
@@ -243,7 +260,7 @@ class Engine:
         info.in_flight.add(delivery_id)
         self._push_deadline(deadline, delivery_id)
         self.counts["delivered"] += 1
-        self.metrics.delivered.labels(message.queue).inc()
+        self._queue_metrics(message.queue).delivered.inc()
         self.metrics.in_flight.set(len(self.in_flight))
         return Delivery(
             id=delivery_id,
@@ -260,6 +277,18 @@ class Engine:
             redelivered=message.redelivered,
             reduced_scope=state.reduced_scope,
         )
+
+    def _queue_metrics(self, queue: str) -> QueueMetrics:
+        """Labelled children looked up once per queue, not once per message."""
+        found = self._per_queue.get(queue)
+        if found is None:
+            m = self.metrics
+            found = self._per_queue[queue] = QueueMetrics(
+                m.delivered.labels(queue),
+                m.acked.labels(queue),
+                m.processing_seconds.labels(queue, "ack"),
+            )
+        return found
 
     def _release(self, delivery_id: int) -> InFlight | None:
         held = self.in_flight.pop(delivery_id, None)
@@ -290,10 +319,9 @@ class Engine:
             assert held is not None
             self._settle(held.message)
             self.counts["acked"] += 1
-            self.metrics.acked.labels(held.message.queue).inc()
-            self.metrics.processing_seconds.labels(held.message.queue, "ack").observe(
-                now - held.handed_at
-            )
+            per_queue = self._queue_metrics(held.message.queue)
+            per_queue.acked.inc()
+            per_queue.ack_seconds.observe(now - held.handed_at)
             self.breaker.record_success(now)
             if held.key:
                 self.keyed.get(held.key).record_success(now)
