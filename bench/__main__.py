@@ -126,9 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--profile", action="store_true", help="py-spy the sidecar during a batch-50 consume"
     )
+    ap.add_argument(
+        "--hop",
+        choices=["trio-asyncio", "thread"],
+        default="trio-asyncio",
+        help="the sidecar's broker.hop (how aiormq's loop meets trio)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny counts, 1 pair: a CI smoke run")
     ap.add_argument("--no-plots", action="store_true")
     a = ap.parse_args(argv)
+    os.environ["BENCH_HOP"] = a.hop  # read by every sidecar the bench starts
     if a.quick:
         a.pairs, a.messages, a.sizes, a.rates = 1, 300, "200", "500"
         a.latency_duration = 1.0
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": vars(s),
             "machine": machine(),
             "quick": a.quick,
+            "hop": a.hop,
         },
     }
     runners = {

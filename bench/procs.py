@@ -120,7 +120,11 @@ TIERS = [0.05, 0.1, 0.2]
 def sidecar_overrides(tmp: Path, *, batch: int, prefetch: int) -> dict[str, Any]:
     big = 10**9
     return {
-        "broker": {"url": BROKER_URL, "prefetch": prefetch},
+        "broker": {
+            "url": BROKER_URL,
+            "prefetch": prefetch,
+            "hop": os.environ.get("BENCH_HOP", "trio-asyncio"),
+        },
         "agent": {
             "socket": str(tmp / "agent.sock"),
             "socket_mode": 0o600,

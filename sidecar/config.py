@@ -44,6 +44,9 @@ class BrokerConfig(Section):
     reconnect_max: Positive = 30.0
     heartbeat: Annotated[int, msgspec.Meta(ge=0)] = 30
     tier_prefix: QueueName = "sidecar.retry"
+    # How aiormq's asyncio loop meets trio: "trio-asyncio" (same thread) or "thread" (its
+    # own thread, work handed over in batches). bench/RESULTS.md compares them.
+    hop: Literal["trio-asyncio", "thread"] = "trio-asyncio"
 
 
 class AgentConfig(Section):

@@ -49,6 +49,7 @@ class Sidecar:
             reconnect_max=config.broker.reconnect_max,
             heartbeat=config.broker.heartbeat,
             name=f"sidecar-{config.identity.host}",
+            hop=config.broker.hop,
         )
         self.obs = Observability(config, self.metrics, self.store)
         self.dlq = DeadLetterWriter(self.store, on_written=self.obs.on_dead_letter)

@@ -142,7 +142,13 @@ def unique_queue(rabbitmq: str) -> Any:
 def make_config(tmp_path: Path, queues: list[str], **sections: dict[str, Any]) -> Config:
     """A sidecar config for tests: short delay tiers, private socket and store, any port."""
     base: dict[str, dict[str, Any]] = {
-        "broker": {"url": BROKER_URL, "queues": queues, "reconnect_min": 0.2, "reconnect_max": 1.0},
+        "broker": {
+            "url": BROKER_URL,
+            "queues": queues,
+            "reconnect_min": 0.2,
+            "reconnect_max": 1.0,
+            "hop": os.environ.get("SIDECAR_TEST_HOP", "trio-asyncio"),
+        },
         "agent": {"socket": str(tmp_path / "agent.sock"), "deadline": 5.0},
         "retry": {"tiers": TEST_TIERS, "base_delay": 0.2, "max_delay": 1.0},
         "store": {

@@ -1,17 +1,26 @@
-"""trio-asyncio, tuned so that aiormq is not throttled by the bridge.
+"""The asyncio side of the broker adapter: where aiormq's event loop runs, and the bridge
+the broker crosses between it and trio.
 
-Stock trio-asyncio 0.16 runs one asyncio callback per trio scheduler pass, and aiormq
-schedules several callbacks per frame; measured, that halves the consume rate
-(bench/RESULTS.md). ``open_drained_loop`` runs every ready callback in one pass instead,
-bounded so that trio tasks are never starved. The change is one method, applied only to
-the trio-asyncio versions it was written and tested against.
+Two bridges, chosen by ``broker.hop`` and compared in bench/RESULTS.md:
+
+* ``trio-asyncio``: aiormq runs on trio-asyncio's loop inside the trio thread. Stock
+  trio-asyncio 0.16 runs one asyncio callback per trio scheduler pass and aiormq schedules
+  several per frame; ``install_drain_patch`` runs every ready callback per pass instead
+  (bounded, so trio tasks are never starved), version-checked.
+* ``thread``: aiormq runs on a plain asyncio loop in a dedicated thread. Work crosses in
+  coalesced batches: one wake-up per burst of deliveries, acks or publishes, never one per
+  message.
+
+Either way the broker code calls the same five methods and never touches a loop itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager, suppress
+from typing import Any, Protocol
 
 import trio
 import trio_asyncio
@@ -50,8 +59,136 @@ def install_drain_patch() -> bool:
     return True
 
 
-@asynccontextmanager
-async def open_drained_loop() -> AsyncIterator[Any]:
-    install_drain_patch()
-    async with trio_asyncio.open_loop() as loop:
-        yield loop
+CoroutineFunction = Callable[..., Coroutine[Any, Any, Any]]
+
+
+class Bridge(Protocol):
+    """How trio code and aiormq's loop reach each other."""
+
+    name: str
+
+    def open(self) -> Any:
+        """An async context manager running the loop."""
+
+    async def call(self, fn: CoroutineFunction, *args: Any, **kwargs: Any) -> Any:
+        """Run an asyncio coroutine function on the loop; await its result in trio."""
+
+    def to_asyncio(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a plain function in the loop's context (maybe at once)."""
+
+    def to_trio(self, fn: Callable[..., Any], *args: Any) -> None:
+        """From the loop's context, run a plain function in trio's (maybe at once)."""
+
+    def create_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Start a task; only from the loop's context."""
+
+
+class TrioAsyncioBridge:
+    """aiormq on trio-asyncio's loop, in the trio thread: crossings are plain calls."""
+
+    name = "trio-asyncio"
+
+    def __init__(self) -> None:
+        self.loop: Any = None
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        install_drain_patch()
+        async with trio_asyncio.open_loop() as loop:
+            self.loop = loop
+            yield
+
+    async def call(self, fn: CoroutineFunction, *args: Any, **kwargs: Any) -> Any:
+        return await trio_asyncio.aio_as_trio(fn, loop=self.loop)(*args, **kwargs)
+
+    def to_asyncio(self, fn: Callable[..., Any], *args: Any) -> None:
+        fn(*args)
+
+    def to_trio(self, fn: Callable[..., Any], *args: Any) -> None:
+        fn(*args)
+
+    def create_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        return self.loop.create_task(coro)
+
+
+class ThreadBridge:
+    """aiormq on a plain asyncio loop in its own thread."""
+
+    name = "thread"
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    @asynccontextmanager
+    async def open(self) -> AsyncIterator[None]:
+        self._token = trio.lowlevel.current_trio_token()
+        # An explicit selector loop: importing trio_asyncio changes what the asyncio policy
+        # would hand out, and its loop is the slow one.
+        loop = self.loop = asyncio.SelectorEventLoop()
+        ready = threading.Event()
+
+        def run_loop() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        thread = threading.Thread(target=run_loop, name="sidecar-amqp", daemon=True)
+        thread.start()
+        await trio.to_thread.run_sync(ready.wait)
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._shutdown(loop, thread)
+
+    async def _shutdown(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        with trio.move_on_after(5):
+            await self.call(cancel_all)
+        loop.call_soon_threadsafe(loop.stop)
+        await trio.to_thread.run_sync(thread.join, 5)
+        if not thread.is_alive():
+            loop.close()
+
+    async def call(self, fn: CoroutineFunction, *args: Any, **kwargs: Any) -> Any:
+        assert self.loop is not None
+        future = asyncio.run_coroutine_threadsafe(fn(*args, **kwargs), self.loop)
+        done = trio.Event()
+        future.add_done_callback(lambda _f: self._wake(done.set))
+        try:
+            await done.wait()
+        except BaseException:
+            future.cancel()
+            raise
+        return future.result()
+
+    def _wake(self, fn: Callable[[], Any]) -> None:
+        assert self._token is not None
+        with suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(fn)
+
+    def to_asyncio(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self.loop is not None
+        with suppress(RuntimeError):  # the loop closed during shutdown
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def to_trio(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._token is not None
+        with suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(fn, *args)
+
+    def create_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        assert self.loop is not None
+        return self.loop.create_task(coro)
+
+
+def make_bridge(name: str) -> Bridge:
+    if name == "thread":
+        return ThreadBridge()
+    return TrioAsyncioBridge()

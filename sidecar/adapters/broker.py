@@ -25,17 +25,17 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiormq
 import aiormq.exceptions
 import trio
-import trio_asyncio
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from sidecar.adapters.aio_loop import open_drained_loop
+from sidecar.adapters.aio_loop import make_bridge
 from sidecar.config import redact_url
 
 log = logging.getLogger("sidecar.broker")
@@ -169,6 +169,9 @@ class _Generation:
         self.to_requeue: set[int] = set()
         self.writer_wakeup: asyncio.Event | None = None
         self.writer: asyncio.Task[None] | None = None
+        # (tag, requeue) from trio, read by the writer on the loop.
+        self.settle_requests: deque[tuple[int, bool]] = deque()
+        self.writer_signalled = False
 
 
 class Broker:
@@ -187,6 +190,7 @@ class Broker:
         heartbeat: int = 30,
         name: str = "sidecar",
         rng: random.Random | None = None,
+        hop: str = "trio-asyncio",
     ) -> None:
         self.url = url
         self.prefetch = prefetch
@@ -209,11 +213,16 @@ class Broker:
         self._gen = _Generation(0)
         self._lost = trio.Event()
         self._gen_listeners: list[Callable[[int], None]] = []
-        self._loop: Any = None
-
-    def _aio(self, proc: Callable[..., Any]) -> Callable[..., Any]:
-        """Call an asyncio coroutine function from trio, on this adapter's loop."""
-        return trio_asyncio.aio_as_trio(proc, loop=self._loop)
+        self.bridge = make_bridge(hop)
+        # Crossings between the loops, each drained in one go per wake-up.
+        self._arrivals: deque[Inbound] = deque()
+        self._arrivals_signalled = False
+        self._publish_requests: deque[
+            tuple[_Generation, bytes, str, str, MessageProps, PublishCallback]
+        ] = deque()
+        self._publishes_signalled = False
+        self._publish_results: deque[tuple[PublishCallback, str | None]] = deque()
+        self._results_signalled = False
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -240,8 +249,7 @@ class Broker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a connection up until cancelled. Ready at once: the daemon serves (and
         reports not ready) while the broker is away."""
-        async with open_drained_loop() as loop:
-            self._loop = loop
+        async with self.bridge.open():
             task_status.started()
             delay = self.reconnect_min
             while True:
@@ -261,15 +269,29 @@ class Broker:
         gen = _Generation(self._gen.number + 1)
         self._gen = gen
         self._lost = trio.Event()
-        gen.consume_conn = await self._aio(aiormq.connect)(_named(self.url, f"{self.name}-consume"))
-        gen.publish_conn = await self._aio(aiormq.connect)(_named(self.url, f"{self.name}-publish"))
-        gen.consume_channel = await self._aio(gen.consume_conn.channel)(publisher_confirms=False)
-        gen.publish_channel = await self._aio(gen.publish_conn.channel)()
-        gen.writer_wakeup = asyncio.Event()
-        writer = gen.writer = self._loop.create_task(self._ack_writer(gen))
+        gen.consume_conn = await self.bridge.call(
+            aiormq.connect, _named(self.url, f"{self.name}-consume")
+        )
+        gen.publish_conn = await self.bridge.call(
+            aiormq.connect, _named(self.url, f"{self.name}-publish")
+        )
+        gen.consume_channel = await self.bridge.call(
+            gen.consume_conn.channel, publisher_confirms=False
+        )
+        gen.publish_channel = await self.bridge.call(gen.publish_conn.channel)
+        lost = self._lost
+
+        def on_lost(_f: object) -> None:
+            self.bridge.to_trio(lost.set)
+
+        async def start_writer() -> asyncio.Task[None]:
+            gen.writer_wakeup = asyncio.Event()
+            return self.bridge.create_task(self._ack_writer(gen))
+
+        writer = gen.writer = await self.bridge.call(start_writer)
         for conn in (gen.consume_conn, gen.publish_conn):
-            conn.closing.add_done_callback(lambda _f: self._lost.set())
-        writer.add_done_callback(lambda _f: self._lost.set())
+            conn.closing.add_done_callback(on_lost)
+        writer.add_done_callback(on_lost)
         for queue in self.queues:
             await self._start_consumer(gen, queue)
         for listener in self._gen_listeners:
@@ -288,17 +310,14 @@ class Broker:
         gen = self._gen
         # Unacked deliveries of this generation come back from the broker; forget them.
         self.inbox = deque(m for m in self.inbox if m.generation != gen.number)
-        gen.outstanding.clear()
-        gen.to_ack.clear()
-        gen.to_requeue.clear()
-        if gen.writer is not None and not gen.writer.done():
-            gen.writer.cancel()
+        if gen.writer is not None:
+            self.bridge.to_asyncio(gen.writer.cancel)
         with trio.move_on_after(2) as scope:
             scope.shield = True
             for conn in (gen.consume_conn, gen.publish_conn):
                 if conn is not None and not conn.is_closed:
                     with contextlib.suppress(*_BROKER_ERRORS):
-                        await self._aio(conn.close)()
+                        await self.bridge.call(conn.close)
 
     # --- consuming ---------------------------------------------------------------------
 
@@ -317,12 +336,12 @@ class Broker:
         if self.paused:
             return
         channel = gen.consume_channel
-        await self._aio(channel.basic_qos)(prefetch_count=self.prefetch)
+        await self.bridge.call(channel.basic_qos, prefetch_count=self.prefetch)
 
         def on_message(message: DeliveredMessage) -> None:
             self._on_delivery(gen, queue, message)
 
-        ok = await self._aio(channel.basic_consume)(queue, on_message)
+        ok = await self.bridge.call(channel.basic_consume, queue, on_message)
         gen.consumers[queue] = ok.consumer_tag
 
     def _on_delivery(self, gen: _Generation, queue: str, message: DeliveredMessage) -> None:
@@ -330,7 +349,7 @@ class Broker:
             return
         d = message.delivery
         gen.outstanding[d.delivery_tag] = None
-        self.inbox.append(
+        self._arrivals.append(
             Inbound(
                 generation=gen.number,
                 tag=d.delivery_tag,
@@ -342,6 +361,19 @@ class Broker:
                 redelivered=bool(d.redelivered),
             )
         )
+        if not self._arrivals_signalled:
+            self._arrivals_signalled = True
+            self.bridge.to_trio(self._take_arrivals)
+
+    def _take_arrivals(self) -> None:
+        """(trio) Move every delivery that arrived since the last wake-up into the inbox."""
+        self._arrivals_signalled = False  # before draining, so no arrival is left behind
+        generation = self._gen.number
+        arrivals = self._arrivals
+        while arrivals:
+            message = arrivals.popleft()
+            if message.generation == generation:
+                self.inbox.append(message)
         self.inbox_changed.set()
 
     async def wait_inbox(self) -> None:
@@ -382,7 +414,7 @@ class Broker:
     async def _cancel_consumers(self, gen: _Generation) -> None:
         for queue, tag in list(gen.consumers.items()):
             try:
-                await self._aio(gen.consume_channel.basic_cancel)(tag)
+                await self.bridge.call(gen.consume_channel.basic_cancel, tag)
             except _BROKER_ERRORS as exc:
                 log.warning("cancel consumer on %s: %s", queue, exc)
             gen.consumers.pop(queue, None)
@@ -393,12 +425,13 @@ class Broker:
         """Queue an ack (or a requeue) for the single ack writer. Returns False, sending
         nothing, when the tag belongs to a dead generation."""
         gen = self._gen
-        if generation != gen.number or tag not in gen.outstanding:
+        if generation != gen.number or gen.writer_wakeup is None:
             self.stale_acks += 1
             return False
-        (gen.to_requeue if requeue else gen.to_ack).add(tag)
-        if gen.writer_wakeup is not None:
-            gen.writer_wakeup.set()
+        gen.settle_requests.append((tag, requeue))
+        if not gen.writer_signalled:
+            gen.writer_signalled = True
+            self.bridge.to_asyncio(gen.writer_wakeup.set)
         return True
 
     async def _ack_writer(self, gen: _Generation) -> None:
@@ -407,6 +440,14 @@ class Broker:
         while True:
             await gen.writer_wakeup.wait()
             gen.writer_wakeup.clear()
+            gen.writer_signalled = False  # before draining, so no request is left behind
+            requests = gen.settle_requests
+            while requests:
+                tag, requeue = requests.popleft()
+                if tag not in gen.outstanding:
+                    self.stale_acks += 1  # already settled: never send a tag twice
+                    continue
+                (gen.to_requeue if requeue else gen.to_ack).add(tag)
             for tag, multiple, requeue in self._settle_plan(gen):
                 if requeue:
                     await channel.basic_nack(tag, multiple=False, requeue=True, wait=False)
@@ -454,16 +495,42 @@ class Broker:
         if not self.is_connected or gen.publish_channel is None:
             on_done("broker not connected")
             return
-        future = self._loop.create_task(
-            gen.publish_channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=_props_to_aiormq(props),
-                mandatory=True,
+        self._publish_requests.append((gen, body, exchange, routing_key, props, on_done))
+        if not self._publishes_signalled:
+            self._publishes_signalled = True
+            self.bridge.to_asyncio(self._start_publishes)
+
+    def _start_publishes(self) -> None:
+        """(loop) One task per publish: aiormq's confirm handling is per publish."""
+        self._publishes_signalled = False
+        requests = self._publish_requests
+        while requests:
+            gen, body, exchange, routing_key, props, on_done = requests.popleft()
+            task = self.bridge.create_task(
+                gen.publish_channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=_props_to_aiormq(props),
+                    mandatory=True,
+                )
             )
-        )
-        future.add_done_callback(lambda f: on_done(_confirm_error(f)))
+            task.add_done_callback(partial(self._publish_done, on_done))
+
+    def _publish_done(self, on_done: PublishCallback, task: asyncio.Task[Any]) -> None:
+        """(loop) Hand the outcome back to trio, batched with any others."""
+        self._publish_results.append((on_done, _confirm_error(task)))
+        if not self._results_signalled:
+            self._results_signalled = True
+            self.bridge.to_trio(self._deliver_results)
+
+    def _deliver_results(self) -> None:
+        """(trio) Tell each publisher its outcome."""
+        self._results_signalled = False
+        results = self._publish_results
+        while results:
+            on_done, error = results.popleft()
+            on_done(error)
 
     async def publish(
         self, body: bytes, *, exchange: str, routing_key: str, props: MessageProps
@@ -492,14 +559,14 @@ class Broker:
 
     async def _passive(self, gen: _Generation, queue: str) -> tuple[int, int] | None:
         # A passive declare of a missing queue closes its channel, so use a throwaway one.
-        channel = await self._aio(gen.publish_conn.channel)(publisher_confirms=False)
+        channel = await self.bridge.call(gen.publish_conn.channel, publisher_confirms=False)
         try:
-            ok = await self._aio(channel.queue_declare)(queue, passive=True)
+            ok = await self.bridge.call(channel.queue_declare, queue, passive=True)
         except aiormq.exceptions.ChannelNotFoundEntity:
             return None
         finally:
             if not channel.is_closed:
-                await self._aio(channel.close)()
+                await self.bridge.call(channel.close)
         return ok.message_count, ok.consumer_count
 
     async def check_queue(self, queue: str) -> None:
@@ -512,13 +579,14 @@ class Broker:
             return
         if not self.declare_queues:
             raise QueueNotFound(f"queue {queue!r} does not exist (and declare_queues is off)")
-        await self._aio(gen.publish_channel.queue_declare)(queue, durable=True)
+        await self.bridge.call(gen.publish_channel.queue_declare, queue, durable=True)
 
     async def _declare_tiers(self, gen: _Generation, queue: str) -> None:
         """Fixed-TTL delay queues that dead-letter back to ``queue``. Quorum queues with
         at-least-once dead-lettering, because classic-queue DLX may drop a message."""
         for ttl in self.tiers:
-            await self._aio(gen.publish_channel.queue_declare)(
+            await self.bridge.call(
+                gen.publish_channel.queue_declare,
                 tier_queue_name(self.tier_prefix, queue, ttl),
                 durable=True,
                 arguments={
