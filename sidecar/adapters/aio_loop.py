@@ -23,39 +23,44 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any, Protocol
 
 import trio
-import trio_asyncio
-from trio_asyncio._base import BaseTrioEventLoop
 
 # How many ready callbacks one pass may run before yielding to trio.
 DRAIN_LIMIT = 512
 _TESTED_VERSIONS = ("0.15.", "0.16.")
 
-_stock_main_loop_one = BaseTrioEventLoop._main_loop_one
-
-
-async def _drained_main_loop_one(self: Any, no_wait: bool = False) -> None:
-    await _stock_main_loop_one(self, no_wait)
-    if no_wait:
-        return
-    for _ in range(DRAIN_LIMIT):
-        if self._stopped.is_set():
-            return
-        try:
-            await _stock_main_loop_one(self, True)
-        except trio.WouldBlock:
-            return
-
 
 def drain_patch_applicable() -> bool:
+    import trio_asyncio
+
     return trio_asyncio.__version__.startswith(_TESTED_VERSIONS)
 
 
 def install_drain_patch() -> bool:
     """Run all ready asyncio callbacks per trio pass. Returns False (and leaves trio-asyncio
-    stock, slower but correct) on an untested version."""
+    stock, slower but correct) on an untested version. trio_asyncio is imported only here and
+    in its bridge: importing it changes plain asyncio for the whole process."""
     if not drain_patch_applicable():
         return False
-    BaseTrioEventLoop._main_loop_one = _drained_main_loop_one
+    from trio_asyncio._base import BaseTrioEventLoop
+
+    stock = BaseTrioEventLoop._main_loop_one
+    if getattr(stock, "drained", False):
+        return True
+
+    async def drained_main_loop_one(self: Any, no_wait: bool = False) -> None:
+        await stock(self, no_wait)
+        if no_wait:
+            return
+        for _ in range(DRAIN_LIMIT):
+            if self._stopped.is_set():
+                return
+            try:
+                await stock(self, True)
+            except trio.WouldBlock:
+                return
+
+    drained_main_loop_one.drained = True  # type: ignore[attr-defined]
+    BaseTrioEventLoop._main_loop_one = drained_main_loop_one
     return True
 
 
@@ -93,12 +98,16 @@ class TrioAsyncioBridge:
 
     @asynccontextmanager
     async def open(self) -> AsyncIterator[None]:
+        import trio_asyncio
+
         install_drain_patch()
         async with trio_asyncio.open_loop() as loop:
             self.loop = loop
             yield
 
     async def call(self, fn: CoroutineFunction, *args: Any, **kwargs: Any) -> Any:
+        import trio_asyncio
+
         return await trio_asyncio.aio_as_trio(fn, loop=self.loop)(*args, **kwargs)
 
     def to_asyncio(self, fn: Callable[..., Any], *args: Any) -> None:

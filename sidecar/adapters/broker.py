@@ -1,10 +1,11 @@
-"""The broker adapter: aiormq driven from trio through trio-asyncio.
+"""The broker adapter: aiormq on its own asyncio loop, driven from trio.
 
-This is the only module that imports asyncio or aiormq. The rest of the daemon sees plain
-trio methods and ``Inbound`` records. Design points (measured in bench/, see RESULTS.md):
+This module and its loop half (``aio_loop``: the bridge, a dedicated thread by default or
+trio-asyncio) are the only code that imports asyncio or aiormq. The rest of the daemon sees
+plain trio methods and ``Inbound`` records. Design points (measured in bench/, RESULTS.md):
 
 * The bridge is never crossed with an awaited call per message. Deliveries land in a deque
-  that the engine drains in batches; acks are queued synchronously and written by ONE
+  that is moved to the engine's inbox once per burst; acks are queued and written by ONE
   asyncio task per channel generation, in tag order, coalesced into ``multiple=True`` where
   the acked tags form a contiguous prefix of what is outstanding (acks sent from several
   tasks can overtake each other and make the broker close the channel).
