@@ -514,6 +514,11 @@ class Engine:
 
     def _push_deadline(self, deadline: float, delivery_id: int) -> None:
         heapq.heappush(self._deadlines, (deadline, delivery_id))
+        if len(self._deadlines) > 2 * len(self.in_flight) + 1024:
+            # Answered deliveries leave their entry behind until its deadline; rebuild from
+            # what is really in flight so the heap stays proportional to it (amortised O(1)).
+            self._deadlines = [(h.deadline, i) for i, h in self.in_flight.items()]
+            heapq.heapify(self._deadlines)
         if self._deadlines[0][1] == delivery_id:
             self._deadline_changed.set()
 

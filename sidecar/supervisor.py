@@ -173,8 +173,7 @@ class Sidecar:
                 log.info("sidecar ready: http %s", binds[0] if binds else "-")
                 await self.stopping.wait()
                 await self.engine.drain(c.drain.grace)
-                # Let the ack writer send the final acks and requeues before the sockets close.
-                await trio.sleep(0.2)
+                # The broker flushes the final acks and requeues as its connections close.
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

@@ -173,6 +173,7 @@ class _Generation:
         # (tag, requeue) from trio, read by the writer on the loop.
         self.settle_requests: deque[tuple[int, bool]] = deque()
         self.writer_signalled = False
+        self.writer_passed: asyncio.Event | None = None  # set after each writer pass
 
 
 class Broker:
@@ -312,6 +313,13 @@ class Broker:
         # Unacked deliveries of this generation come back from the broker; forget them.
         self.inbox = deque(m for m in self.inbox if m.generation != gen.number)
         if gen.writer is not None:
+            if not gen.writer.done():
+                # Let queued acks and requeues reach the socket before the connection closes
+                # (they precede the close frame in the same write queue).
+                with trio.move_on_after(1) as flush_scope:
+                    flush_scope.shield = True
+                    with contextlib.suppress(*_BROKER_ERRORS):
+                        await self.bridge.call(self._writer_idle, gen)
             self.bridge.to_asyncio(gen.writer.cancel)
         with trio.move_on_after(2) as scope:
             scope.shield = True
@@ -454,6 +462,15 @@ class Broker:
                     await channel.basic_nack(tag, multiple=False, requeue=True, wait=False)
                 else:
                     await channel.basic_ack(tag, multiple=multiple, wait=False)
+            if gen.writer_passed is not None:
+                gen.writer_passed.set()
+
+    @staticmethod
+    async def _writer_idle(gen: _Generation) -> None:
+        """(loop) Return once the writer has taken every settlement asked of it."""
+        while gen.settle_requests or gen.writer_signalled:
+            gen.writer_passed = asyncio.Event()
+            await gen.writer_passed.wait()
 
     @staticmethod
     def _settle_plan(gen: _Generation) -> list[tuple[int, bool, bool]]:

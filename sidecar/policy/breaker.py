@@ -11,6 +11,8 @@ import enum
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+WINDOW_SLICES = 60
+
 
 class BreakerState(enum.StrEnum):
     CLOSED = "CLOSED"
@@ -65,7 +67,10 @@ class CircuitBreaker:
         self._state = BreakerState.CLOSED
         self._open_until: float | None = None
         self._consecutive = 0
-        self._calls: deque[tuple[float, bool]] = deque()
+        # Calls counted in time slices (window / WINDOW_SLICES wide), not one entry per call:
+        # at thousands of messages a second the memory stays a few dozen slices.
+        self._slices: deque[list[float]] = deque()  # [slice start, calls, failures]
+        self._calls_in_window = 0
         self._failures_in_window = 0
         self._probes_out = 0
         self._probe_successes = 0
@@ -132,22 +137,30 @@ class CircuitBreaker:
         return 0.0
 
     def _remember(self, now: float, *, ok: bool) -> None:
-        self._calls.append((now, ok))
+        width = self.config.window / WINDOW_SLICES
+        if not self._slices or now >= self._slices[-1][0] + width:
+            self._slices.append([now, 0, 0])
+        current = self._slices[-1]
+        current[1] += 1
+        current[2] += not ok
+        self._calls_in_window += 1
         self._failures_in_window += not ok
         horizon = now - self.config.window
-        while self._calls and self._calls[0][0] <= horizon:
-            _, old_ok = self._calls.popleft()
-            self._failures_in_window -= not old_ok
+        while self._slices and self._slices[0][0] <= horizon:
+            _, calls, failures = self._slices.popleft()
+            self._calls_in_window -= int(calls)
+            self._failures_in_window -= int(failures)
 
     def _ratio_exceeded(self) -> bool:
-        calls = len(self._calls)
+        calls = self._calls_in_window
         if calls < self.config.min_calls_in_window:
             return False
         return self._failures_in_window / calls >= self.config.failure_ratio
 
     def _reset_counts(self) -> None:
         self._consecutive = 0
-        self._calls.clear()
+        self._slices.clear()
+        self._calls_in_window = 0
         self._failures_in_window = 0
         self._probes_out = 0
         self._probe_successes = 0

@@ -1,6 +1,12 @@
 import pytest
 
-from sidecar.policy.breaker import BreakerConfig, BreakerState, CircuitBreaker, KeyedBreakers
+from sidecar.policy.breaker import (
+    WINDOW_SLICES,
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    KeyedBreakers,
+)
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
@@ -128,11 +134,12 @@ def test_failures_inside_the_window_do_count():
     assert breaker.state(65.0) is OPEN
 
 
-def test_window_memory_is_bounded_by_time():
+def test_window_memory_is_bounded_by_time_not_by_call_count():
     breaker = CircuitBreaker(BreakerConfig(window=1.0))
-    for i in range(10_000):
-        breaker.record_success(i * 0.01)
-    assert len(breaker._calls) <= 101
+    for i in range(100_000):
+        breaker.record_success(i * 0.0001)  # 10,000 calls a second for 10 s
+    assert len(breaker._slices) <= WINDOW_SLICES + 1
+    assert breaker._calls_in_window == pytest.approx(10_000, rel=0.02)
 
 
 def test_all_failures_never_any_success_trips_by_ratio():
