@@ -128,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--hop",
-        choices=["thread", "trio-asyncio"],
-        default="thread",
+        choices=["trio-asyncio", "thread"],
+        default="trio-asyncio",
         help="the sidecar's broker.hop (how aiormq's loop meets trio)",
     )
     ap.add_argument("--quick", action="store_true", help="tiny counts, 1 pair: a CI smoke run")

@@ -123,7 +123,7 @@ def sidecar_overrides(tmp: Path, *, batch: int, prefetch: int) -> dict[str, Any]
         "broker": {
             "url": BROKER_URL,
             "prefetch": prefetch,
-            "hop": os.environ.get("BENCH_HOP", "thread"),
+            "hop": os.environ.get("BENCH_HOP", "trio-asyncio"),
         },
         "agent": {
             "socket": str(tmp / "agent.sock"),

@@ -44,10 +44,11 @@ class BrokerConfig(Section):
     reconnect_max: Positive = 30.0
     heartbeat: Annotated[int, msgspec.Meta(ge=0)] = 30
     tier_prefix: QueueName = "sidecar.retry"
-    # How aiormq's asyncio loop meets trio: "thread" (its own thread, work handed over in
-    # batches) or "trio-asyncio" (same thread). bench/RESULTS.md compares them: the thread
-    # hop was faster on latency, publishes and small batches, and equal on large batches.
-    hop: Literal["thread", "trio-asyncio"] = "thread"
+    # How aiormq's asyncio loop meets trio: "trio-asyncio" (same thread, the stack's choice)
+    # or "thread" (its own thread, work handed over in batches). Measured side by side in
+    # bench/RESULTS.md: neither wins clearly (thread publishes ~1.16x faster; trio-asyncio
+    # consumes large batches ~1.1x faster with lower latency), so the default stays.
+    hop: Literal["trio-asyncio", "thread"] = "trio-asyncio"
 
 
 class AgentConfig(Section):

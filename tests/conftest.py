@@ -148,8 +148,8 @@ def make_config(tmp_path: Path, queues: list[str], **sections: dict[str, Any]) -
             "reconnect_min": 0.2,
             "reconnect_max": 1.0,
             # The whole suite runs on the default hop; CI runs the broker-heavy part again
-            # with SIDECAR_TEST_HOP=trio-asyncio.
-            "hop": os.environ.get("SIDECAR_TEST_HOP", "thread"),
+            # with SIDECAR_TEST_HOP=thread.
+            "hop": os.environ.get("SIDECAR_TEST_HOP", "trio-asyncio"),
         },
         "agent": {"socket": str(tmp_path / "agent.sock"), "deadline": 5.0},
         "retry": {"tiers": TEST_TIERS, "base_delay": 0.2, "max_delay": 1.0},

@@ -1,7 +1,8 @@
 """The asyncio side of the broker adapter: where aiormq's event loop runs, and the bridge
 the broker crosses between it and trio.
 
-Two bridges, chosen by ``broker.hop`` and compared in bench/RESULTS.md:
+Two bridges, chosen by ``broker.hop`` and compared side by side in bench/RESULTS.md
+(``python -m bench.hops``); neither won clearly, so the stack's trio-asyncio is the default:
 
 * ``trio-asyncio``: aiormq runs on trio-asyncio's loop inside the trio thread. Stock
   trio-asyncio 0.16 runs one asyncio callback per trio scheduler pass and aiormq schedules

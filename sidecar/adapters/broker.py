@@ -1,7 +1,7 @@
 """The broker adapter: aiormq on its own asyncio loop, driven from trio.
 
-This module and its loop half (``aio_loop``: the bridge, a dedicated thread by default or
-trio-asyncio) are the only code that imports asyncio or aiormq. The rest of the daemon sees
+This module and its loop half (``aio_loop``: the bridge, trio-asyncio by default or a
+dedicated thread) are the only code that imports asyncio or aiormq. The rest of the daemon sees
 plain trio methods and ``Inbound`` records. Design points (measured in bench/, RESULTS.md):
 
 * The bridge is never crossed with an awaited call per message. Deliveries land in a deque
