@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiormq
@@ -176,6 +176,36 @@ class _Generation:
         self.writer_passed: asyncio.Event | None = None  # set after each writer pass
 
 
+T = TypeVar("T")
+_PublishRequest = tuple[_Generation, bytes, str, str, MessageProps, PublishCallback]
+
+
+class Handoff(Generic[T]):
+    """Items passed from one loop to the other and drained in one go per wake-up, so a
+    burst costs one crossing, not one per message. ``schedule`` runs a function on the
+    receiving side; ``take`` gets the whole burst there."""
+
+    def __init__(
+        self,
+        schedule: Callable[[Callable[[], None]], None],
+        take: Callable[[deque[T]], None],
+    ) -> None:
+        self._items: deque[T] = deque()
+        self._signalled = False
+        self._schedule = schedule
+        self._take = take
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+        if not self._signalled:
+            self._signalled = True
+            self._schedule(self._drain)
+
+    def _drain(self) -> None:
+        self._signalled = False  # before taking, so no item put meanwhile is left behind
+        self._take(self._items)
+
+
 class Broker:
     """Consume, ack, publish and inspect queues; reconnects with jittered backoff."""
 
@@ -216,15 +246,12 @@ class Broker:
         self._lost = trio.Event()
         self._gen_listeners: list[Callable[[int], None]] = []
         self.bridge = make_bridge(hop)
-        # Crossings between the loops, each drained in one go per wake-up.
-        self._arrivals: deque[Inbound] = deque()
-        self._arrivals_signalled = False
-        self._publish_requests: deque[
-            tuple[_Generation, bytes, str, str, MessageProps, PublishCallback]
-        ] = deque()
-        self._publishes_signalled = False
-        self._publish_results: deque[tuple[PublishCallback, str | None]] = deque()
-        self._results_signalled = False
+        # Crossings between the loops: deliveries to trio, publishes to the loop, confirms back.
+        self._arrivals = Handoff[Inbound](self.bridge.to_trio, self._take_arrivals)
+        self._publishes = Handoff[_PublishRequest](self.bridge.to_asyncio, self._start_publishes)
+        self._confirms = Handoff[tuple[PublishCallback, str | None]](
+            self.bridge.to_trio, self._deliver_confirms
+        )
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -358,7 +385,7 @@ class Broker:
             return
         d = message.delivery
         gen.outstanding[d.delivery_tag] = None
-        self._arrivals.append(
+        self._arrivals.put(
             Inbound(
                 generation=gen.number,
                 tag=d.delivery_tag,
@@ -370,15 +397,10 @@ class Broker:
                 redelivered=bool(d.redelivered),
             )
         )
-        if not self._arrivals_signalled:
-            self._arrivals_signalled = True
-            self.bridge.to_trio(self._take_arrivals)
 
-    def _take_arrivals(self) -> None:
+    def _take_arrivals(self, arrivals: deque[Inbound]) -> None:
         """(trio) Move every delivery that arrived since the last wake-up into the inbox."""
-        self._arrivals_signalled = False  # before draining, so no arrival is left behind
         generation = self._gen.number
-        arrivals = self._arrivals
         while arrivals:
             message = arrivals.popleft()
             if message.generation == generation:
@@ -513,15 +535,10 @@ class Broker:
         if not self.is_connected or gen.publish_channel is None:
             on_done("broker not connected")
             return
-        self._publish_requests.append((gen, body, exchange, routing_key, props, on_done))
-        if not self._publishes_signalled:
-            self._publishes_signalled = True
-            self.bridge.to_asyncio(self._start_publishes)
+        self._publishes.put((gen, body, exchange, routing_key, props, on_done))
 
-    def _start_publishes(self) -> None:
+    def _start_publishes(self, requests: deque[_PublishRequest]) -> None:
         """(loop) One task per publish: aiormq's confirm handling is per publish."""
-        self._publishes_signalled = False
-        requests = self._publish_requests
         while requests:
             gen, body, exchange, routing_key, props, on_done = requests.popleft()
             task = self.bridge.create_task(
@@ -537,15 +554,11 @@ class Broker:
 
     def _publish_done(self, on_done: PublishCallback, task: asyncio.Task[Any]) -> None:
         """(loop) Hand the outcome back to trio, batched with any others."""
-        self._publish_results.append((on_done, _confirm_error(task)))
-        if not self._results_signalled:
-            self._results_signalled = True
-            self.bridge.to_trio(self._deliver_results)
+        self._confirms.put((on_done, _confirm_error(task)))
 
-    def _deliver_results(self) -> None:
+    @staticmethod
+    def _deliver_confirms(results: deque[tuple[PublishCallback, str | None]]) -> None:
         """(trio) Tell each publisher its outcome."""
-        self._results_signalled = False
-        results = self._publish_results
         while results:
             on_done, error = results.popleft()
             on_done(error)

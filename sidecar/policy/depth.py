@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
+from sidecar.policy.levels import Level
 
-class DepthLevel(enum.IntEnum):
-    NORMAL = 0
-    WARNING = 1
-    CRITICAL = 2
-    EMERGENCY = 3
-
-    @property
-    def label(self) -> str:
-        """The name ("WARNING"); ``str()`` of an IntEnum gives the number."""
-        return self.name
+DepthLevel = Level
 
 
 @dataclass(frozen=True)

@@ -6,21 +6,12 @@ batch size, prefetch and alerts, on every sample.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 
+from sidecar.policy.levels import Level
 
-class PressureLevel(enum.IntEnum):
-    NORMAL = 0
-    WARNING = 1
-    CRITICAL = 2
-    EMERGENCY = 3
-
-    @property
-    def label(self) -> str:
-        """The name ("WARNING"); ``str()`` of an IntEnum gives the number."""
-        return self.name
+PressureLevel = Level
 
 
 @dataclass(frozen=True)
