@@ -128,6 +128,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2 = ax.twinx()
     ax2.plot(t, [s["open_fds"] for s in result["samples"]], color="tab:orange", label="open fds")
     ax2.set_ylabel("open file descriptors")
+    # Both axes from zero: "flat" should look flat, not be magnified into a slope.
+    ax.set_ylim(bottom=0, top=max(s["rss_mb"] for s in result["samples"]) * 1.3)
+    ax2.set_ylim(bottom=0, top=max(s["open_fds"] for s in result["samples"]) * 1.5)
     ax.set_title(
         f"soak: {result['rate']:g} msg/s for {result['minutes']:g} min, lost {result['lost']}"
     )
