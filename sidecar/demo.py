@@ -12,6 +12,7 @@ from pathlib import Path
 
 import trio
 
+from sidecar.adapters.broker import tier_queue_name
 from sidecar.client import open_agent
 from sidecar.config import load_config
 from sidecar.store.records import RecordFilter
@@ -58,11 +59,11 @@ async def demo(seconds: float, messages: int, broker: str, workdir: Path) -> int
     rng = random.Random(7)
     plan = {f"job-{i}": pick_outcome(rng) for i in range(messages)}
     processed: set[str] = set()
-    throttled = 0
+    throttled = published = 0
     started = time.monotonic()
 
     async def publisher() -> None:
-        nonlocal throttled
+        nonlocal throttled, published
         async with open_agent(config.agent.socket, agent="demo-publisher", queues=[]) as agent:
             for job_id, outcome in plan.items():
                 while True:
@@ -75,6 +76,7 @@ async def demo(seconds: float, messages: int, broker: str, workdir: Path) -> int
                     )
                     if not result.throttled:
                         assert result.ok, result.error
+                        published += 1
                         break
                     throttled += 1
                     await trio.sleep(result.retry_after or 0.05)
@@ -111,7 +113,7 @@ async def demo(seconds: float, messages: int, broker: str, workdir: Path) -> int
         c = sidecar.engine.counts
         depth = sidecar.monitor.queues.get(queue)
         print(
-            f"[{time.monotonic() - started:5.1f}s] published {messages}"
+            f"[{time.monotonic() - started:5.1f}s] published {published:4d}"
             f" throttled-answers {throttled:4d} | delivered {c['delivered']:4d} acked {c['acked']:4d}"
             f" retried {c['retried']:3d} timeouts {c['timeouts']:3d} dead-lettered {c['dead_lettered']:3d}"
             f" | depth {depth.depth if depth else 0:3d} breaker {sidecar.engine.breaker.state(trio.current_time()).value}",
@@ -137,6 +139,8 @@ async def demo(seconds: float, messages: int, broker: str, workdir: Path) -> int
         await sidecar.stopping.wait()
         await trio.sleep(0.5)
         nursery.cancel_scope.cancel()
+    tiers = [tier_queue_name(config.broker.tier_prefix, queue, t) for t in config.retry.tiers]
+    await trio.to_thread.run_sync(delete_demo_queues, broker, [queue, *tiers])
 
     print("\nDLQ Health")
     print(f"DLQ Size: {dlq} messages\nTop Failures:")
@@ -155,3 +159,24 @@ async def demo(seconds: float, messages: int, broker: str, workdir: Path) -> int
 def main(*, seconds: float, messages: int, broker: str) -> int:
     with tempfile.TemporaryDirectory(prefix="sidecar-demo-") as tmp:
         return trio.run(demo, seconds, messages, broker, Path(tmp))
+
+
+def delete_demo_queues(broker: str, queues: list[str]) -> None:
+    """The demo leaves nothing behind on the broker: its queue and the queue's delay tiers.
+    Runs a private asyncio loop, apart from the sidecar's."""
+    import asyncio
+
+    import aiormq
+
+    async def delete() -> None:
+        connection = await aiormq.connect(broker)
+        channel = await connection.channel()
+        for name in queues:
+            await channel.queue_delete(name)
+        await connection.close()
+
+    loop = asyncio.SelectorEventLoop()
+    try:
+        loop.run_until_complete(delete())
+    finally:
+        loop.close()
