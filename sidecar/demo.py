@@ -128,11 +128,12 @@ async def demo(seconds: float, messages: int, broker: str, workdir: Path) -> int
         )
         nursery.start_soon(demo_agent)
         nursery.start_soon(publisher)
-        with trio.move_on_after(seconds):
+        with trio.move_on_after(seconds) as out_of_time:
             while len(processed) + dead_lettered() < messages:
                 await trio.sleep(2)
                 report()
-        report()
+        if out_of_time.cancelled_caught:
+            report()
         dlq = dead_lettered()
         patterns = sidecar.store.failure_patterns(RecordFilter(queue=queue))
         sidecar.stop()
