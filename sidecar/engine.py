@@ -213,25 +213,34 @@ class Engine:
             if message.generation != generation:
                 inbox.popleft()
                 continue
-            if state is BreakerState.HALF_OPEN and not self.breaker.allow(now):
+            key = self._key_of(message)
+            # Half-open probes of the agent-wide breaker are unkeyed messages: a keyed
+            # message's outcome is recorded on its own key's breaker.
+            if not key and state is BreakerState.HALF_OPEN and not self.breaker.allow(now):
                 break
             inbox.popleft()
             message_state = attempts.read_state(message.props.headers)
             if message_state.suspect:
                 self.suspects.append(message)
                 continue
-            if self.key_header and not self._key_allows(message, now):
+            if key and not self._key_allows(message, key, now):
                 continue
             out.append(self._hand_out(session, info, message, now, message_state))
         self.metrics.buffered.set(len(inbox))
         return out
 
-    def _key_allows(self, message: Inbound, now: float) -> bool:
-        """A keyed breaker (for example per target host) pauses only its own messages: they
-        wait out the open time in a delay tier, uncharged."""
-        key = str(message.props.headers.get(self.key_header, ""))
-        if not key:
-            return True
+    def _key_of(self, message: Inbound) -> str:
+        """The breaker key (for example the target host) a message carries, if keyed."""
+        if not self.key_header:
+            return ""
+        return str(message.props.headers.get(self.key_header, ""))
+
+    def _breaker_for(self, held: InFlight) -> CircuitBreaker:
+        return self.keyed.get(held.key) if held.key else self.breaker
+
+    def _key_allows(self, message: Inbound, key: str, now: float) -> bool:
+        """A keyed breaker pauses only its own messages: they wait out the open time in a
+        delay tier, uncharged, while other keys keep flowing."""
         breaker = self.keyed.get(key)
         state = breaker.state(now)
         if state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and breaker.allow(now)):
@@ -253,7 +262,7 @@ class Engine:
             state = attempts.read_state(message.props.headers)
         delivery_id = next(self._ids)
         deadline = now + self.config.agent.deadline
-        key = str(message.props.headers.get(self.key_header, "")) if self.key_header else ""
+        key = self._key_of(message)
         self.in_flight[delivery_id] = InFlight(
             delivery_id, message, session, state, now, deadline, key, info.agent, info.version
         )
@@ -322,9 +331,7 @@ class Engine:
             per_queue = self._queue_metrics(held.message.queue)
             per_queue.acked.inc()
             per_queue.ack_seconds.observe(now - held.handed_at)
-            self.breaker.record_success(now)
-            if held.key:
-                self.keyed.get(held.key).record_success(now)
+            self._breaker_for(held).record_success(now)
         return unknown
 
     def _settle(self, message: Inbound, *, requeue: bool = False) -> None:
@@ -371,14 +378,13 @@ class Engine:
         self.metrics.failures.labels(message.queue, reason).inc()
         self.metrics.failures_by_host.labels(self.config.identity.host).inc()
         self.metrics.processing_seconds.labels(message.queue, "fail").observe(now - held.handed_at)
-        was_open = self.breaker.state(now) is BreakerState.OPEN
-        if was_open:
-            self._park(message, self.breaker.retry_in(now), why="circuit_open")
+        breaker = self._breaker_for(held)
+        if breaker.state(now) is BreakerState.OPEN:
+            # Tripped while this one was in flight: it waits out the open time, uncharged.
+            self._park(message, breaker.retry_in(now), why="circuit_open")
             return
-        self.breaker.record_failure(now)
-        if held.key:
-            self.keyed.get(held.key).record_failure(now)
-        if self.breaker.state(now) is BreakerState.OPEN:
+        breaker.record_failure(now)
+        if breaker.state(now) is BreakerState.OPEN:
             self.metrics.breaker_trips.inc()
             self._breaker_changed.set()
         decision = decide(

@@ -159,6 +159,11 @@ class Metrics:
             ["key"],
             registry=r,
         )
+        self.breaker_open_keys = Gauge(
+            "sidecar_circuit_breaker_open_keys",
+            "Keyed breakers (for example per target host) open right now",
+            registry=r,
+        )
         self.breaker_trips = Counter(
             "sidecar_circuit_breaker_trips_total", "Times the breaker opened", registry=r
         )

@@ -170,6 +170,10 @@ class Observability:
         self._emit(self.rules.observe_dlq(now, self.dlq["size"]))
         state = self.engine.breaker.state(now)
         self._emit(self.rules.observe_breaker(now, "agent", state.name))
+        open_keys = self.engine.keyed.open_keys(now)
+        m.breaker_open_keys.set(len(open_keys))
+        for key in open_keys:
+            self._emit(self.rules.observe_breaker(now, key, "OPEN"))
         self.history = [
             *self.history[-(HISTORY_POINTS - 1) :],
             {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import textwrap
 
+import aiormq
 import pytest
 import trio
 
@@ -187,3 +188,64 @@ async def test_backlog_of_200_raises_recommended_consumers(tmp_path, unique_queu
     assert initial == 1
     assert final == 20 > initial
     assert level == "WARNING"
+
+
+async def test_keyed_breaker_pauses_only_the_failing_host(tmp_path, unique_queue):
+    """Keyed by a header naming the target host: one failing site opens its own breaker and
+    its messages wait uncharged, while the other site's messages keep flowing."""
+    from tests.conftest import amqp
+
+    queue = unique_queue()
+
+    async def publish_hosts(channel):
+        await channel.queue_declare(queue, durable=True)
+        for i in range(40):
+            host = "down.example" if i % 2 else "up.example"
+            await channel.basic_publish(
+                f"{host}/{i}".encode(),
+                routing_key=queue,
+                properties=aiormq.spec.Basic.Properties(
+                    message_id=f"k{i}", headers={"x-target-host": host}
+                ),
+            )
+
+    await amqp(publish_hosts)
+    config = make_config(
+        tmp_path,
+        [queue],
+        agent={"batch_size": 5},
+        breaker={"key_header": "x-target-host", "failure_threshold": 3, "open_timeout": 30.0},
+        retry={"max_attempts": 10},
+    )
+    up_done: set[bytes] = set()
+    down_attempts = 0
+    with trio.fail_after(60):
+        async with (
+            running_sidecar(config) as sidecar,
+            open_agent(config.agent.socket, agent="t", queues=[queue]) as agent,
+        ):
+            while len(up_done) < 20:
+                for m in await agent.pull(5, wait=0.5):
+                    if m.headers["x-target-host"] == "up.example":
+                        up_done.add(m.body)
+                        await agent.ack([m.id])
+                    else:
+                        down_attempts += 1
+                        await agent.fail(m.id, "NETWORK_ERROR", "connect ECONNREFUSED")
+            now = trio.current_time()
+            open_keys = sidecar.engine.keyed.open_keys(now)
+            down_trips = sidecar.engine.keyed.get("down.example").trips
+            agent_wide = sidecar.engine.breaker.state(now)
+            counts = dict(sidecar.engine.counts)
+            parked = sidecar.metrics.parked
+            parked_in_flight = parked.labels(queue, "circuit_open")._value.get()
+            parked_at_hand_out = parked.labels(queue, "key_circuit_open")._value.get()
+    assert open_keys == ["down.example"] and down_trips == 1
+    assert agent_wide is BreakerState.CLOSED  # the agent itself is healthy
+    assert len(up_done) == 20  # the healthy host's messages kept flowing
+    # Exactly the three failures that opened the key were charged (and retried); every
+    # later down-host message waits out the open time in a tier, uncharged.
+    assert counts["retried"] == 3
+    assert parked_in_flight == down_attempts - 3  # failed after the trip: not charged
+    assert parked_at_hand_out >= 1  # not even handed to the agent while the key is open
+    assert counts["dead_lettered"] == 0
