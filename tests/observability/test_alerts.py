@@ -22,7 +22,7 @@ import trio
 from sidecar.dlq import DeadLetterWriter
 from sidecar.metrics import Metrics
 from sidecar.observability import DLQ_REFRESH, Observability
-from sidecar.policy.breaker import BreakerState
+from sidecar.policy.breaker import BreakerConfig, BreakerState, KeyedBreakers
 from sidecar.policy.failure import error_signature
 from sidecar.policy.pressure import PressureLevel
 from sidecar.store.base import open_store
@@ -76,6 +76,7 @@ class FakeBreaker:
 @dataclass
 class FakeEngine:
     breaker: FakeBreaker = field(default_factory=FakeBreaker)
+    keyed: KeyedBreakers = field(default_factory=lambda: KeyedBreakers(BreakerConfig()))
     pressure: PressureLevel = PressureLevel.NORMAL
 
 
