@@ -140,10 +140,14 @@ def tier_queue_name(prefix: str, queue: str, ttl: float) -> str:
     return f"{prefix}.{queue}.{round(ttl * 1000)}ms"
 
 
-def _named(url: str, name: str) -> str:
-    """Name the connection so operators (and tests) can find it in rabbitmqctl."""
+def connection_url(url: str, name: str, heartbeat: int) -> str:
+    """The URL aiormq connects with: the connection named, so operators (and tests) can find
+    it in rabbitmqctl, and the configured heartbeat unless the URL sets its own."""
     parts = urlsplit(url)
-    query = "&".join(q for q in (parts.query, urlencode({"name": name})) if q)
+    extra = {"name": name}
+    if "heartbeat=" not in parts.query:
+        extra["heartbeat"] = str(heartbeat)
+    query = "&".join(q for q in (parts.query, urlencode(extra)) if q)
     return urlunsplit(parts._replace(query=query))
 
 
@@ -244,7 +248,6 @@ class Broker:
         self.last_error = ""
         self._gen = _Generation(0)
         self._lost = trio.Event()
-        self._gen_listeners: list[Callable[[int], None]] = []
         self.bridge = make_bridge(hop)
         # Crossings between the loops: deliveries to trio, publishes to the loop, confirms back.
         self._arrivals = Handoff[Inbound](self.bridge.to_trio, self._take_arrivals)
@@ -272,9 +275,6 @@ class Broker:
         unblocked = getattr(conn, "_Connection__connection_unblocked", None)
         return unblocked is not None and not unblocked.is_set()
 
-    def on_new_generation(self, listener: Callable[[int], None]) -> None:
-        self._gen_listeners.append(listener)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Keep a connection up until cancelled. Ready at once: the daemon serves (and
         reports not ready) while the broker is away."""
@@ -299,10 +299,10 @@ class Broker:
         self._gen = gen
         self._lost = trio.Event()
         gen.consume_conn = await self.bridge.call(
-            aiormq.connect, _named(self.url, f"{self.name}-consume")
+            aiormq.connect, connection_url(self.url, f"{self.name}-consume", self.heartbeat)
         )
         gen.publish_conn = await self.bridge.call(
-            aiormq.connect, _named(self.url, f"{self.name}-publish")
+            aiormq.connect, connection_url(self.url, f"{self.name}-publish", self.heartbeat)
         )
         gen.consume_channel = await self.bridge.call(
             gen.consume_conn.channel, publisher_confirms=False
@@ -323,8 +323,6 @@ class Broker:
         writer.add_done_callback(on_lost)
         for queue in self.queues:
             await self._start_consumer(gen, queue)
-        for listener in self._gen_listeners:
-            listener(gen.number)
         self.connected.set()
         log.info("broker connected (generation %d)", gen.number)
         await self._lost.wait()
