@@ -9,6 +9,7 @@ the test's own broker traffic.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -183,3 +184,14 @@ async def running_sidecar(config: Config) -> AsyncIterator[Sidecar]:
                 while not nursery.cancel_scope.cancel_called and nursery.child_tasks:
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def leave_no_ledger_behind() -> Any:
+    """The operator tools keep a durable ledger queue; whichever tests ran them (the tool
+    tests, the seed's recovery test), the suite removes it at the end."""
+    yield
+    from sidecar.tools.republish import LEDGER_QUEUE
+
+    with contextlib.suppress(OSError, aiormq.exceptions.AMQPError):
+        delete_queues([LEDGER_QUEUE])
