@@ -80,7 +80,9 @@ class Session:
             self._out_send.close()
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
-        except trio.ClosedResourceError:
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            # The connection is closing (its writer is gone): a late notice, such as a
+            # deadline that expired meanwhile, has nobody to go to.
             pass
 
     def refuse(self, error: p.ProtocolError, *, fatal: bool = False) -> None:

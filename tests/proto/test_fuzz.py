@@ -383,3 +383,13 @@ def test_nan_extend_is_refused() -> None:
     session._dispatch(msgspec.msgpack.encode({"kind": "extend", "ids": [1], "seconds": math.nan}))
     codes = [f.code for f in answers(session) if isinstance(f, p.Error)]
     assert codes == ["invalid_extend"]
+
+
+def test_a_late_frame_to_a_closing_session_is_dropped_not_raised() -> None:
+    """Found by the chaos test: a deadline expiring just as its agent disconnected sent a
+    notice to a session whose writer had gone; the BrokenResourceError escaped the deadline
+    watcher and stopped the whole sidecar."""
+    session = make_session()
+    session._out_recv.close()  # the writer has finished; the session is closing
+    session.send(p.Error(code="deadline_expired", message="late", ref=7))
+    session.send(p.Heartbeat())
