@@ -35,7 +35,25 @@ class SidecarError(Exception):
         self.frame = frame
 
 
-class AgentClient:
+class AgentCalls:
+    """The fire-and-forget calls, the same over any transport: subclasses provide ``send``."""
+
+    async def send(self, frame: p.Frame) -> None:
+        raise NotImplementedError
+
+    async def ack(self, ids: list[int]) -> None:
+        await self.send(p.Ack(ids=ids))
+
+    async def fail(
+        self, id: int, reason: str, error: str = "", retry_after: float | None = None
+    ) -> None:
+        await self.send(p.Fail(id=id, reason=reason, error=error, retry_after=retry_after))
+
+    async def extend(self, ids: list[int], seconds: float) -> None:
+        await self.send(p.Extend(ids=ids, seconds=seconds))
+
+
+class AgentClient(AgentCalls):
     def __init__(self, ws: WebSocketConnection, *, binary: bool = True) -> None:
         self.ws = ws
         self.binary = binary
@@ -91,17 +109,6 @@ class AgentClient:
     async def pull(self, max: int = 10, wait: float = 1.0) -> list[p.Delivery]:
         await self.send(p.Pull(max=max, wait=wait))
         return (await self._batches.receive()).messages
-
-    async def ack(self, ids: list[int]) -> None:
-        await self.send(p.Ack(ids=ids))
-
-    async def fail(
-        self, id: int, reason: str, error: str = "", retry_after: float | None = None
-    ) -> None:
-        await self.send(p.Fail(id=id, reason=reason, error=error, retry_after=retry_after))
-
-    async def extend(self, ids: list[int], seconds: float) -> None:
-        await self.send(p.Extend(ids=ids, seconds=seconds))
 
     async def publish(self, body: bytes, *, queue: str | None = None, **fields: Any) -> p.Published:
         """Publish and wait for the broker's confirm (or a throttled answer)."""

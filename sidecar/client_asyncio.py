@@ -28,10 +28,10 @@ from wsproto.events import (
 )
 
 from sidecar import protocol as p
-from sidecar.client import SidecarError
+from sidecar.client import AgentCalls, SidecarError
 
 
-class AsyncioAgent:
+class AsyncioAgent(AgentCalls):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
@@ -124,17 +124,6 @@ class AsyncioAgent:
     async def pull(self, max: int = 10, wait: float = 1.0) -> list[p.Delivery]:
         await self.send(p.Pull(max=max, wait=wait))
         return (await self._batches.get()).messages
-
-    async def ack(self, ids: list[int]) -> None:
-        await self.send(p.Ack(ids=ids))
-
-    async def fail(
-        self, id: int, reason: str, error: str = "", retry_after: float | None = None
-    ) -> None:
-        await self.send(p.Fail(id=id, reason=reason, error=error, retry_after=retry_after))
-
-    async def extend(self, ids: list[int], seconds: float) -> None:
-        await self.send(p.Extend(ids=ids, seconds=seconds))
 
     async def publish(self, body: bytes, *, queue: str | None = None, **fields: Any) -> p.Published:
         ref = next(self._refs)
