@@ -67,6 +67,7 @@ class Observability:
         self.recent_alerts: list[dict[str, Any]] = []
         self.dlq: dict[str, Any] = {"size": 0, "top_failures": [], "oldest": None, "newest": None}
         self.history: list[dict[str, Any]] = []
+        self._reconnects_counted = 0
         self._webhook_send, self._webhook_recv = trio.open_memory_channel[Alert](256)
 
     def bind(
@@ -167,6 +168,10 @@ class Observability:
         for row in self.dlq["top_failures"]:
             m.dlq_by_reason.labels(row["reason"]).set(row["count"])
         m.broker_connected.set(1 if self.broker.is_connected else 0)
+        lost_since = self.broker.reconnects - self._reconnects_counted
+        if lost_since > 0:
+            m.broker_reconnects.inc(lost_since)
+            self._reconnects_counted = self.broker.reconnects
         self._emit(self.rules.observe_dlq(now, self.dlq["size"]))
         state = self.engine.breaker.state(now)
         self._emit(self.rules.observe_breaker(now, "agent", state.name))

@@ -169,6 +169,7 @@ class _Generation:
         self.consume_channel: Any = None
         self.publish_channel: Any = None
         self.consumers: dict[str, str] = {}  # queue -> consumer tag
+        self.declared: set[str] = set()  # queues checked and given their delay tiers
         self.outstanding: dict[int, None] = {}  # delivered, not yet settled; ordered by tag
         self.to_ack: set[int] = set()
         self.to_requeue: set[int] = set()
@@ -365,8 +366,12 @@ class Broker:
             await self._start_consumer(self._gen, queue)
 
     async def _start_consumer(self, gen: _Generation, queue: str) -> None:
-        await self._ensure_queue(gen, queue)
-        await self._declare_tiers(gen, queue)
+        # Once per connection: re-consuming (prefetch changes, breaker resume) needs no
+        # fresh declarations.
+        if queue not in gen.declared:
+            await self._ensure_queue(gen, queue)
+            await self._declare_tiers(gen, queue)
+            gen.declared.add(queue)
         if self.paused:
             return
         channel = gen.consume_channel

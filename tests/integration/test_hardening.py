@@ -105,11 +105,14 @@ async def test_broker_down_at_start_then_up_then_restarting_mid_stream(tmp_path,
                 while sidecar.broker._gen.outstanding or not sidecar.broker.is_connected:
                     await trio.sleep(0.05)
             reconnects = sidecar.broker.reconnects
+            await sidecar.obs.refresh()
+            counted = sidecar.metrics.broker_reconnects._value.get()
             sidecar.stop()
             await trio.sleep(config.drain.grace + 0.5)
             nursery.cancel_scope.cancel()
     assert seen == {f"{i}".encode() for i in range(n)}
     assert reconnects >= 1
+    assert counted == reconnects  # sidecar_broker_reconnects_total
     assert await queue_count(queue) == 0
 
 

@@ -93,6 +93,7 @@ class FakeMonitor:
 @dataclass
 class FakeBroker:
     is_connected: bool = True
+    reconnects: int = 0
 
 
 def make_obs(tmp_path: Path, store: Any = None, writer: Any = None, **alerts: Any) -> Observability:
