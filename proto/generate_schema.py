@@ -8,6 +8,7 @@ The structs in ``sidecar/protocol.py`` are the source of truth; the schemas are 
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -28,10 +29,32 @@ TARGETS: dict[str, Any] = {
 }
 
 
+def normalise(node: Any) -> Any:
+    """The schema with every description cleaned the way ``inspect.cleandoc`` cleans a docstring.
+
+    msgspec copies docstrings into descriptions, and versions differ in whether they dedent
+    them; cleaning here makes the schema depend on the structs alone.
+    """
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else normalise(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [normalise(item) for item in node]
+    return node
+
+
+def schema_of(union: Any) -> Any:
+    """The schema for one direction as data, descriptions normalised."""
+    return normalise(msgspec.json.schema(union))
+
+
 def render(union: Any) -> str:
     """The schema text for one direction: pretty-printed, sorted keys, trailing newline."""
-    schema = msgspec.json.schema(union)
-    return json.dumps(schema, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return json.dumps(schema_of(union), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def expected() -> dict[Path, str]:
@@ -39,11 +62,15 @@ def expected() -> dict[Path, str]:
 
 
 def stale() -> list[Path]:
-    """The schema files that are missing or differ from what the structs generate."""
+    """The schema files that are missing or say something other than the structs generate.
+
+    Compared as parsed JSON: what matters is the schema, not its whitespace.
+    """
     return [
         path
-        for path, text in expected().items()
-        if not path.exists() or path.read_text(encoding="utf-8") != text
+        for path, union in ((SCHEMA_DIR / name, union) for name, union in TARGETS.items())
+        if not path.exists()
+        or normalise(json.loads(path.read_text(encoding="utf-8"))) != schema_of(union)
     ]
 
 

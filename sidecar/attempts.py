@@ -101,7 +101,9 @@ def after_failure(
     return out
 
 
-def uncharged(headers: dict[str, Any], *, suspect: bool = False, parked: bool = False) -> dict:
+def uncharged(
+    headers: dict[str, Any], *, suspect: bool = False, parked: bool = False
+) -> dict[str, Any]:
     """Headers for a message sent back without charging an attempt."""
     out = dict(headers)
     if suspect:
@@ -119,7 +121,7 @@ def agent_headers(headers: dict[str, Any]) -> dict[str, Any]:
 
 
 def stable_id(
-    queue: str, message_id: str | None, routing_key: str, body: bytes, headers: dict
+    queue: str, message_id: str | None, routing_key: str, body: bytes, headers: dict[str, Any]
 ) -> str:
     """The DLQ record's idempotency key: the same broker message always maps to the same id,
     so a crash between the DLQ write and the ack yields one record, not two."""

@@ -73,11 +73,13 @@ class AsyncioAgent(AgentCalls):
 
     async def send(self, frame: p.Frame) -> None:
         data = self._codec.encode(frame, binary=True)
+        assert isinstance(data, bytes)
         self._writer.write(self._ws.send(BytesMessage(data=data)))
         await self._writer.drain()
 
     async def _read_loop(self) -> None:
-        buffer: list[bytes | str] = []
+        binary_parts: list[bytes] = []
+        text_parts: list[str] = []
         try:
             while chunk := await self._reader.read(65536):
                 self._ws.receive_data(chunk)
@@ -90,18 +92,19 @@ class AsyncioAgent(AgentCalls):
                         self._writer.write(self._ws.send(event.response()))
                     elif isinstance(event, CloseConnection):
                         return
-                    elif isinstance(event, BytesMessage | TextMessage):
-                        buffer.append(event.data)
+                    elif isinstance(event, BytesMessage):
+                        binary_parts.append(bytes(event.data))
                         if event.message_finished:
-                            joined = (
-                                b"".join(buffer)
-                                if isinstance(event, BytesMessage)
-                                else "".join(buffer)
-                            )  # type: ignore[arg-type]
-                            buffer.clear()
-                            self._route(self._codec.decode_sidecar(joined))
+                            self._route(self._codec.decode_sidecar(b"".join(binary_parts)))
+                            binary_parts.clear()
+                    elif isinstance(event, TextMessage):
+                        text_parts.append(event.data)
+                        if event.message_finished:
+                            self._route(self._codec.decode_sidecar("".join(text_parts)))
+                            text_parts.clear()
         finally:
-            for future in (self._accepted, self._welcome, *self._published.values()):
+            futures: list[asyncio.Future[Any]] = [self._accepted, self._welcome]
+            for future in [*futures, *self._published.values()]:
                 if not future.done():
                     future.set_exception(ConnectionError("connection to the sidecar closed"))
 

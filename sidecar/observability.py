@@ -53,6 +53,10 @@ def dlq_health(store: DeadLetterStore, top: int = 5) -> dict[str, Any]:
     return health
 
 
+def _post(request: urllib.request.Request) -> None:
+    urllib.request.urlopen(request, timeout=5).close()
+
+
 class Observability:
     def __init__(self, config: Config, metrics: Metrics, store: SpoolingStore) -> None:
         self.config = config
@@ -132,9 +136,7 @@ class Observability:
                 url, data=body, headers={"content-type": "application/json"}, method="POST"
             )
             try:
-                await trio.to_thread.run_sync(
-                    lambda r=request: urllib.request.urlopen(r, timeout=5).close()
-                )
+                await trio.to_thread.run_sync(_post, request)
             except OSError as exc:
                 log.error("alert webhook %s failed: %s", alert.name, exc)
 

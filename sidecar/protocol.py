@@ -178,8 +178,8 @@ class Error(Frame, tag="error"):
 AgentFrame = Hello | Pull | Ack | Fail | Extend | Publish | Heartbeat
 SidecarFrame = Welcome | Batch | Published | Pressure | Heartbeat | Error
 
-AGENT_KINDS = frozenset(t.__struct_config__.tag for t in AgentFrame.__args__)  # type: ignore[attr-defined]
-SIDECAR_KINDS = frozenset(t.__struct_config__.tag for t in SidecarFrame.__args__)  # type: ignore[attr-defined]
+AGENT_KINDS = frozenset(str(t.__struct_config__.tag) for t in AgentFrame.__args__)
+SIDECAR_KINDS = frozenset(str(t.__struct_config__.tag) for t in SidecarFrame.__args__)
 
 
 class ProtocolError(Exception):
@@ -219,10 +219,14 @@ class Codec:
 
     def decode_agent(self, data: bytes | str) -> AgentFrame:
         """Decode one agent frame or raise ProtocolError naming the problem."""
-        return self._decode(data, self._json_agent, self._mp_agent, AGENT_KINDS)
+        frame: AgentFrame = self._decode(data, self._json_agent, self._mp_agent, AGENT_KINDS)
+        return frame
 
     def decode_sidecar(self, data: bytes | str) -> SidecarFrame:
-        return self._decode(data, self._json_sidecar, self._mp_sidecar, SIDECAR_KINDS)
+        frame: SidecarFrame = self._decode(
+            data, self._json_sidecar, self._mp_sidecar, SIDECAR_KINDS
+        )
+        return frame
 
     def _decode(self, data: bytes | str, json_dec: Any, mp_dec: Any, kinds: frozenset[str]) -> Any:
         binary = isinstance(data, bytes)
@@ -236,7 +240,8 @@ class Codec:
 
     def _peek_kind(self, data: bytes | str, binary: bool) -> str | None:
         try:
-            kind = (self._mp_kind if binary else self._json_kind).decode(data).kind
+            decoder: Any = self._mp_kind if binary else self._json_kind
+            kind = decoder.decode(data).kind
         except (msgspec.DecodeError, UnicodeDecodeError):
             return None
         return kind if isinstance(kind, str) else None

@@ -220,6 +220,7 @@ class Session:
         if self.pulling:
             raise p.ProtocolError("pull_in_progress", "wait for the batch before pulling again")
         self.pulling = True
+        assert self._nursery is not None, "frames are handled only while the session runs"
         self._nursery.start_soon(
             self._pull, min(frame.max, self.config.agent.batch_size), frame.wait
         )

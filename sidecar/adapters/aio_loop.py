@@ -33,7 +33,8 @@ _TESTED_VERSIONS = ("0.15.", "0.16.")
 def drain_patch_applicable() -> bool:
     import trio_asyncio
 
-    return trio_asyncio.__version__.startswith(_TESTED_VERSIONS)
+    version: str = trio_asyncio.__version__
+    return version.startswith(_TESTED_VERSIONS)
 
 
 def install_drain_patch() -> bool:
@@ -118,7 +119,8 @@ class TrioAsyncioBridge:
         fn(*args)
 
     def create_task(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        return self.loop.create_task(coro)
+        task: asyncio.Task[Any] = self.loop.create_task(coro)
+        return task
 
 
 class ThreadBridge:

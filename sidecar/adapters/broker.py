@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiormq
@@ -327,8 +327,8 @@ class Broker:
         self.connected.set()
         log.info("broker connected (generation %d)", gen.number)
         await self._lost.wait()
-        if writer.done() and writer.exception():
-            raise writer.exception()  # type: ignore[misc]
+        if writer.done() and (failure := writer.exception()) is not None:
+            raise failure
         raise ConnectionError("connection to the broker lost")
 
     async def _end_generation(self) -> None:
@@ -386,12 +386,14 @@ class Broker:
     def _on_delivery(self, gen: _Generation, queue: str, message: DeliveredMessage) -> None:
         if gen is not self._gen:
             return
-        d = message.delivery
-        gen.outstanding[d.delivery_tag] = None
+        # A consumer's callback gets Basic.Deliver only, and every delivery carries a tag.
+        d = cast(spec.Basic.Deliver, message.delivery)
+        tag = cast(int, d.delivery_tag)
+        gen.outstanding[tag] = None
         self._arrivals.put(
             Inbound(
                 generation=gen.number,
-                tag=d.delivery_tag,
+                tag=tag,
                 queue=queue,
                 body=message.body,
                 props=_props_from_aiormq(message.header.properties),

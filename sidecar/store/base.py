@@ -150,7 +150,9 @@ def apply_put(existing: DeadLetterRecord, new: DeadLetterRecord) -> DeadLetterRe
     )
 
 
-def history_entry(*, token: str | None, target_queue: str, at: datetime, tool: str) -> dict:
+def history_entry(
+    *, token: str | None, target_queue: str, at: datetime, tool: str
+) -> dict[str, Any]:
     """One reprocess in ``history``; ``at`` is ISO text so every backend returns the same type."""
     return {
         "at": utc_ms(at).isoformat().replace("+00:00", "Z"),

@@ -156,7 +156,7 @@ class MongoStore:
                 f"bad MongoDB URL {redact_url(url)!r}: {scrub(str(exc), url)}"
             ) from exc
         self.database = db_name
-        codec = CodecOptions(tz_aware=True, tzinfo=UTC)
+        codec: CodecOptions[dict[str, Any]] = CodecOptions(tz_aware=True, tzinfo=UTC)
         wc = write_concern or WriteConcern(w="majority", j=True, wtimeout=write_timeout_ms)
         db = self._client.get_database(db_name, codec_options=codec, write_concern=wc)
         self._records: Collection[dict[str, Any]] = db.get_collection("dead_letter")

@@ -32,7 +32,8 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
     target = url.rstrip("/") + "/status"
     try:
         with urllib.request.urlopen(target, timeout=timeout) as response:
-            return json.loads(response.read())
+            status: dict[str, Any] = json.loads(response.read())
+            return status
     except urllib.error.HTTPError as exc:
         raise ToolError(f"{target}: HTTP {exc.code} {exc.reason}", EXIT_UNREACHABLE) from exc
     except (urllib.error.URLError, OSError) as exc:

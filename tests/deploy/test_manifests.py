@@ -547,7 +547,9 @@ def test_dockerfile_statically() -> None:
     assert "/healthz" in instructions["HEALTHCHECK"]
     assert "urllib" in instructions["HEALTHCHECK"]
     assert "curl" not in instructions["HEALTHCHECK"]
-    assert any(k == "RUN" and "pip install ." in v for k, v in steps)
+    install = next(v for k, v in steps if k == "RUN" and "uv export --locked" in v)
+    assert "--require-hashes" in install  # exactly the locked versions, verified
+    assert "pip install --no-deps ." in install
     assert yaml_json_list(instructions["ENTRYPOINT"]) == [
         "sidecar",
         "run",
@@ -574,7 +576,13 @@ def test_dockerfile_healthcheck_command_is_valid_python() -> None:
 def test_dockerignore_keeps_what_the_build_copies() -> None:
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
     assert "**" in ignore
-    for needed in ("!pyproject.toml", "!README.md", "!sidecar/", "!deploy/sidecar.toml"):
+    for needed in (
+        "!pyproject.toml",
+        "!uv.lock",
+        "!README.md",
+        "!sidecar/",
+        "!deploy/sidecar.toml",
+    ):
         assert needed in ignore
 
 
