@@ -374,6 +374,13 @@ class Engine:
             # Shutdown never dead-letters and never burns an attempt.
             self._settle(message, requeue=True)
             return
+        if message.generation != self.broker.generation or not self.broker.is_connected:
+            # The connection that delivered it is gone and the broker has requeued it: a
+            # retry copy would duplicate it, and a lost connection says nothing about the
+            # agent, so neither the attempt nor the breaker is charged.
+            self.counts["stale"] += 1
+            self.metrics.stale_acks.inc()
+            return
         self.counts["failed"] += 1
         self.metrics.failures.labels(message.queue, reason).inc()
         self.metrics.failures_by_host.labels(self.config.identity.host).inc()

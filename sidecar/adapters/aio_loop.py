@@ -18,6 +18,7 @@ Either way the broker code calls the same five methods and never touches a loop 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
@@ -69,6 +70,14 @@ def install_drain_patch() -> bool:
 CoroutineFunction = Callable[..., Coroutine[Any, Any, Any]]
 
 
+class OperationCancelled(ConnectionError):
+    """aiormq cancelled an operation from its side: the connection or channel closed under it.
+
+    Raised instead of asyncio's CancelledError, a BaseException that trio code would take for
+    its own cancellation and let escape every ``except Exception``, stopping the daemon.
+    """
+
+
 class Bridge(Protocol):
     """How trio code and aiormq's loop reach each other."""
 
@@ -110,7 +119,11 @@ class TrioAsyncioBridge:
     async def call(self, fn: CoroutineFunction, *args: Any, **kwargs: Any) -> Any:
         import trio_asyncio
 
-        return await trio_asyncio.aio_as_trio(fn, loop=self.loop)(*args, **kwargs)
+        try:
+            return await trio_asyncio.aio_as_trio(fn, loop=self.loop)(*args, **kwargs)
+        except asyncio.CancelledError as exc:
+            # trio's own cancellation arrives as trio.Cancelled, so this one came from aiormq.
+            raise OperationCancelled(f"{getattr(fn, '__name__', fn)} cancelled") from exc
 
     def to_asyncio(self, fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
@@ -178,7 +191,10 @@ class ThreadBridge:
         except BaseException:
             future.cancel()
             raise
-        return future.result()
+        try:
+            return future.result()
+        except (asyncio.CancelledError, concurrent.futures.CancelledError) as exc:
+            raise OperationCancelled(f"{getattr(fn, '__name__', fn)} cancelled") from exc
 
     def _wake(self, fn: Callable[[], Any]) -> None:
         assert self._token is not None
