@@ -12,5 +12,5 @@ if ! rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
 fi
 command -v uv >/dev/null && [ "$(uv --version | cut -d' ' -f2)" = "$UV_VERSION" ] \
     || python3 -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
-uv sync --locked --quiet
+uv sync --locked --inexact --quiet # keeps dev tools a test run installed
 exec .venv/bin/sidecar demo "$@"
