@@ -9,7 +9,6 @@ import pytest
 
 from sidecar import protocol as p
 
-CODEC = p.Codec()
 LIMITS = p.Limits(
     max_batch=100,
     max_frame_bytes=1 << 20,
@@ -20,8 +19,14 @@ LIMITS = p.Limits(
 )
 
 
-def both_encodings(frame: p.Frame) -> list[bytes | str]:
-    return [CODEC.encode(frame, binary=False), CODEC.encode(frame, binary=True)]
+@pytest.fixture
+def codec() -> p.Codec:
+    # Built inside each test, not at import, so the codec's own construction is under test.
+    return p.Codec()
+
+
+def both_encodings(codec: p.Codec, frame: p.Frame) -> list[bytes | str]:
+    return [codec.encode(frame, binary=False), codec.encode(frame, binary=True)]
 
 
 # --- refusals ------------------------------------------------------------------------------
@@ -40,10 +45,10 @@ def test_a_refusal_is_not_fatal_unless_asked():
     )
 
 
-def test_a_refusal_without_a_ref():
+def test_a_refusal_without_a_ref(codec):
     frame = p.ProtocolError("malformed", "bad").to_frame()
     assert frame.ref is None
-    assert json.loads(CODEC.encode(frame, binary=False)) == {
+    assert json.loads(codec.encode(frame, binary=False)) == {
         "kind": "error",
         "code": "malformed",
         "message": "bad",
@@ -98,8 +103,8 @@ def test_sidecar_frame_defaults():
     assert (error.ref, error.fatal) == (None, False)
 
 
-def test_a_decoded_pull_without_fields_gets_the_defaults():
-    pull = CODEC.decode_agent('{"kind": "pull"}')
+def test_a_decoded_pull_without_fields_gets_the_defaults(codec):
+    pull = codec.decode_agent('{"kind": "pull"}')
     assert pull == p.Pull(max=1, wait=1.0)
 
 
@@ -124,32 +129,32 @@ def test_the_kind_sets_name_each_direction():
 
 
 @pytest.mark.parametrize("good", [0, 2**63 - 1])
-def test_ids_cover_exactly_the_signed_64_bit_range(good):
-    assert CODEC.decode_agent(json.dumps({"kind": "ack", "ids": [good]})) == p.Ack(ids=[good])
+def test_ids_cover_exactly_the_signed_64_bit_range(good, codec):
+    assert codec.decode_agent(json.dumps({"kind": "ack", "ids": [good]})) == p.Ack(ids=[good])
 
 
 @pytest.mark.parametrize("bad", [-1, 2**63])
-def test_ids_outside_the_range_are_malformed(bad):
+def test_ids_outside_the_range_are_malformed(bad, codec):
     with pytest.raises(p.ProtocolError) as info:
-        CODEC.decode_agent(json.dumps({"kind": "fail", "id": bad, "reason": "TIMEOUT"}))
+        codec.decode_agent(json.dumps({"kind": "fail", "id": bad, "reason": "TIMEOUT"}))
     assert info.value.code == "malformed"
 
 
 # --- encode --------------------------------------------------------------------------------
 
 
-def test_text_frames_are_json_strings_and_binary_frames_messagepack():
+def test_text_frames_are_json_strings_and_binary_frames_messagepack(codec):
     frame = p.Heartbeat(ts=1.5)
-    text = CODEC.encode(frame, binary=False)
+    text = codec.encode(frame, binary=False)
     assert isinstance(text, str)
     assert json.loads(text) == {"kind": "heartbeat", "ts": 1.5}
-    binary = CODEC.encode(frame, binary=True)
+    binary = codec.encode(frame, binary=True)
     assert isinstance(binary, bytes)
     assert msgspec.msgpack.decode(binary) == {"kind": "heartbeat", "ts": 1.5}
 
 
-def test_defaults_are_left_out_on_the_wire():
-    assert json.loads(CODEC.encode(p.Pull(), binary=False)) == {"kind": "pull"}
+def test_defaults_are_left_out_on_the_wire(codec):
+    assert json.loads(codec.encode(p.Pull(), binary=False)) == {"kind": "pull"}
 
 
 # --- decode_sidecar: what an agent library reads -------------------------------------------
@@ -179,31 +184,31 @@ SIDECAR_FRAMES: list[p.Frame] = [
 
 
 @pytest.mark.parametrize("frame", SIDECAR_FRAMES, ids=lambda f: type(f).__name__)
-def test_every_sidecar_frame_round_trips_through_decode_sidecar(frame):
-    for data in both_encodings(frame):
-        assert CODEC.decode_sidecar(data) == frame
+def test_every_sidecar_frame_round_trips_through_decode_sidecar(frame, codec):
+    for data in both_encodings(codec, frame):
+        assert codec.decode_sidecar(data) == frame
 
 
 @pytest.mark.parametrize("kind", ["pull", "ack", "hello", "publish", "nonsense"])
-def test_decode_sidecar_refuses_kinds_only_an_agent_sends(kind):
+def test_decode_sidecar_refuses_kinds_only_an_agent_sends(kind, codec):
     for data in (json.dumps({"kind": kind}), msgspec.msgpack.encode({"kind": kind})):
         with pytest.raises(p.ProtocolError) as info:
-            CODEC.decode_sidecar(data)
+            codec.decode_sidecar(data)
         assert info.value.code == "unknown_kind"
         assert info.value.message == f"unknown frame kind {kind!r}"
         assert info.value.ref is None
 
 
 @pytest.mark.parametrize("kind", ["welcome", "batch", "error", "published", "pressure"])
-def test_decode_agent_refuses_kinds_only_a_sidecar_sends(kind):
+def test_decode_agent_refuses_kinds_only_a_sidecar_sends(kind, codec):
     with pytest.raises(p.ProtocolError) as info:
-        CODEC.decode_agent(json.dumps({"kind": kind}))
+        codec.decode_agent(json.dumps({"kind": kind}))
     assert info.value.code == "unknown_kind"
 
 
-def test_heartbeat_is_understood_in_both_directions():
-    assert CODEC.decode_sidecar('{"kind": "heartbeat"}') == p.Heartbeat()
-    assert CODEC.decode_agent('{"kind": "heartbeat"}') == p.Heartbeat()
+def test_heartbeat_is_understood_in_both_directions(codec):
+    assert codec.decode_sidecar('{"kind": "heartbeat"}') == p.Heartbeat()
+    assert codec.decode_agent('{"kind": "heartbeat"}') == p.Heartbeat()
 
 
 @pytest.mark.parametrize(
@@ -222,23 +227,23 @@ def test_heartbeat_is_understood_in_both_directions():
         msgspec.msgpack.encode({"kind": b"\xff"}),
     ],
 )
-def test_decode_sidecar_calls_a_broken_frame_malformed(data):
+def test_decode_sidecar_calls_a_broken_frame_malformed(data, codec):
     with pytest.raises(p.ProtocolError) as info:
-        CODEC.decode_sidecar(data)
+        codec.decode_sidecar(data)
     assert info.value.code == "malformed"
     assert info.value.message.startswith("malformed frame: ")
 
 
-def test_invalid_utf8_inside_messagepack_is_malformed_not_a_crash():
+def test_invalid_utf8_inside_messagepack_is_malformed_not_a_crash(codec):
     # str8 header announcing 2 bytes that are not UTF-8
     data = msgspec.msgpack.encode({"kind": "error", "code": "c"})[:-2] + b"\xa2\xff\xfe"
     with pytest.raises(p.ProtocolError) as info:
-        CODEC.decode_sidecar(data)
+        codec.decode_sidecar(data)
     assert info.value.code == "malformed"
 
 
-def test_unknown_fields_are_ignored_by_both_decoders():
-    assert CODEC.decode_sidecar('{"kind": "heartbeat", "ts": 1, "new": [1, 2]}') == p.Heartbeat(
+def test_unknown_fields_are_ignored_by_both_decoders(codec):
+    assert codec.decode_sidecar('{"kind": "heartbeat", "ts": 1, "new": [1, 2]}') == p.Heartbeat(
         ts=1.0
     )
-    assert CODEC.decode_agent('{"kind": "pull", "max": 3, "new": {}}') == p.Pull(max=3)
+    assert codec.decode_agent('{"kind": "pull", "max": 3, "new": {}}') == p.Pull(max=3)
