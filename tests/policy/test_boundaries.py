@@ -201,7 +201,7 @@ def test_retry_policy_accepts_values_on_its_edges():
         ({"base_delay": 2.0, "max_delay": 1.0}, "max_delay must be >= base_delay"),
         ({"tiers": ()}, "tiers must not be empty"),
         (
-            {"max_delay": 700.0, "tiers": (1.0, 600.0)},
+            {"max_delay": 700.0, "tiers": (1.0, 5.0, 600.0)},
             "max_delay 700.0 exceeds the largest tier 600.0",
         ),
         (

@@ -3,7 +3,7 @@ and the canonical form each backend writes."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 import msgspec
@@ -132,6 +132,34 @@ def test_times_are_utc_truncated_to_milliseconds():
     assert converted.hour == 12
     assert r.utc_ms(T0_MS) == T0_MS
     assert r.utc_ms(T0.replace(microsecond=999999)).microsecond == 999000
+
+
+class _ZoneLike(tzinfo):
+    """A zone whose offset depends on the date, like a ZoneInfo: no offset without one."""
+
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        return None if dt is None else timedelta(hours=2)
+
+    def dst(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+    def tzname(self, dt: datetime | None) -> str:
+        return "ZONE"
+
+
+class _NoOffset(_ZoneLike):
+    def utcoffset(self, dt: datetime | None) -> timedelta | None:
+        return None
+
+
+def test_a_zone_with_date_dependent_offsets_is_aware():
+    local = datetime(2024, 5, 1, 14, 0, 0, 123456, tzinfo=_ZoneLike())
+    assert r.utc_ms(local) == T0_MS
+
+
+def test_a_zone_without_an_offset_is_naive_and_refused():
+    with pytest.raises(ValueError, match="must be timezone-aware"):
+        r.utc_ms(datetime(2024, 5, 1, 12, 0, tzinfo=_NoOffset()))
 
 
 def test_a_naive_time_is_refused():
