@@ -229,7 +229,7 @@ def test_retry_policy_refusals_say_why(kwargs, message):
         ),
     ],
 )
-def test_retry_helpers_refuse_out_of_range_arguments_clearly(call, message):
+def test_retry_functions_refuse_out_of_range_arguments_clearly(call, message):
     with pytest.raises(ValueError, match=exactly(message)):
         call()
 

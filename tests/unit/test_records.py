@@ -1,4 +1,4 @@
-"""Dead-letter record helpers shared by every store backend: payload decoding, required fields
+"""Dead-letter record functions shared by every store backend: payload decoding, required fields
 and the canonical form each backend writes."""
 
 from __future__ import annotations
