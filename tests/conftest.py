@@ -58,10 +58,33 @@ def ensure_rabbitmq() -> None:
     pytest.fail("RabbitMQ did not start within 60s (rabbitmq-server -detached; ping fails)")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--no-broker",
+        action="store_true",
+        help="fail the run if any test connects to the broker (for broker-free unit runs)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--no-broker"):
+        from tests import no_broker
+
+        config.pluginmanager.register(no_broker, "no_broker")
+
+
 @pytest.fixture(scope="session")
-def rabbitmq() -> str:
+def rabbitmq() -> Any:
+    """The broker, started if needed. Every test that touches the broker reaches it through
+    this fixture (directly or via ``unique_queue``), so the end-of-session clean-up of the
+    operator tools' ledger queue lives here: a unit-only run never sets it up and never
+    connects."""
     ensure_rabbitmq()
-    return BROKER_URL
+    yield BROKER_URL
+    from sidecar.tools.republish import LEDGER_QUEUE
+
+    with contextlib.suppress(OSError, aiormq.exceptions.AMQPError):
+        delete_queues([LEDGER_QUEUE])
 
 
 def run_amqp(fn: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -184,14 +207,3 @@ async def running_sidecar(config: Config) -> AsyncIterator[Sidecar]:
                 while not nursery.cancel_scope.cancel_called and nursery.child_tasks:
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def leave_no_ledger_behind() -> Any:
-    """The operator tools keep a durable ledger queue; whichever tests ran them (the tool
-    tests, the seed's recovery test), the suite removes it at the end."""
-    yield
-    from sidecar.tools.republish import LEDGER_QUEUE
-
-    with contextlib.suppress(OSError, aiormq.exceptions.AMQPError):
-        delete_queues([LEDGER_QUEUE])
