@@ -68,9 +68,15 @@ class AgentConfig(Section):
 
 
 class ReasonRuleConfig(Section):
-    action: Literal["retry", "dead_letter"]
-    backoff: Literal["exponential", "rate_limit", "reduced_scope", "none"] = "exponential"
+    """``[retry.reasons.NAME]``: adjusts a built-in reason, or declares a new one (with
+    ``kind`` or ``like``). Unset keys come from ``like``, the built-in reason, or the kind."""
+
+    action: Literal["retry", "dead_letter"] | None = None
+    backoff: Literal["exponential", "rate_limit", "reduced_scope", "none"] | None = None
     max_attempts: Count | None = None
+    like: str | None = None
+    kind: Literal["transient", "permanent"] | None = None
+    breaker: bool | None = None
 
 
 class RetryConfig(Section):
@@ -92,8 +98,10 @@ class BreakerConfig(Section):
     window: Positive = 60.0
     min_calls_in_window: Count = 10
     failure_ratio: Ratio = 0.5
-    half_open_probes: Count = 3
-    half_open_successes: Count = 2
+    # Deliveries handed out while half-open; that many successes close the breaker, one
+    # counted failure reopens it.
+    half_open_probes: Count = 1
+    half_open_successes: Count = 1
     key_header: str = ""
 
 
@@ -265,8 +273,43 @@ def _check(config: Config, source: str) -> None:
     for addr, key in ((config.http.listen, "http.listen"), (config.agent.tcp, "agent.tcp")):
         if addr and parse_host_port(addr) is None:
             problems.append(f"{key}: expected HOST:PORT, got {addr!r}")
+    problems += _reason_problems(config)
+    if config.breaker.half_open_successes > config.breaker.half_open_probes:
+        problems.append(
+            "breaker.half_open_successes: expected at most breaker.half_open_probes,"
+            " or the breaker never closes"
+        )
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _reason_problems(config: Config) -> list[str]:
+    """``[retry.reasons]`` tables that could never apply, named by key."""
+    from sidecar.policy.retry import ReasonConfigError, resolve_reasons
+
+    try:
+        resolve_reasons(reason_declarations(config))
+    except ReasonConfigError as exc:
+        key = ".".join(k for k in ("retry.reasons", exc.key) if k)
+        return [f"{key}: {exc.detail}"]
+    return []
+
+
+def reason_declarations(config: Config) -> dict[str, Any]:
+    """The ``[retry.reasons]`` tables as the retry policy's declarations."""
+    from sidecar.policy.retry import ReasonDeclaration
+
+    return {
+        name: ReasonDeclaration(
+            action=rule.action,
+            backoff=rule.backoff,
+            max_attempts=rule.max_attempts,
+            like=rule.like,
+            kind=rule.kind,
+            breaker=rule.breaker,
+        )
+        for name, rule in config.retry.reasons.items()
+    }
 
 
 def parse_host_port(value: str) -> tuple[str, int] | None:
