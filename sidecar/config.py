@@ -129,6 +129,10 @@ class DepthConfig(Section):
 class ThrottleConfig(Section):
     rate: Positive = 10.0
     burst: Positive = 20.0
+    # Each agent's publishes wait in the sidecar, up to these bounds, until the token bucket
+    # lets them out; only beyond them is a publish answered "throttled".
+    queue: Count = 1000
+    queue_bytes: Count = 16 * MIB
 
 
 class ScalingConfig(Section):
