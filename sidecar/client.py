@@ -125,6 +125,7 @@ class Failure(Exception):
 # Most specific first: the first matching class decides.
 DEFAULT_REASONS: tuple[tuple[type[BaseException], str], ...] = (
     (TimeoutError, "TIMEOUT"),
+    (trio.TooSlowError, "TIMEOUT"),
     (ConnectionError, "NETWORK_ERROR"),
     (OSError, "NETWORK_ERROR"),
     (UnicodeError, "VALIDATION_FAILED"),
