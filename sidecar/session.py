@@ -324,7 +324,8 @@ class Session:
             why, rate = "broker_unavailable", 0.0
         else:
             rate = self.gate.current_rate(target)
-            why = "rate_limited" if rate > 0 else "held"
+            # A held target (rate 0) takes no token, so asking the gate only names the cause.
+            why = "rate_limited" if rate > 0 else self.gate.check(target)[1]
         if rate > 0:
             # Room comes as the queue ahead drains at the target's rate; each refused
             # publish gets its own later slot, so they come back one by one.
