@@ -248,10 +248,11 @@ async function main() {
   const target = Number.parseInt(nArg, 10);
   const summary = { processed: 0, acked: 0, failed: 0, published: 0, errors: [], bodies: [] };
   const agent = new Agent(socketPath);
+  let interrupted = false;
   process.once('SIGINT', () => {
-    agent.close();
-    console.error('interrupted; connection closed');
-    setTimeout(() => process.exit(130), 200).unref();
+    interrupted = true;
+    agent.close(); // the pending pull then fails, and main ends below
+    setTimeout(() => process.exit(130), 2000).unref();
   });
   try {
     await agent.hello('node-example', '1.0.0', [queue]);
@@ -274,7 +275,11 @@ async function main() {
       { stop: () => summary.processed >= target },
     );
   } catch (err) {
-    summary.errors.push({ code: err.code || 'socket', message: err.message });
+    if (!interrupted) summary.errors.push({ code: err.code || 'socket', message: err.message });
+  }
+  if (interrupted) {
+    console.error('interrupted; connection closed');
+    process.exit(130);
   }
   summary.errors.push(...agent.errors.filter((e) => e.code !== 'deadline_expired'));
   process.stdout.write(JSON.stringify(summary) + '\n');
