@@ -7,6 +7,7 @@ token, or an agent that stops reading its socket ends the connection.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import math
@@ -40,6 +41,7 @@ MIN_RETRY_AFTER = 0.05
 MAX_RETRY_AFTER = 60.0
 PUMP_RECHECK = 1.0  # held targets are re-checked at least this often (rates follow depth)
 DISCONNECTED_RECHECK = 0.2
+MAX_SLOT_TARGETS = 256  # targets whose next throttled slot is remembered
 
 
 @dataclass(slots=True)
@@ -92,6 +94,10 @@ class Session:
         # Per target: the earliest time the next throttled publish is told to come back,
         # so a crowd of refused publishes is spread out instead of returning all at once.
         self._next_slot: dict[str, float] = {}
+        # When each target with queued publishes is next looked at: (time, seq, target), one
+        # entry per such target, so the pump's work per publish is logarithmic, not a scan.
+        self._due: list[tuple[float, int, str]] = []
+        self._due_seq = itertools.count()
         self._pump_wake = trio.Event()
 
     # --- sending -----------------------------------------------------------------------
@@ -312,10 +318,14 @@ class Session:
         if self._queued_count >= q.queue or self._queued_bytes + item.size > q.queue_bytes:
             self._throttle(frame, target)
             return
-        self._queued.setdefault(target, deque()).append(item)
+        pending = self._queued.get(target)
+        if pending is None:
+            pending = self._queued[target] = deque()
+            heapq.heappush(self._due, (-math.inf, next(self._due_seq), target))
+            self._pump_wake.set()
+        pending.append(item)
         self._queued_count += 1
         self._queued_bytes += item.size
-        self._pump_wake.set()
 
     def _throttle(self, frame: p.Publish, target: str) -> None:
         """The queue is full: not sent. Tell the agent when there will be room for it."""
@@ -331,8 +341,10 @@ class Session:
             # publish gets its own later slot, so they come back one by one.
             ahead = len(self._queued.get(target, ())) + 1
             slot = max(now + ahead / rate, self._next_slot.get(target, 0.0))
-            if len(self._next_slot) >= 256:
+            if len(self._next_slot) >= MAX_SLOT_TARGETS:
                 self._next_slot = {t: s for t, s in self._next_slot.items() if s > now}
+                while len(self._next_slot) >= MAX_SLOT_TARGETS:
+                    del self._next_slot[next(iter(self._next_slot))]
             self._next_slot[target] = slot + 1 / rate
             wait = slot - now
         else:
@@ -371,30 +383,40 @@ class Session:
     async def _pump(self) -> None:
         """Send queued publishes as their targets' token buckets allow."""
         while True:
-            soonest = math.inf
-            for target in list(self._queued):
-                pending = self._queued[target]
-                wait = 0.0
-                while pending:
-                    if not self.engine.broker.is_connected:
-                        wait = DISCONNECTED_RECHECK
-                        break
-                    wait, _ = self.gate.check(target)
-                    if wait > 0:
-                        break
-                    item = pending.popleft()
-                    self._queued_count -= 1
-                    self._queued_bytes -= item.size
-                    self._send_publish(item)
+            now = self.gate.clock()
+            while self._due and self._due[0][0] <= now:
+                _, _, target = heapq.heappop(self._due)
+                pending = self._queued.get(target)
+                if not pending:
+                    self._queued.pop(target, None)
+                    continue
+                wait = self._send_queued(target, pending)
                 if pending:
-                    soonest = min(soonest, wait)
+                    # Looked at again when a token is due, and at least every PUMP_RECHECK
+                    # since the target's rate follows its depth.
+                    due = now + min(wait, PUMP_RECHECK)
+                    heapq.heappush(self._due, (due, next(self._due_seq), target))
                 else:
                     del self._queued[target]
-            # No await between the scan and here, so a publish queued meanwhile cannot be
+            # No await between the scan and here, so a target queued meanwhile cannot be
             # missed: it sets this new event.
             self._pump_wake = trio.Event()
-            with trio.move_on_after(min(soonest, PUMP_RECHECK) if self._queued else math.inf):
+            with trio.move_on_after(self._due[0][0] - now if self._due else math.inf):
                 await self._pump_wake.wait()
+
+    def _send_queued(self, target: str, pending: deque[_Queued]) -> float:
+        """Send what the bucket allows now; the seconds until the next try, if any remain."""
+        while pending:
+            if not self.engine.broker.is_connected:
+                return DISCONNECTED_RECHECK
+            wait, _ = self.gate.check(target)
+            if wait > 0:
+                return wait
+            item = pending.popleft()
+            self._queued_count -= 1
+            self._queued_bytes -= item.size
+            self._send_publish(item)
+        return 0.0
 
     def _check_publish(self, frame: p.Publish) -> str | None:
         a = self.config.agent

@@ -128,3 +128,16 @@ async def test_a_held_target_is_queued_and_its_overflow_names_the_cause(autojump
             await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert [a.ref for a in answers(session)] == [1]
+
+
+async def test_state_per_target_stays_bounded_under_many_targets(autojump_clock):
+    session = make(rate=10.0, burst=1.0, queue=1)
+    publish(session, 1, queue="a")  # the burst
+    publish(session, 2, queue="a")  # fills the queue
+    for i in range(1000):
+        publish(session, 3 + 2 * i, queue=f"t{i}")  # a new target's burst: sent
+        publish(session, 4 + 2 * i, queue=f"t{i}")  # no token, queue full: throttled
+    throttled = [a for a in answers(session) if a.throttled]
+    assert len(throttled) == 1000
+    assert len(session._next_slot) <= 256
+    assert len(session._queued) == 1 and len(session._due) == 1
