@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from sidecar.policy.retry import ReasonConfigError, ReasonDeclaration, resolve_reasons
+
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -74,7 +76,7 @@ class ReasonRuleConfig(Section):
     action: Literal["retry", "dead_letter"] | None = None
     backoff: Literal["exponential", "rate_limit", "reduced_scope", "none"] | None = None
     max_attempts: Count | None = None
-    like: str | None = None
+    like: Annotated[str, msgspec.Meta(max_length=64)] | None = None
     kind: Literal["transient", "permanent"] | None = None
     breaker: bool | None = None
 
@@ -289,8 +291,6 @@ def _check(config: Config, source: str) -> None:
 
 def _reason_problems(config: Config) -> list[str]:
     """``[retry.reasons]`` tables that could never apply, named by key."""
-    from sidecar.policy.retry import ReasonConfigError, resolve_reasons
-
     try:
         resolve_reasons(reason_declarations(config))
     except ReasonConfigError as exc:
@@ -299,10 +299,8 @@ def _reason_problems(config: Config) -> list[str]:
     return []
 
 
-def reason_declarations(config: Config) -> dict[str, Any]:
+def reason_declarations(config: Config) -> dict[str, ReasonDeclaration]:
     """The ``[retry.reasons]`` tables as the retry policy's declarations."""
-    from sidecar.policy.retry import ReasonDeclaration
-
     return {
         name: ReasonDeclaration(
             action=rule.action,
