@@ -195,3 +195,17 @@ def leave_no_ledger_behind() -> Any:
 
     with contextlib.suppress(OSError, aiormq.exceptions.AMQPError):
         delete_queues([LEDGER_QUEUE])
+
+
+def record_session_ends(engine: Any) -> list[bool]:
+    """Wrap ``engine.close_session`` to record, per agent session, whether it ended as a
+    crash (anything but a WebSocket close 1000/1001)."""
+    ended: list[bool] = []
+    close_session = engine.close_session
+
+    def recording(session: int, *, crashed: bool) -> None:
+        ended.append(crashed)
+        close_session(session, crashed=crashed)
+
+    engine.close_session = recording
+    return ended

@@ -14,7 +14,13 @@ import pytest
 import trio
 
 from sidecar.store.records import RecordFilter
-from tests.conftest import make_config, publish_many, queue_count, running_sidecar
+from tests.conftest import (
+    make_config,
+    publish_many,
+    queue_count,
+    record_session_ends,
+    running_sidecar,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -43,6 +49,7 @@ async def test_readme_agent_runs_as_written_and_stops_cleanly_on_ctrl_c(tmp_path
     with trio.fail_after(60):
         async with running_sidecar(config) as sidecar:
             engine = sidecar.engine
+            ended = record_session_ends(engine)
             process = await trio.lowlevel.open_process(
                 [sys.executable, str(script), config.agent.socket, queue],
                 stdout=subprocess.PIPE,
@@ -66,7 +73,60 @@ async def test_readme_agent_runs_as_written_and_stops_cleanly_on_ctrl_c(tmp_path
             counts = dict(engine.counts)
     assert process.returncode == 130
     assert "Traceback" not in stderr and "ExceptionGroup" not in stderr
-    assert counts["crashes"] == 0  # a clean close (1000), not a crash
+    assert ended == [False]  # a clean close (1000), not a crash
     assert sorted(r.failureReason for r in records) == ["VALIDATION_FAILED"] * 2
     assert counts["acked"] == 2
     assert await queue_count(queue) == 0
+
+
+ASYNCIO_AGENT = """
+import sys
+
+from sidecar.client_asyncio import AsyncioAgent, run_agent_asyncio
+
+
+async def handle(message):
+    pass
+
+
+async def main():
+    async with await AsyncioAgent.connect(sys.argv[1], agent="aio", queues=[sys.argv[2]]) as agent:
+        await agent.run(handle, wait=0.5)
+
+
+run_agent_asyncio(main)
+"""
+
+
+async def test_asyncio_agent_stops_cleanly_on_ctrl_c(tmp_path, unique_queue):
+    queue = unique_queue()
+    await publish_many(queue, [b"one"])
+    script = tmp_path / "aio_agent.py"
+    script.write_text(ASYNCIO_AGENT)
+    config = make_config(tmp_path, [queue])
+    with trio.fail_after(60):
+        async with running_sidecar(config) as sidecar:
+            engine = sidecar.engine
+            ended = record_session_ends(engine)
+            process = await trio.lowlevel.open_process(
+                [sys.executable, str(script), config.agent.socket, queue],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            try:
+                while engine.counts["acked"] < 1:
+                    assert process.poll() is None, "the asyncio agent exited early"
+                    await trio.sleep(0.05)
+                process.send_signal(signal.SIGINT)
+                await process.wait()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            assert process.stderr is not None
+            stderr = (await process.stderr.receive_some(1 << 20) or b"").decode()
+            while engine.sessions:
+                await trio.sleep(0.05)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert ended == [False]  # a clean close (1000), not a crash
