@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from sidecar.policy.retry import ReasonConfigError, ReasonDeclaration, resolve_reasons
+
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -68,9 +70,15 @@ class AgentConfig(Section):
 
 
 class ReasonRuleConfig(Section):
-    action: Literal["retry", "dead_letter"]
-    backoff: Literal["exponential", "rate_limit", "reduced_scope", "none"] = "exponential"
+    """``[retry.reasons.NAME]``: adjusts a built-in reason, or declares a new one (with
+    ``kind`` or ``like``). Unset keys come from ``like``, the built-in reason, or the kind."""
+
+    action: Literal["retry", "dead_letter"] | None = None
+    backoff: Literal["exponential", "rate_limit", "reduced_scope", "none"] | None = None
     max_attempts: Count | None = None
+    like: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+    kind: Literal["transient", "permanent"] | None = None
+    breaker: bool | None = None
 
 
 class RetryConfig(Section):
@@ -92,8 +100,10 @@ class BreakerConfig(Section):
     window: Positive = 60.0
     min_calls_in_window: Count = 10
     failure_ratio: Ratio = 0.5
-    half_open_probes: Count = 3
-    half_open_successes: Count = 2
+    # Deliveries handed out while half-open; that many successes close the breaker, one
+    # counted failure reopens it.
+    half_open_probes: Count = 1
+    half_open_successes: Count = 1
     key_header: str = ""
 
 
@@ -121,6 +131,10 @@ class DepthConfig(Section):
 class ThrottleConfig(Section):
     rate: Positive = 10.0
     burst: Positive = 20.0
+    # Each agent's publishes wait in the sidecar, up to these bounds, until the token bucket
+    # lets them out; only beyond them is a publish answered "throttled".
+    queue: Count = 1000
+    queue_bytes: Count = 16 * MIB
 
 
 class ScalingConfig(Section):
@@ -265,8 +279,39 @@ def _check(config: Config, source: str) -> None:
     for addr, key in ((config.http.listen, "http.listen"), (config.agent.tcp, "agent.tcp")):
         if addr and parse_host_port(addr) is None:
             problems.append(f"{key}: expected HOST:PORT, got {addr!r}")
+    problems += _reason_problems(config)
+    if config.breaker.half_open_successes > config.breaker.half_open_probes:
+        problems.append(
+            "breaker.half_open_successes: expected at most breaker.half_open_probes,"
+            " or the breaker never closes"
+        )
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _reason_problems(config: Config) -> list[str]:
+    """``[retry.reasons]`` tables that could never apply, named by key."""
+    try:
+        resolve_reasons(reason_declarations(config))
+    except ReasonConfigError as exc:
+        key = ".".join(k for k in ("retry.reasons", exc.key) if k)
+        return [f"{key}: {exc.detail}"]
+    return []
+
+
+def reason_declarations(config: Config) -> dict[str, ReasonDeclaration]:
+    """The ``[retry.reasons]`` tables as the retry policy's declarations."""
+    return {
+        name: ReasonDeclaration(
+            action=rule.action,
+            backoff=rule.backoff,
+            max_attempts=rule.max_attempts,
+            like=rule.like,
+            kind=rule.kind,
+            breaker=rule.breaker,
+        )
+        for name, rule in config.retry.reasons.items()
+    }
 
 
 def parse_host_port(value: str) -> tuple[str, int] | None:

@@ -4,16 +4,18 @@ throttling and the final tally (processed + dead-lettered = published)."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from sidecar.adapters.broker import tier_queue_name
-from sidecar.client import open_agent
+from sidecar.client import SidecarClosed, open_agent
 from sidecar.config import load_config
 from sidecar.store.records import RecordFilter
 from sidecar.supervisor import Sidecar
@@ -126,8 +128,8 @@ async def demo(seconds: float, messages: int, broker: str, workdir: Path) -> int
             f"sidecar up: queue {queue}, dashboard http://127.0.0.1:{sidecar.http_port}/",
             flush=True,
         )
-        nursery.start_soon(demo_agent)
-        nursery.start_soon(publisher)
+        nursery.start_soon(_until_closed, demo_agent)
+        nursery.start_soon(_until_closed, publisher)
         with trio.move_on_after(seconds) as out_of_time:
             while len(processed) + dead_lettered() < messages:
                 await trio.sleep(2)
@@ -155,6 +157,12 @@ async def demo(seconds: float, messages: int, broker: str, workdir: Path) -> int
         f"producer throttled {throttled} times (rate {config.throttle.rate:g}/s, burst {config.throttle.burst:g})"
     )
     return 0 if lost <= 0 else 1
+
+
+async def _until_closed(task: Callable[[], Awaitable[None]]) -> None:
+    # The sidecar stops at the end of the demo and closes the connection under the agents.
+    with contextlib.suppress(SidecarClosed):
+        await task()
 
 
 def main(*, seconds: float, messages: int, broker: str) -> int:

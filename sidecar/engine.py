@@ -20,18 +20,31 @@ import trio
 
 from sidecar import attempts
 from sidecar.adapters.broker import Broker, Inbound, MessageProps, headers_json_safe
-from sidecar.config import Config
+from sidecar.config import Config, reason_declarations
 from sidecar.dlq import DeadLetterWriter
 from sidecar.metrics import Metrics
-from sidecar.policy.breaker import BreakerConfig, BreakerState, CircuitBreaker, KeyedBreakers
-from sidecar.policy.failure import FailureReason, error_signature
+from sidecar.policy.breaker import (
+    NOT_A_PROBE,
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    KeyedBreakers,
+)
+from sidecar.policy.failure import FailureReason, ReasonBook, error_signature
 from sidecar.policy.pressure import (
     PressureLevel,
     adjust_batch_size,
     batch_allowed,
     degradation_actions,
 )
-from sidecar.policy.retry import DeadLetter, Retry, RetryPolicy, choose_tier, decide
+from sidecar.policy.retry import (
+    DeadLetter,
+    Retry,
+    RetryPolicy,
+    choose_tier,
+    decide,
+    resolve_reasons,
+)
 from sidecar.protocol import Delivery
 from sidecar.store.records import DeadLetterRecord, payload_from_body
 
@@ -54,6 +67,7 @@ class InFlight:
     key: str = ""
     agent: str = ""
     agent_version: str = ""
+    probe_of: int = NOT_A_PROBE  # the breaker's probe round when handed out as a probe
 
 
 @dataclass(slots=True, frozen=True)
@@ -72,14 +86,8 @@ class SessionInfo:
 
 
 def retry_policy_from(config: Config) -> RetryPolicy:
-    from sidecar.policy.retry import ReasonRule
-
     r = config.retry
-    rules = dict(RetryPolicy().rules)
-    for name, rule in r.reasons.items():
-        rules[name.upper()] = ReasonRule(
-            action=rule.action, backoff=rule.backoff, max_attempts=rule.max_attempts
-        )
+    reasons, rules = resolve_reasons(reason_declarations(config))
     return RetryPolicy(
         max_attempts=r.max_attempts,
         base_delay=r.base_delay,
@@ -89,6 +97,7 @@ def retry_policy_from(config: Config) -> RetryPolicy:
         rate_limit_default_delay=r.rate_limit_default_delay,
         tiers=tuple(r.tiers),
         rules=rules,
+        reasons=reasons,
     )
 
 
@@ -125,6 +134,7 @@ class Engine:
         self.clock = clock
         self.rng = rng or random.Random()
         self.policy = retry_policy_from(config)
+        self.reasons: ReasonBook = self.policy.reasons
         self.breaker = CircuitBreaker(breaker_config_from(config))
         self.keyed = KeyedBreakers(breaker_config_from(config))
         self.key_header = config.breaker.key_header
@@ -150,7 +160,8 @@ class Engine:
         self._deadline_changed = trio.Event()
         self._settled = trio.Event()
         self._breaker_changed = trio.Event()
-        self.on_timeout: Callable[[int, int], None] = lambda session, delivery_id: None
+        # (session, delivery id, charged): charged is False when the expiry was parked.
+        self.on_timeout: Callable[[int, int, bool], None] = lambda session, delivery_id, c: None
 
     # --- the agent's view ------------------------------------------------------------------
 
@@ -203,9 +214,12 @@ class Engine:
         # A suspect (held by an agent that crashed with several messages) goes alone, to
         # an agent holding nothing else: if it is the poison, only it gets charged.
         if self.suspects and not info.in_flight:
-            if state is BreakerState.HALF_OPEN and not self.breaker.allow(now):
-                return []
-            return [self._hand_out(session, info, self.suspects.pop(0), now)]
+            probe_of = NOT_A_PROBE
+            if state is BreakerState.HALF_OPEN:
+                if not self.breaker.allow(now):
+                    return []
+                probe_of = self.breaker.probe_round
+            return [self._hand_out(session, info, self.suspects.pop(0), now, probe_of=probe_of)]
         inbox = self.broker.inbox
         generation = self.broker.generation
         while inbox and len(out) < limit:
@@ -216,16 +230,25 @@ class Engine:
             key = self._key_of(message)
             # Half-open probes of the agent-wide breaker are unkeyed messages: a keyed
             # message's outcome is recorded on its own key's breaker.
-            if not key and state is BreakerState.HALF_OPEN and not self.breaker.allow(now):
-                break
+            probe_of = NOT_A_PROBE
+            if not key and state is BreakerState.HALF_OPEN:
+                if not self.breaker.allow(now):
+                    break
+                probe_of = self.breaker.probe_round
             inbox.popleft()
             message_state = attempts.read_state(message.props.headers)
             if message_state.suspect:
+                if probe_of != NOT_A_PROBE:
+                    self.breaker.release_probe(now, probe_of=probe_of)
                 self.suspects.append(message)
                 continue
-            if key and not self._key_allows(message, key, now):
-                continue
-            out.append(self._hand_out(session, info, message, now, message_state))
+            if key:
+                allowed, probe_of = self._key_allows(message, key, now)
+                if not allowed:
+                    continue
+            out.append(
+                self._hand_out(session, info, message, now, message_state, probe_of=probe_of)
+            )
         self.metrics.buffered.set(len(inbox))
         return out
 
@@ -238,17 +261,19 @@ class Engine:
     def _breaker_for(self, held: InFlight) -> CircuitBreaker:
         return self.keyed.get(held.key) if held.key else self.breaker
 
-    def _key_allows(self, message: Inbound, key: str, now: float) -> bool:
+    def _key_allows(self, message: Inbound, key: str, now: float) -> tuple[bool, int]:
         """A keyed breaker pauses only its own messages: they wait out the open time in a
-        delay tier, uncharged, while other keys keep flowing."""
+        delay tier, uncharged, while other keys keep flowing. Returns (allowed, probe_of)."""
         breaker = self.keyed.get(key)
         state = breaker.state(now)
-        if state is BreakerState.CLOSED or (state is BreakerState.HALF_OPEN and breaker.allow(now)):
-            return True
+        if state is BreakerState.CLOSED:
+            return True, NOT_A_PROBE
+        if state is BreakerState.HALF_OPEN and breaker.allow(now):
+            return True, breaker.probe_round
         self._park(
             message, max(breaker.retry_in(now), self.policy.tiers[0]), why="key_circuit_open"
         )
-        return False
+        return False, NOT_A_PROBE
 
     def _hand_out(
         self,
@@ -257,6 +282,8 @@ class Engine:
         message: Inbound,
         now: float,
         state: attempts.AttemptState | None = None,
+        *,
+        probe_of: int = NOT_A_PROBE,
     ) -> Delivery:
         if state is None:
             state = attempts.read_state(message.props.headers)
@@ -264,7 +291,16 @@ class Engine:
         deadline = now + self.config.agent.deadline
         key = self._key_of(message)
         self.in_flight[delivery_id] = InFlight(
-            delivery_id, message, session, state, now, deadline, key, info.agent, info.version
+            delivery_id,
+            message,
+            session,
+            state,
+            now,
+            deadline,
+            key,
+            info.agent,
+            info.version,
+            probe_of,
         )
         info.in_flight.add(delivery_id)
         self._push_deadline(deadline, delivery_id)
@@ -331,7 +367,7 @@ class Engine:
             per_queue = self._queue_metrics(held.message.queue)
             per_queue.acked.inc()
             per_queue.ack_seconds.observe(now - held.handed_at)
-            self._breaker_for(held).record_success(now)
+            self._breaker_for(held).record_success(now, probe_of=held.probe_of)
         return unknown
 
     def _settle(self, message: Inbound, *, requeue: bool = False) -> None:
@@ -366,34 +402,51 @@ class Engine:
         self._charge(held, reason.upper(), error, retry_after)
         return True
 
-    def _charge(self, held: InFlight, reason: str, error: str, retry_after: float | None) -> None:
-        """One failed attempt: breaker bookkeeping, then retry, park or dead-letter."""
+    def _charge(self, held: InFlight, reason: str, error: str, retry_after: float | None) -> bool:
+        """One failed attempt: breaker bookkeeping, then retry, park or dead-letter. Returns
+        whether the attempt was charged (False: requeued by a drain, or parked)."""
         now = self.clock()
         message = held.message
+        breaker = self._breaker_for(held)
         if self.draining:
             # Shutdown never dead-letters and never burns an attempt.
+            breaker.release_probe(now, probe_of=held.probe_of)
             self._settle(message, requeue=True)
-            return
+            return False
         if message.generation != self.broker.generation or not self.broker.is_connected:
             # The connection that delivered it is gone and the broker has requeued it: a
             # retry copy would duplicate it, and a lost connection says nothing about the
             # agent, so neither the attempt nor the breaker is charged.
+            breaker.release_probe(now, probe_of=held.probe_of)
             self.counts["stale"] += 1
             self.metrics.stale_acks.inc()
-            return
+            return False
         self.counts["failed"] += 1
         self.metrics.failures.labels(message.queue, reason).inc()
         self.metrics.failures_by_host.labels(self.config.identity.host).inc()
         self.metrics.processing_seconds.labels(message.queue, "fail").observe(now - held.handed_at)
-        breaker = self._breaker_for(held)
-        if breaker.state(now) is BreakerState.OPEN:
-            # Tripped while this one was in flight: it waits out the open time, uncharged.
+        systemic = self.reasons.counts_for_breaker(reason)
+        if (
+            systemic
+            and held.probe_of == NOT_A_PROBE
+            and breaker.state(now) is BreakerState.OPEN
+            and _parked_this_attempt(message) == 0
+        ):
+            # The breaker tripped while this one was in flight: its failure is likely the
+            # outage's, so it waits out the open time uncharged, once per attempt. A message
+            # that fails again the same way is charged, however often the breaker trips.
             self._park(message, breaker.retry_in(now), why="circuit_open")
-            return
-        breaker.record_failure(now)
-        if breaker.state(now) is BreakerState.OPEN:
-            self.metrics.breaker_trips.inc()
-            self._breaker_changed.set()
+            return False
+        if systemic:
+            trips = breaker.trips
+            breaker.record_failure(now, probe_of=held.probe_of)
+            if breaker.trips != trips:
+                self.metrics.breaker_trips.inc()
+                self._breaker_changed.set()
+        else:
+            # Bad input says nothing about downstream health: neither a failure nor a
+            # success for the breaker, but a probe's slot is free again.
+            breaker.release_probe(now, probe_of=held.probe_of)
         decision = decide(
             reason, error, held.state.attempt, retry_after, self.policy, self.rng.random()
         )
@@ -401,6 +454,7 @@ class Engine:
             self._retry(message, held.state, reason, error, decision)
         else:
             self._dead_letter(held, reason, error, decision)
+        return True
 
     def _retry(
         self,
@@ -507,8 +561,10 @@ class Engine:
         held = [h for h in map(self._release, sorted(info.in_flight)) if h is not None]
         if not held:
             return
+        now = self.clock()
         if self.draining or not crashed:
             for h in held:
+                self._breaker_for(h).release_probe(now, probe_of=h.probe_of)
                 self._settle(h.message, requeue=True)
             return
         self.counts["crashes"] += 1
@@ -521,6 +577,7 @@ class Engine:
             )
             return
         for h in held:
+            self._breaker_for(h).release_probe(now, probe_of=h.probe_of)
             self._park(h.message, self.policy.tiers[0], why="agent_crash", suspect=True)
 
     # --- deadlines -------------------------------------------------------------------------
@@ -555,13 +612,14 @@ class Engine:
                     continue  # answered, or extended (a newer heap entry exists)
                 self._release(delivery_id)
                 self.counts["timeouts"] += 1
-                self.on_timeout(held.session, delivery_id)
-                self._charge(
+                charged = self._charge(
                     held,
                     FailureReason.TIMEOUT,
                     f"no answer within {self.config.agent.deadline:g}s",
                     None,
                 )
+                # Told after the decision, so the notice can say truthfully what happened.
+                self.on_timeout(held.session, delivery_id, charged)
 
     # --- breaker ---------------------------------------------------------------------------
 
@@ -637,6 +695,17 @@ class Engine:
 
 
 _BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
+def _parked_this_attempt(message: Inbound) -> int:
+    """Uncharged parks since the last charged failure (a charge clears the header)."""
+    value = message.props.headers.get(attempts.PARKED)
+    if not isinstance(value, int | str | bytes):
+        return 0
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def _props_kwargs(p: MessageProps) -> dict[str, Any]:

@@ -13,21 +13,16 @@ from typing import Annotated, Any
 
 import msgspec
 
+from sidecar.policy.failure import DEFAULT_REASONS
+
 PROTOCOL_VERSION = 1
 
 # Ids must fit MessagePack's integers (JSON's are unbounded) so any answer can be encoded.
 Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
-# Failure reasons an agent may report; the seed's four plus the sidecar's own.
-FAILURE_REASONS = (
-    "TIMEOUT",
-    "NETWORK_ERROR",
-    "RATE_LIMITED",
-    "VALIDATION_FAILED",
-    "UNRECOVERABLE",
-    "CONSTRAINT_VIOLATION",
-    "PROCESSING_ERROR",
-)
+# The built-in reasons an agent may report (policy/failure.py is their source); a sidecar
+# may accept more, declared by its operator, and lists them all in ``welcome.reasons``.
+FAILURE_REASONS = tuple(DEFAULT_REASONS.agent_reasons())
 
 
 class Frame(msgspec.Struct, tag_field="kind", omit_defaults=True):
@@ -122,6 +117,8 @@ class Welcome(Frame, tag="welcome"):
     limits: Limits
     pressure: str = "NORMAL"
     batch_size: int = 1
+    # The failure reasons this sidecar accepts in ``fail`` (built-in and declared).
+    reasons: list[str] = []
 
 
 class Delivery(msgspec.Struct, omit_defaults=True):
@@ -148,8 +145,9 @@ class Batch(Frame, tag="batch"):
 
 
 class Published(Frame, tag="published"):
-    """Result of a ``publish``: ok, or an error; ``throttled`` with ``retry_after`` when the
-    publish was not sent because of backpressure (send it again later)."""
+    """Result of a ``publish``: ok once the broker confirmed it, or an error. Publishes wait
+    in the sidecar's queue while backpressure holds them; only when that queue is full is
+    the answer ``throttled`` (not sent) with ``retry_after`` > 0: send it again then."""
 
     ref: int
     ok: bool
@@ -173,6 +171,8 @@ class Error(Frame, tag="error"):
     message: str
     ref: int | None = None
     fatal: bool = False
+    # ``unknown_delivery``: every id of the frame that this session does not hold.
+    ids: list[int] | None = None
 
 
 AgentFrame = Hello | Pull | Ack | Fail | Extend | Publish | Heartbeat
@@ -185,14 +185,17 @@ SIDECAR_KINDS = frozenset(str(t.__struct_config__.tag) for t in SidecarFrame.__a
 class ProtocolError(Exception):
     """A frame the sidecar cannot accept; ``code`` is stable for clients to match on."""
 
-    def __init__(self, code: str, message: str, *, ref: int | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, *, ref: int | None = None, ids: list[int] | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref
+        self.ids = ids
 
     def to_frame(self, *, fatal: bool = False) -> Error:
-        return Error(code=self.code, message=self.message, ref=self.ref, fatal=fatal)
+        return Error(code=self.code, message=self.message, ref=self.ref, fatal=fatal, ids=self.ids)
 
 
 class _Kind(msgspec.Struct):

@@ -7,12 +7,15 @@ token, or an agent that stops reading its socket ends the connection.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import math
 import re
 import secrets
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -21,7 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sidecar import protocol as p
 from sidecar.adapters.broker import MessageProps
-from sidecar.backpressure import PublishGate
+from sidecar.backpressure import HELD_RETRY_AFTER, PublishGate
 from sidecar.config import Config
 from sidecar.engine import Engine
 from sidecar.metrics import Metrics
@@ -29,8 +32,26 @@ from sidecar.metrics import Metrics
 log = logging.getLogger("sidecar.session")
 
 HANDSHAKE_TIMEOUT = 10.0
+MAX_UNKNOWN_IDS = 10000  # ids named in one unknown_delivery error
 OUTBOX_LIMIT = 4096  # frames queued for an agent that is not reading: then we drop it
 _QUEUE_NAME = re.compile(r"^(?!amq\.)[^\x00-\x1f]{1,255}$")
+# retry_after of a throttled publish: never 0 (an agent obeying it exactly must not spin),
+# never so long that an idle queue is left waiting.
+MIN_RETRY_AFTER = 0.05
+MAX_RETRY_AFTER = 60.0
+PUMP_RECHECK = 1.0  # held targets are re-checked at least this often (rates follow depth)
+DISCONNECTED_RECHECK = 0.2
+MAX_SLOT_TARGETS = 256  # targets whose next throttled slot is remembered
+
+
+@dataclass(slots=True)
+class _Queued:
+    """A publish accepted into the session's queue, waiting for a token."""
+
+    frame: p.Publish
+    exchange: str
+    routing_key: str
+    size: int
 
 
 class Session:
@@ -65,6 +86,19 @@ class Session:
         self._out_send, self._out_recv = trio.open_memory_channel[p.Frame](OUTBOX_LIMIT)
         self.crashed = True
         self._nursery: trio.Nursery | None = None
+        # Publishes waiting for their target's token bucket, one FIFO per target so a held
+        # target does not stall the others; bounded in count and bytes across targets.
+        self._queued: dict[str, deque[_Queued]] = {}
+        self._queued_count = 0
+        self._queued_bytes = 0
+        # Per target: the earliest time the next throttled publish is told to come back,
+        # so a crowd of refused publishes is spread out instead of returning all at once.
+        self._next_slot: dict[str, float] = {}
+        # When each target with queued publishes is next looked at: (time, seq, target), one
+        # entry per such target, so the pump's work per publish is logarithmic, not a scan.
+        self._due: list[tuple[float, int, str]] = []
+        self._due_seq = itertools.count()
+        self._pump_wake = trio.Event()
 
     # --- sending -----------------------------------------------------------------------
 
@@ -108,6 +142,7 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
+                nursery.start_soon(self._pump)
                 await self._read_frames()
                 nursery.cancel_scope.cancel()
         except ConnectionClosed:
@@ -196,6 +231,7 @@ class Session:
             ),
             pressure=self.engine.pressure.name,
             batch_size=self.engine.batch_size,
+            reasons=self.engine.reasons.agent_reasons(),
         )
 
     def _dispatch(self, data: bytes | str) -> None:
@@ -233,16 +269,16 @@ class Session:
         self.send(p.Batch(messages=messages))
 
     def _on_ack(self, frame: p.Ack) -> None:
-        unknown = self.engine.ack(self.id, frame.ids)
-        if unknown:
-            raise p.ProtocolError("unknown_delivery", f"not held by this session: {unknown[:20]}")
+        _refuse_unknown(self.engine.ack(self.id, frame.ids))
 
     def _on_fail(self, frame: p.Fail) -> None:
         reason = frame.reason.upper()
-        if reason not in p.FAILURE_REASONS:
+        if not self.engine.reasons.accepts(reason):
+            # Refused at once, not held until the deadline: the agent learns at the call.
+            accepted = ", ".join(self.engine.reasons.agent_reasons())
             raise p.ProtocolError(
                 "unknown_reason",
-                f"unknown failure reason {frame.reason!r}; expected one of {', '.join(p.FAILURE_REASONS)}",
+                f"unknown failure reason {frame.reason[:64]!r}; expected one of {accepted}",
                 ref=frame.id,
             )
         if frame.retry_after is not None and not (
@@ -253,15 +289,16 @@ class Session:
             )
         if not self.engine.fail(self.id, frame.id, reason, frame.error, frame.retry_after):
             raise p.ProtocolError(
-                "unknown_delivery", f"not held by this session: {frame.id}", ref=frame.id
+                "unknown_delivery",
+                f"not held by this session: {frame.id}",
+                ref=frame.id,
+                ids=[frame.id],
             )
 
     def _on_extend(self, frame: p.Extend) -> None:
         if not math.isfinite(frame.seconds) or frame.seconds <= 0:
             raise p.ProtocolError("invalid_extend", "extend.seconds must be a finite number > 0")
-        unknown = self.engine.extend(self.id, frame.ids, frame.seconds)
-        if unknown:
-            raise p.ProtocolError("unknown_delivery", f"not held by this session: {unknown[:20]}")
+        _refuse_unknown(self.engine.extend(self.id, frame.ids, frame.seconds))
 
     def _on_publish(self, frame: p.Publish) -> None:
         problem = self._check_publish(frame)
@@ -271,19 +308,58 @@ class Session:
         exchange = "" if frame.queue else frame.exchange
         routing_key = frame.queue or frame.routing_key
         target = routing_key if exchange == "" else f"{exchange}/{routing_key}"
-        if not self.engine.broker.is_connected:
-            wait, why = 1.0, "broker_unavailable"
-        else:
-            wait, why = self.gate.check(target)
-        if wait > 0:
-            self.metrics.throttled.labels(why).inc()
-            self.metrics.published.labels("throttled").inc()
-            self.send(
-                p.Published(
-                    ref=frame.ref, ok=False, throttled=True, retry_after=round(wait, 3), error=why
-                )
-            )
+        item = _Queued(frame, exchange, routing_key, len(frame.body))
+        if not self._queued.get(target) and self.engine.broker.is_connected:
+            wait, _ = self.gate.check(target)
+            if wait <= 0:
+                self._send_publish(item)
+                return
+        q = self.config.throttle
+        if self._queued_count >= q.queue or self._queued_bytes + item.size > q.queue_bytes:
+            self._throttle(frame, target)
             return
+        pending = self._queued.get(target)
+        if pending is None:
+            pending = self._queued[target] = deque()
+            heapq.heappush(self._due, (-math.inf, next(self._due_seq), target))
+            self._pump_wake.set()
+        pending.append(item)
+        self._queued_count += 1
+        self._queued_bytes += item.size
+
+    def _throttle(self, frame: p.Publish, target: str) -> None:
+        """The queue is full: not sent. Tell the agent when there will be room for it."""
+        now = self.gate.clock()
+        if not self.engine.broker.is_connected:
+            why, rate = "broker_unavailable", 0.0
+        else:
+            rate = self.gate.current_rate(target)
+            # A held target (rate 0) takes no token, so asking the gate only names the cause.
+            why = "rate_limited" if rate > 0 else self.gate.check(target)[1]
+        if rate > 0:
+            # Room comes as the queue ahead drains at the target's rate; each refused
+            # publish gets its own later slot, so they come back one by one.
+            ahead = len(self._queued.get(target, ())) + 1
+            slot = max(now + ahead / rate, self._next_slot.get(target, 0.0))
+            if len(self._next_slot) >= MAX_SLOT_TARGETS:
+                self._next_slot = {t: s for t, s in self._next_slot.items() if s > now}
+                while len(self._next_slot) >= MAX_SLOT_TARGETS:
+                    del self._next_slot[next(iter(self._next_slot))]
+            self._next_slot[target] = slot + 1 / rate
+            wait = slot - now
+        else:
+            wait = HELD_RETRY_AFTER
+        wait = min(max(wait, MIN_RETRY_AFTER), MAX_RETRY_AFTER)
+        self.metrics.throttled.labels(why).inc()
+        self.metrics.published.labels("throttled").inc()
+        self.send(
+            p.Published(
+                ref=frame.ref, ok=False, throttled=True, retry_after=round(wait, 3), error=why
+            )
+        )
+
+    def _send_publish(self, item: _Queued) -> None:
+        frame = item.frame
         props = MessageProps(
             headers=dict(frame.headers),
             message_id=frame.message_id,
@@ -297,8 +373,50 @@ class Session:
             self.send(p.Published(ref=frame.ref, ok=error is None, error=error))
 
         self.engine.broker.publish_nowait(
-            frame.body, exchange=exchange, routing_key=routing_key, props=props, on_done=on_done
+            frame.body,
+            exchange=item.exchange,
+            routing_key=item.routing_key,
+            props=props,
+            on_done=on_done,
         )
+
+    async def _pump(self) -> None:
+        """Send queued publishes as their targets' token buckets allow."""
+        while True:
+            now = self.gate.clock()
+            while self._due and self._due[0][0] <= now:
+                _, _, target = heapq.heappop(self._due)
+                pending = self._queued.get(target)
+                if not pending:
+                    self._queued.pop(target, None)
+                    continue
+                wait = self._send_queued(target, pending)
+                if pending:
+                    # Looked at again when a token is due, and at least every PUMP_RECHECK
+                    # since the target's rate follows its depth.
+                    due = now + min(wait, PUMP_RECHECK)
+                    heapq.heappush(self._due, (due, next(self._due_seq), target))
+                else:
+                    del self._queued[target]
+            # No await between the scan and here, so a target queued meanwhile cannot be
+            # missed: it sets this new event.
+            self._pump_wake = trio.Event()
+            with trio.move_on_after(self._due[0][0] - now if self._due else math.inf):
+                await self._pump_wake.wait()
+
+    def _send_queued(self, target: str, pending: deque[_Queued]) -> float:
+        """Send what the bucket allows now; the seconds until the next try, if any remain."""
+        while pending:
+            if not self.engine.broker.is_connected:
+                return DISCONNECTED_RECHECK
+            wait, _ = self.gate.check(target)
+            if wait > 0:
+                return wait
+            item = pending.popleft()
+            self._queued_count -= 1
+            self._queued_bytes -= item.size
+            self._send_publish(item)
+        return 0.0
 
     def _check_publish(self, frame: p.Publish) -> str | None:
         a = self.config.agent
@@ -333,3 +451,18 @@ class Session:
         p.Heartbeat: _on_heartbeat,
         p.Hello: _on_hello,
     }
+
+
+def _refuse_unknown(unknown: list[int]) -> None:
+    """One error naming every id of an ack or extend this session does not hold (capped, so
+    a hostile frame cannot make the answer huge)."""
+    if not unknown:
+        return
+    distinct = list(dict.fromkeys(unknown))
+    ids = distinct[:MAX_UNKNOWN_IDS]
+    raise p.ProtocolError(
+        "unknown_delivery",
+        f"{len(distinct)} id(s) not held by this session",
+        ref=ids[0],
+        ids=ids,
+    )

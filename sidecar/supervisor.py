@@ -83,13 +83,15 @@ class Sidecar:
         for session in self.sessions.values():
             session.send(frame)
 
-    def _notify_timeout(self, session_id: int, delivery_id: int) -> None:
+    def _notify_timeout(self, session_id: int, delivery_id: int, charged: bool) -> None:
         session = self.sessions.get(session_id)
         if session is not None:
             session.send(
                 p.Error(
                     code="deadline_expired",
-                    message="no answer by the deadline; charged TIMEOUT",
+                    message="no answer by the deadline; charged TIMEOUT"
+                    if charged
+                    else "no answer by the deadline; returned uncharged",
                     ref=delivery_id,
                 )
             )

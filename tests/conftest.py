@@ -207,3 +207,17 @@ async def running_sidecar(config: Config) -> AsyncIterator[Sidecar]:
                 while not nursery.cancel_scope.cancel_called and nursery.child_tasks:
                     await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
+
+
+def record_session_ends(engine: Any) -> list[bool]:
+    """Wrap ``engine.close_session`` to record, per agent session, whether it ended as a
+    crash (anything but a WebSocket close 1000/1001)."""
+    ended: list[bool] = []
+    close_session = engine.close_session
+
+    def recording(session: int, *, crashed: bool) -> None:
+        ended.append(crashed)
+        close_session(session, crashed=crashed)
+
+    engine.close_session = recording
+    return ended

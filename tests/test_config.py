@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from sidecar.cli import EXIT_CONFIG, main
@@ -94,3 +96,43 @@ def test_version_flag(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("sidecar ")
+
+
+@pytest.mark.parametrize(
+    ("toml", "key"),
+    [
+        (
+            '[retry.reasons.VALIDATION_FAILED]\naction = "retry"\n',
+            "retry.reasons.VALIDATION_FAILED.action",
+        ),
+        ('[retry.reasons.HTTP_503]\naction = "retry"\n', "retry.reasons.HTTP_503"),
+        ('[retry.reasons.HTTP_503]\nlike = "HTTP_500"\n', "retry.reasons.HTTP_503.like"),
+        (
+            '[retry.reasons.BAD_PDF]\nkind = "permanent"\naction = "retry"\n',
+            "retry.reasons.BAD_PDF.action",
+        ),
+        (
+            "[breaker]\nhalf_open_probes = 1\nhalf_open_successes = 2\n",
+            "breaker.half_open_successes",
+        ),
+    ],
+)
+def test_config_check_refuses_reason_rules_that_cannot_apply(tmp_path, capsys, toml, key):
+    path = tmp_path / "sidecar.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(path, environ={})
+    assert main(["config", "check", str(path)]) == 3
+    assert key in capsys.readouterr().err
+
+
+def test_declared_reasons_load(tmp_path):
+    path = tmp_path / "sidecar.toml"
+    path.write_text(
+        '[retry.reasons.HTTP_503]\nlike = "NETWORK_ERROR"\n'
+        '[retry.reasons.BAD_PDF]\nkind = "permanent"\n'
+        "[retry.reasons.TIMEOUT]\nbreaker = false\n"
+    )
+    config = load_config(path, environ={})
+    assert config.retry.reasons["HTTP_503"].like == "NETWORK_ERROR"
+    assert config.breaker.half_open_probes == 1

@@ -1,8 +1,15 @@
-"""Circuit breaker: stop pulling work for an agent (or target) that keeps failing.
+"""Circuit breaker: stop pulling work while something downstream of the agent is down.
 
 Trips on consecutive failures (the seed's rule) or on a failure ratio over a sliding window,
-so an agent that fails every other message is caught too. Re-trips from HALF_OPEN back off
-exponentially so a still-broken agent is probed less and less often.
+so a dependency that fails every other call is caught too. Only failures that say something
+about downstream health should be recorded here (the caller filters by reason: see
+``ReasonBook.counts_for_breaker``); a burst of malformed input is not an outage.
+
+HALF_OPEN hands out ``half_open_probes`` deliveries and decides on their answers alone:
+``half_open_successes`` successes close it, one failure reopens it. Re-trips from HALF_OPEN
+back off exponentially so a still-broken dependency is probed less and less often. Answers
+are tagged with the probe round they belong to, so a late answer from before (or from an
+earlier round) cannot close or reopen the breaker.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 WINDOW_SLICES = 60
+NOT_A_PROBE = -1  # ``probe_of`` for a delivery handed out while CLOSED
 
 
 class BreakerState(enum.StrEnum):
@@ -31,8 +39,8 @@ class BreakerConfig:
     window: float = 60.0
     min_calls_in_window: int = 10
     failure_ratio: float = 0.5
-    half_open_probes: int = 3
-    half_open_successes: int = 2
+    half_open_probes: int = 1
+    half_open_successes: int = 1
 
     def __post_init__(self) -> None:
         checks = (
@@ -74,6 +82,7 @@ class CircuitBreaker:
         self._failures_in_window = 0
         self._probes_out = 0
         self._probe_successes = 0
+        self.probe_round = 0  # bumped on every entry into HALF_OPEN
 
     @property
     def closed(self) -> bool:
@@ -88,10 +97,12 @@ class CircuitBreaker:
             self._open_until = None
             self._probes_out = 0
             self._probe_successes = 0
+            self.probe_round += 1
         return self._state
 
     def allow(self, now: float) -> bool:
-        """May one more delivery go to the agent? In HALF_OPEN, each True is a counted probe."""
+        """May one more delivery go out? In HALF_OPEN, each True is a probe of the current
+        ``probe_round``; tag its answer with that round."""
         state = self.state(now)
         if state is BreakerState.CLOSED:
             return True
@@ -100,21 +111,28 @@ class CircuitBreaker:
             return True
         return False
 
-    def record_success(self, now: float) -> None:
+    def _is_current_probe(self, probe_of: int | None) -> bool:
+        # None: the caller does not track rounds, so any answer in HALF_OPEN is a probe's.
+        return probe_of is None or probe_of == self.probe_round
+
+    def record_success(self, now: float, *, probe_of: int | None = None) -> None:
         state = self.state(now)
         if state is BreakerState.CLOSED:
             self._consecutive = 0
             self._remember(now, ok=True)
-        elif state is BreakerState.HALF_OPEN:
+        elif state is BreakerState.HALF_OPEN and self._is_current_probe(probe_of):
             self._probes_out = max(0, self._probes_out - 1)
             self._probe_successes += 1
             if self._probe_successes >= self.config.half_open_successes:
                 self._close()
-        # OPEN: a late result from before the trip says nothing about recovery; ignore it.
+        # OPEN, or an answer from outside the current probe round: it says nothing about
+        # recovery now; ignore it.
 
-    def record_failure(self, now: float) -> None:
+    def record_failure(self, now: float, *, probe_of: int | None = None) -> None:
         state = self.state(now)
         if state is BreakerState.HALF_OPEN:
+            if not self._is_current_probe(probe_of):
+                return
             self.current_open_timeout = min(
                 self.current_open_timeout * self.config.backoff_multiplier,
                 self.config.max_open_timeout,
@@ -125,6 +143,12 @@ class CircuitBreaker:
             self._remember(now, ok=False)
             if self._consecutive >= self.config.failure_threshold or self._ratio_exceeded():
                 self._trip(now)
+
+    def release_probe(self, now: float, *, probe_of: int | None = None) -> None:
+        """A probe came back without a verdict (a failure that does not count, a clean close,
+        a drain): free its slot so another delivery can probe."""
+        if self.state(now) is BreakerState.HALF_OPEN and self._is_current_probe(probe_of):
+            self._probes_out = max(0, self._probes_out - 1)
 
     def open_until(self) -> float | None:
         """When the current open period ends, or None when not open."""

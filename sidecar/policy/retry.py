@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-from sidecar.policy.failure import PERMANENT_REASONS, FailureReason
+from sidecar.policy.failure import (
+    BUILTIN_REASONS,
+    DEFAULT_REASONS,
+    FailureReason,
+    ReasonBook,
+    ReasonKind,
+    ReasonSpec,
+)
 
 Action = Literal["retry", "dead_letter"]
 Backoff = Literal["exponential", "rate_limit", "reduced_scope", "none"]
@@ -49,6 +56,114 @@ def _default_rules() -> Mapping[str, ReasonRule]:
 
 # Used only when a custom rule set omits PROCESSING_ERROR.
 _FALLBACK_RULE = ReasonRule("retry", "exponential")
+_DEFAULT_RULE_FOR_KIND = {
+    ReasonKind.TRANSIENT: ReasonRule("retry", "exponential"),
+    ReasonKind.PERMANENT: ReasonRule("dead_letter", "none"),
+}
+
+
+@dataclass(frozen=True)
+class ReasonDeclaration:
+    """One ``[retry.reasons.NAME]`` table as written; None means "not said"."""
+
+    action: Action | None = None
+    backoff: Backoff | None = None
+    max_attempts: int | None = None
+    like: str | None = None
+    kind: str | None = None
+    breaker: bool | None = None
+
+
+class ReasonConfigError(ValueError):
+    """A reason rule that cannot apply; ``key`` is relative to ``[retry.reasons]``."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.detail = message
+
+
+def resolve_reasons(
+    declared: Mapping[str, ReasonDeclaration],
+) -> tuple[ReasonBook, dict[str, ReasonRule]]:
+    """The reason book and retry rules from the operator's declarations.
+
+    A table for a built-in reason adjusts its rule and whether it trips the breaker; a table
+    for a new reason declares it, with ``kind`` or ``like`` (a built-in reason whose kind,
+    breaker flag and rule it starts from). Anything that could never apply is refused with
+    its key named, rather than accepted and silently ignored.
+    """
+    defaults = _default_rules()
+    rules: dict[str, ReasonRule] = dict(defaults)
+    custom: list[ReasonSpec] = []
+    overrides: list[ReasonSpec] = []
+    seen: dict[str, str] = {}
+    for key, d in declared.items():
+        name = key.upper()
+        if name in seen:
+            raise ReasonConfigError(key, f"declared twice (also as {seen[name]!r})")
+        seen[name] = key
+        kind: ReasonKind | None = None
+        if d.kind is not None:
+            try:
+                kind = ReasonKind(d.kind)
+            except ValueError:
+                raise ReasonConfigError(
+                    f"{key}.kind", f'expected "transient" or "permanent", got {d.kind!r}'
+                ) from None
+        builtin = BUILTIN_REASONS.get(name)
+        if builtin is not None:
+            if d.like is not None:
+                raise ReasonConfigError(
+                    f"{key}.like", f"{name} is a built-in reason; only new reasons take like"
+                )
+            if kind is not None and kind is not builtin.kind:
+                raise ReasonConfigError(
+                    f"{key}.kind", f"{name} is built in as {builtin.kind}; that cannot change"
+                )
+            kind = builtin.kind
+            breaker = builtin.breaker if d.breaker is None else d.breaker
+            base = defaults[name]
+            overrides.append(ReasonSpec(name, kind, breaker))
+        else:
+            if d.like is None and kind is None:
+                raise ReasonConfigError(
+                    key,
+                    f"{name} is not a built-in reason, so this rule could never apply; declare"
+                    ' it with kind = "transient" | "permanent" or like = "<built-in reason>"',
+                )
+            like = BUILTIN_REASONS.get(d.like.upper()) if d.like is not None else None
+            if d.like is not None and like is None:
+                raise ReasonConfigError(
+                    f"{key}.like",
+                    f"{d.like!r} is not a built-in reason (one of {', '.join(BUILTIN_REASONS)})",
+                )
+            if like is not None and (kind is None or kind is like.kind):
+                kind, base = like.kind, defaults[like.name]
+                breaker = like.breaker if d.breaker is None else d.breaker
+            else:
+                assert kind is not None
+                base = _DEFAULT_RULE_FOR_KIND[kind]
+                breaker = bool(d.breaker)
+            custom.append(ReasonSpec(name, kind, breaker))
+        if kind is ReasonKind.PERMANENT and d.action == "retry":
+            raise ReasonConfigError(
+                f"{key}.action",
+                f'{name} is permanent and always dead-lettered; action = "retry" cannot apply',
+            )
+        action: Action = d.action or base.action
+        if kind is ReasonKind.PERMANENT:
+            action = "dead_letter"
+        rules[name] = ReasonRule(
+            action=action,
+            backoff=d.backoff or base.backoff,
+            max_attempts=base.max_attempts if d.max_attempts is None else d.max_attempts,
+        )
+    try:
+        book = ReasonBook(custom, overrides=overrides)
+    except ValueError as exc:
+        raise ReasonConfigError("", str(exc)) from None
+    return book, rules
 
 
 @dataclass(frozen=True)
@@ -63,6 +178,7 @@ class RetryPolicy:
     rate_limit_default_delay: float = 30.0
     tiers: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 600.0)
     rules: Mapping[str, ReasonRule] = field(default_factory=_default_rules, hash=False)
+    reasons: ReasonBook = field(default=DEFAULT_REASONS, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -89,7 +205,7 @@ class RetryPolicy:
                 raise ValueError(f"rule for {reason}: unknown action or backoff {rule}")
             if rule.max_attempts is not None and rule.max_attempts < 1:
                 raise ValueError(f"rule for {reason}: max_attempts must be >= 1")
-            if reason in PERMANENT_REASONS and rule.action != "dead_letter":
+            if self.reasons.permanent(reason) and rule.action != "dead_letter":
                 raise ValueError(f"{reason} is permanent; its rule must be dead_letter")
         object.__setattr__(self, "tiers", tiers)
         object.__setattr__(self, "rules", MappingProxyType(dict(self.rules)))
@@ -183,7 +299,7 @@ def decide(
     if attempt < 1:
         raise ValueError(f"attempt must be >= 1, got {attempt}")
     rule = policy.rule_for(reason)
-    if reason in PERMANENT_REASONS:
+    if policy.reasons.permanent(reason):
         return DeadLetter(reason, f"permanent failure {reason}")
     if rule.action == "dead_letter":
         return DeadLetter(reason, f"no retry configured for {reason}")

@@ -54,3 +54,60 @@ async def test_asyncio_agent_consumes_acks_and_publishes(tmp_path, unique_queue)
         assert await queue_count(out) == 1
     finally:
         await trio.to_thread.run_sync(delete_queues, [out])
+
+
+def run_asyncio_handler_agent(socket: str, queue: str) -> dict[str, object]:
+    from sidecar.client import Failure, UnknownReason
+
+    async def main() -> dict[str, object]:
+        seen: list[tuple[bytes, int]] = []
+        async with await AsyncioAgent.connect(socket, agent="aio", queues=[queue]) as agent:
+            assert agent.welcome is not None
+            reasons = list(agent.welcome.reasons)
+
+            async def handle(m: object) -> None:
+                body, attempt = m.body, m.attempt  # type: ignore[attr-defined]
+                seen.append((body, attempt))
+                if body == b"flaky" and attempt == 1:
+                    raise Failure("HTTP_503", "503 Service Unavailable")
+                if body == b"bad":
+                    raise ValueError("not a job")  # mapped to VALIDATION_FAILED
+
+            await agent.run_batches(handle, batch=5, wait=0.5, stop=lambda: len(seen) >= 4)
+            (extra,) = await agent.pull(1, wait=5)
+            try:
+                await agent.fail(extra.id, "HTTP_504")
+                refused = False
+            except UnknownReason:
+                refused = True  # raised at the call, nothing sent
+            await agent.ack([extra.id])
+        return {"seen": seen, "reasons": reasons, "refused": refused}
+
+    loop = asyncio.SelectorEventLoop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+async def test_asyncio_handler_loop_maps_exceptions_to_reasons(tmp_path, unique_queue):
+    queue = unique_queue()
+    await publish_many(queue, [b"ok", b"flaky", b"bad", b"last"])
+    config = make_config(
+        tmp_path, [queue], retry={"reasons": {"HTTP_503": {"like": "NETWORK_ERROR"}}}
+    )
+    with trio.fail_after(60):
+        async with running_sidecar(config) as sidecar:
+            result = await trio.to_thread.run_sync(
+                run_asyncio_handler_agent, config.agent.socket, queue
+            )
+            while sidecar.engine.sessions:
+                await trio.sleep(0.05)
+            records = sidecar.store.find()
+            counts = dict(sidecar.engine.counts)
+    seen = result["seen"]
+    assert sorted(seen) == sorted([(b"ok", 1), (b"flaky", 1), (b"bad", 1), (b"last", 1)])
+    assert "HTTP_503" in result["reasons"] and result["refused"] is True
+    assert [(r.rawBody, r.failureReason) for r in records] == [(b"bad", "VALIDATION_FAILED")]
+    assert counts["retried"] == 1 and counts["acked"] == 3 and counts["crashes"] == 0
+    assert await queue_count(queue) == 0

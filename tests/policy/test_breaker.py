@@ -1,6 +1,7 @@
 import pytest
 
 from sidecar.policy.breaker import (
+    NOT_A_PROBE,
     WINDOW_SLICES,
     BreakerConfig,
     BreakerState,
@@ -171,8 +172,15 @@ def test_results_arriving_while_open_are_ignored():
     assert breaker.open_until() == 60.0
 
 
-def test_half_open_allows_a_limited_number_of_probes():
+def test_half_open_hands_out_one_probe_by_default():
     breaker, now = half_open()
+    assert [breaker.allow(now) for _ in range(3)] == [True, False, False]
+    breaker.record_success(now + 1, probe_of=breaker.probe_round)
+    assert breaker.state(now + 1) is CLOSED
+
+
+def test_half_open_allows_a_limited_number_of_probes():
+    breaker, now = half_open(BreakerConfig(half_open_probes=3, half_open_successes=2))
     assert [breaker.allow(now) for _ in range(5)] == [True, True, True, False, False]
 
 
@@ -185,7 +193,7 @@ def test_probe_results_free_probe_slots():
 
 
 def test_enough_successes_close_the_breaker():
-    breaker, now = half_open()
+    breaker, now = half_open(BreakerConfig(half_open_probes=3, half_open_successes=2))
     assert breaker.allow(now)
     assert breaker.allow(now)
     breaker.record_success(now + 1)
@@ -298,3 +306,51 @@ def test_bound_holds_even_when_every_breaker_is_open():
 def test_max_keys_must_be_positive():
     with pytest.raises(ValueError):
         KeyedBreakers(BreakerConfig(), max_keys=0)
+
+
+# --- probe rounds --------------------------------------------------------------------------
+
+
+def test_answers_from_an_earlier_probe_round_decide_nothing():
+    breaker, now = half_open(BreakerConfig(half_open_probes=2, half_open_successes=2))
+    first_round = breaker.probe_round
+    assert breaker.allow(now) and breaker.allow(now)
+    breaker.record_failure(now, probe_of=first_round)  # the first probe fails: reopen
+    assert breaker.state(now) is OPEN
+    later = breaker.open_until()
+    assert later is not None and breaker.state(later) is HALF_OPEN
+    assert breaker.probe_round == first_round + 1
+    # The second probe of the first round answers late: neither closes nor reopens.
+    breaker.record_failure(later, probe_of=first_round)
+    assert breaker.state(later) is HALF_OPEN
+    breaker.record_success(later, probe_of=first_round)
+    assert breaker.state(later) is HALF_OPEN
+    assert breaker.allow(later) and breaker.allow(later)
+    breaker.record_success(later, probe_of=breaker.probe_round)
+    breaker.record_success(later, probe_of=breaker.probe_round)
+    assert breaker.state(later) is CLOSED
+
+
+def test_a_delivery_from_before_the_trip_is_not_a_probe():
+    breaker, now = half_open()
+    breaker.record_failure(now, probe_of=NOT_A_PROBE)
+    breaker.record_success(now, probe_of=NOT_A_PROBE)
+    assert breaker.state(now) is HALF_OPEN
+    assert breaker.allow(now)  # the single probe slot is still free
+
+
+def test_a_probe_without_a_verdict_frees_its_slot():
+    breaker, now = half_open()
+    assert breaker.allow(now) and not breaker.allow(now)
+    breaker.release_probe(now, probe_of=breaker.probe_round)
+    assert breaker.state(now) is HALF_OPEN
+    assert breaker.allow(now)
+
+
+def test_release_outside_half_open_changes_nothing():
+    breaker = CircuitBreaker(BreakerConfig())
+    breaker.release_probe(0.0, probe_of=NOT_A_PROBE)
+    assert breaker.state(0.0) is CLOSED
+    tripped_breaker = tripped()
+    tripped_breaker.release_probe(1.0)
+    assert tripped_breaker.state(1.0) is OPEN

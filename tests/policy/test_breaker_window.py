@@ -40,8 +40,8 @@ def test_every_default_is_pinned():
     assert config.window == 60.0
     assert config.min_calls_in_window == 10
     assert config.failure_ratio == 0.5
-    assert config.half_open_probes == 3
-    assert config.half_open_successes == 2
+    assert config.half_open_probes == 1
+    assert config.half_open_successes == 1
     assert WINDOW_SLICES == 60
     assert KeyedBreakers(config).max_keys == 1000
 

@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from sidecar import protocol as p
 from sidecar.config import load_config
 from sidecar.metrics import Metrics
+from sidecar.policy.failure import DEFAULT_REASONS
 from sidecar.session import Session
 from tests.proto._util import PROTO
 
@@ -132,7 +133,7 @@ def test_random_objects(json_obj: dict[str, Any], mp_obj: dict[str, Any]) -> Non
     json_frame = check_decode(json.dumps(json_obj))
     if json_frame is not None:
         assert json_obj["kind"] in p.AGENT_KINDS
-    elif json_obj["kind"] in p.AGENT_KINDS:
+    elif isinstance(json_obj["kind"], str) and json_obj["kind"] in p.AGENT_KINDS:
         pass  # a known kind with bad fields: malformed
     check_decode(msgspec.msgpack.encode(mp_obj))
 
@@ -182,6 +183,7 @@ class FakeEngine:
     """Holds delivery ids 1..5; everything else is unknown, like the real engine."""
 
     held = frozenset(range(1, 6))
+    reasons = DEFAULT_REASONS
 
     def __init__(self) -> None:
         self.broker = FakeBroker()
@@ -201,8 +203,13 @@ class FakeEngine:
 
 
 class FakeGate:
+    clock = staticmethod(lambda: 0.0)
+
     def check(self, target: str) -> tuple[float, str]:
         return (0.25, "rate_limited") if target.endswith("slow") else (0.0, "")
+
+    def current_rate(self, target: str) -> float:
+        return 4.0 if target.endswith("slow") else 1000.0
 
 
 class FakeNursery:
@@ -213,7 +220,7 @@ class FakeNursery:
         self.started.append((fn, args))
 
 
-CONFIG = load_config(environ={})
+CONFIG = load_config(environ={}, overrides={"throttle": {"queue": 1}})
 
 
 def make_session(*, over_tcp: bool = False) -> Session:
@@ -336,7 +343,8 @@ def test_session_dispatch_answers_in_order() -> None:
     session._dispatch(
         msgspec.msgpack.encode({"kind": "publish", "ref": 3, "body": b"x", "queue": "q"})
     )
-    session._dispatch('{"kind":"publish","ref":4,"body":"","queue":"slow"}')
+    session._dispatch('{"kind":"publish","ref":4,"body":"","queue":"slow"}')  # queued
+    session._dispatch('{"kind":"publish","ref":5,"body":"","queue":"slow"}')  # queue full
     session._dispatch('{"kind":"pull","max":0}')
     session._dispatch('{"kind":"pull","max":2}')
     session._dispatch('{"kind":"pull","max":2}')
@@ -350,8 +358,12 @@ def test_session_dispatch_answers_in_order() -> None:
         "Error",
     ]
     assert isinstance(got[0], p.Error) and got[0].code == "unknown_delivery"
+    assert got[0].ids == [99]
     assert isinstance(got[2], p.Published) and got[2].ok and got[2].ref == 3
-    assert isinstance(got[3], p.Published) and got[3].throttled and got[3].retry_after == 0.25
+    # Only beyond the queue is a publish throttled, told to wait for the queue ahead of it
+    # (one queued, one more: 2 / 4 per second).
+    assert isinstance(got[3], p.Published) and got[3].ref == 5
+    assert got[3].throttled and got[3].retry_after == 0.5
     assert isinstance(got[4], p.Error) and got[4].code == "invalid_pull"
     assert isinstance(got[5], p.Error) and got[5].code == "pull_in_progress"
 

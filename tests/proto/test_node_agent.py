@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import make_config, publish_many, queue_count, running_sidecar
+from tests.conftest import (
+    make_config,
+    publish_many,
+    queue_count,
+    record_session_ends,
+    running_sidecar,
+)
 from tests.proto._util import PROTO
 
 NODE = shutil.which("node")
@@ -62,3 +68,42 @@ async def test_node_agent_processes_messages_end_to_end(
             # The agent's publish reached the broker.
             while (await queue_count(out)) != 1:
                 await trio.sleep(0.1)
+
+
+async def test_node_agent_ctrl_c_closes_cleanly(
+    tmp_path: Path, unique_queue: Callable[[str], str]
+) -> None:
+    import signal
+    import subprocess
+
+    queue = unique_queue("nodeint")
+    out = unique_queue("nodeintout")
+    with trio.fail_after(60):
+        await publish_many(out, [])
+        await publish_many(queue, [b"job 0"])
+        config = make_config(tmp_path, [queue])
+        async with running_sidecar(config) as sidecar:
+            engine = sidecar.engine
+            ended = record_session_ends(engine)
+            process = await trio.lowlevel.open_process(
+                [NODE or "node", str(NODE_DIR / "agent.js"), config.agent.socket, queue, "5", out],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            try:
+                while engine.counts["acked"] < 1:
+                    assert process.poll() is None, "the agent exited early"
+                    await trio.sleep(0.05)
+                process.send_signal(signal.SIGINT)
+                await process.wait()
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+            assert process.stderr is not None
+            stderr = (await process.stderr.receive_some(1 << 20) or b"").decode()
+            while engine.sessions:
+                await trio.sleep(0.05)
+    assert process.returncode == 130, stderr
+    assert "Error" not in stderr and "at " not in stderr  # no stack trace
+    assert ended == [False]  # a clean close (1000), not a crash

@@ -109,14 +109,15 @@ def test_a_decoded_pull_without_fields_gets_the_defaults(codec):
 
 
 def test_failure_reasons_are_the_seeds_four_plus_the_sidecars():
+    # Transient reasons first, then permanent ones; the order is the reason book's.
     assert p.FAILURE_REASONS == (
         "TIMEOUT",
         "NETWORK_ERROR",
         "RATE_LIMITED",
+        "PROCESSING_ERROR",
         "VALIDATION_FAILED",
         "UNRECOVERABLE",
         "CONSTRAINT_VIOLATION",
-        "PROCESSING_ERROR",
     )
 
 
