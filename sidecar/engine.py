@@ -391,7 +391,7 @@ class Engine:
             reason, error, held.state.attempt, retry_after, self.policy, self.rng.random()
         )
         if isinstance(decision, Retry):
-            self._retry(message, held.state, reason, error, decision)
+            self._retry(message, held.state, reason, error, decision, held.agent_version)
         else:
             self._dead_letter(held, reason, error, decision)
 
@@ -402,14 +402,19 @@ class Engine:
         reason: str,
         error: str,
         decision: Retry,
+        agent_version: str = "",
     ) -> None:
+        now = datetime.now(UTC)
         headers = attempts.after_failure(
             message.props.headers,
             state,
             reason=reason,
             error=error,
-            now=datetime.now(UTC),
+            now=now,
             reduced_scope=decision.reduced_scope,
+        )
+        headers = attempts.with_failures(
+            headers, self._failures(message, state, reason, error, now, agent_version)
         )
         self.counts["retried"] += 1
         self.metrics.retries.labels(message.queue, f"{decision.tier:g}s").inc()
@@ -454,6 +459,26 @@ class Engine:
             on_done=confirmed,
         )
 
+    def _failures(
+        self,
+        message: Inbound,
+        state: attempts.AttemptState,
+        reason: str,
+        error: str,
+        now: datetime,
+        agent_version: str,
+    ) -> list[dict[str, Any]]:
+        """The message's failure history with this failure added."""
+        entry = attempts.failure_entry(
+            attempt=state.attempt,
+            reason=reason,
+            error=error,
+            at=now,
+            host=self.config.identity.host,
+            agent_version=agent_version,
+        )
+        return attempts.append_failure(attempts.read_failures(message.props.headers), entry)
+
     def _dead_letter(self, held: InFlight, reason: str, error: str, decision: DeadLetter) -> None:
         message, state = held.message, held.state
         now = datetime.now(UTC)
@@ -482,6 +507,9 @@ class Engine:
             properties=message.props.as_dict(),
             signature=error_signature(reason, error),
             deadLetteredAt=now,
+            failures=self._failures(
+                message, state, reason, error or decision.why, now, held.agent_version
+            ),
         )
         self.counts["dead_lettered"] += 1
         self.metrics.dead_lettered.labels(message.queue, reason).inc()

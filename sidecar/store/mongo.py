@@ -67,6 +67,7 @@ _UPDATED_ON_REFAIL = (
     "failureReason",
     "signature",
     "deadLetteredAt",
+    "failures",
 )
 
 
