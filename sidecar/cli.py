@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -112,15 +113,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Shows an option's default in --help when it has a real one (not unset or off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and "%(default)" not in text
+            and action.default not in (None, False, argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _name_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Usage errors list the subcommands instead of an internal dest like ``dlq_command``;
+    every --help shows the defaults."""
+    parser.formatter_class = DefaultsFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            if action.metavar is None or action.metavar == "COMMAND":
+                action.metavar = "{" + ",".join(action.choices) + "}"
+            for child in action.choices.values():
+                _name_subcommands(child)
+
+
+def _quiet_stdout() -> None:
+    """The reader went away (``| head``): drop what is still buffered, silently."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    _name_subcommands(parser)
     try:
-        return int(args.func(args) or 0)
+        args = parser.parse_args(argv)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
     except ConfigError as exc:
         print(f"sidecar: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_OK
     except KeyboardInterrupt:
+        print("sidecar: interrupted", file=sys.stderr)
+        return 130
+    except BaseExceptionGroup as group:
+        # trio wraps a Ctrl-C that lands inside a nursery; only that case ends quietly.
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is not None:
+            raise
+        print("sidecar: interrupted", file=sys.stderr)
         return 130
 
 
