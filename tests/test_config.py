@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 
 from sidecar.cli import EXIT_CONFIG, main
@@ -94,3 +96,60 @@ def test_version_flag(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.startswith("sidecar ")
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"SIDECAR_RETRY_MAX_ATTEMPTS": "abc"},
+         "environment variable SIDECAR_RETRY_MAX_ATTEMPTS='abc': key 'retry.max_attempts'"),
+        ({"SIDECAR_BROKER_PREFTCH": "5"},
+         "environment variable SIDECAR_BROKER_PREFTCH='5': unknown key 'broker.preftch'"),
+        ({"SIDECAR_BROKER_QUEUES": "a,b"}, 'lists are TOML arrays'),
+        ({"SIDECAR_RETRY_REASONS": '{ X = { action = "maybe" } }'},
+         "environment variable SIDECAR_RETRY_REASONS="),
+    ],
+)  # fmt: skip
+def test_errors_from_the_environment_name_the_variable(tmp_path, environ, message):
+    path = tmp_path / "sidecar.toml"
+    path.write_text("[agent]\nbatch_size = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ=environ)
+    assert message in str(info.value)
+    assert "sidecar.toml" not in str(info.value)
+
+
+def test_secret_values_from_the_environment_are_not_echoed():
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"SIDECAR_AGENT_TOKEN": "[1, 2]"})
+    assert "SIDECAR_AGENT_TOKEN" in str(info.value) and "[1, 2]" not in str(info.value)
+
+
+def test_lists_and_maps_in_variables_are_toml_literals():
+    config = load_config(
+        environ={
+            "SIDECAR_BROKER_QUEUES": '["a.q", "b.q"]',
+            "SIDECAR_RETRY_REASONS": '{ PARSE_ERROR = { action = "dead_letter" } }',
+        }
+    )
+    assert config.broker.queues == ["a.q", "b.q"]
+    assert config.retry.reasons["PARSE_ERROR"].action == "dead_letter"
+
+
+def test_example_is_commented_with_octal_modes_and_a_reason_rule():
+    text = example_toml()
+    assert "socket_mode = 0o660" in text and "432" not in text
+    assert "[retry.reasons.RATE_LIMITED]" in text
+    assert "SIDECAR_<SECTION>_<KEY>" in text
+    keyed = [line for line in text.splitlines() if " = " in line and not line.startswith("#")]
+    assert keyed and all("  # " in line for line in keyed), [
+        line for line in keyed if "  # " not in line
+    ]
+    rule = "\n".join(
+        line.removeprefix("# ").split("  #")[0]
+        for line in text.splitlines()
+        if line.startswith(("# [retry.reasons", "# action", "# backoff", "# max_attempts"))
+    )
+    parsed = tomllib.loads(rule)
+    config = load_config(environ={}, overrides={"retry": {"reasons": parsed["retry"]["reasons"]}})
+    assert config.retry.reasons["RATE_LIMITED"].backoff == "rate_limit"
