@@ -22,7 +22,7 @@ from sidecar import attempts
 from sidecar.adapters.broker import Broker, Inbound, MessageProps, headers_json_safe
 from sidecar.config import Config
 from sidecar.dlq import DeadLetterWriter
-from sidecar.metrics import Metrics
+from sidecar.metrics import BREAKER_STATES, Metrics, set_state
 from sidecar.policy.breaker import BreakerConfig, BreakerState, CircuitBreaker, KeyedBreakers
 from sidecar.policy.failure import FailureReason, error_signature
 from sidecar.policy.pressure import (
@@ -376,7 +376,6 @@ class Engine:
             return
         self.counts["failed"] += 1
         self.metrics.failures.labels(message.queue, reason).inc()
-        self.metrics.failures_by_host.labels(self.config.identity.host).inc()
         self.metrics.processing_seconds.labels(message.queue, "fail").observe(now - held.handed_at)
         breaker = self._breaker_for(held)
         if breaker.state(now) is BreakerState.OPEN:
@@ -594,7 +593,7 @@ class Engine:
         while True:
             now = self.clock()
             state = self.breaker.state(now)
-            self.metrics.breaker_state.labels("agent").set(_BREAKER_GAUGE[state])
+            set_state(self.metrics.breaker_state, BREAKER_STATES, state.value.lower(), "agent")
             if state is BreakerState.OPEN and not self.broker.paused:
                 log.warning(
                     "circuit open: pausing consumption for %.1fs", self.breaker.retry_in(now)
@@ -655,9 +654,6 @@ class Engine:
             "draining": self.draining,
             "batch_size": self.batch_size,
         }
-
-
-_BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
 def _props_kwargs(p: MessageProps) -> dict[str, Any]:

@@ -43,8 +43,11 @@ def dlq_health(store: DeadLetterStore, top: int = 5) -> dict[str, Any]:
     patterns = store.failure_patterns()
     oldest, newest = store.oldest_newest()
     health: dict[str, Any] = {
-        "size": store.count(),
+        # The sum of the per-reason counts read together, so the size and the per-reason
+        # metrics agree even when a record lands between two queries.
+        "size": sum(r.count for r in patterns),
         "top_failures": [{"reason": r.key, "count": r.count} for r in patterns[:top]],
+        "by_reason": {r.key: r.count for r in patterns},
         "oldest": oldest.isoformat() if oldest else None,
         "newest": newest.isoformat() if newest else None,
     }
@@ -84,6 +87,7 @@ class Observability:
         self.dlq: dict[str, Any] = {"size": 0, "top_failures": [], "oldest": None, "newest": None}
         self.history: list[dict[str, Any]] = []
         self._reconnects_counted = 0
+        self._reasons_exported: set[str] = set()
         self._breaker_seen: tuple[BreakerState, float | None] = (BreakerState.CLOSED, None)
         self._webhook_send, self._webhook_recv = trio.open_memory_channel[Alert](256)
 
@@ -180,8 +184,13 @@ class Observability:
         m = self.metrics
         m.dlq_size.set(self.dlq["size"])
         m.spooled.set(self.dlq.get("spooled", 0))
-        for row in self.dlq["top_failures"]:
-            m.dlq_by_reason.labels(row["reason"]).set(row["count"])
+        by_reason: dict[str, int] = self.dlq.get("by_reason", {})
+        for reason in self._reasons_exported - by_reason.keys():
+            # Purged or retried away: a stale series would keep counting in sum().
+            m.dlq_by_reason.remove(reason)
+        for reason, count in by_reason.items():
+            m.dlq_by_reason.labels(reason).set(count)
+        self._reasons_exported = set(by_reason)
         m.broker_connected.set(1 if self.broker.is_connected else 0)
         lost_since = self.broker.reconnects - self._reconnects_counted
         if lost_since > 0:

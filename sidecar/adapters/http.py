@@ -16,7 +16,7 @@ import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger("sidecar.http")
 
@@ -74,7 +74,10 @@ class HttpApp:
                 send, 200 if ready else 503, self._json.encode(detail), "application/json"
             )
         elif path == "/metrics":
-            await self._respond(send, 200, generate_latest(self.p.registry), CONTENT_TYPE_LATEST)
+            # OpenMetrics when the scraper asks for it (Prometheus does by default).
+            accept = b", ".join(v for k, v in scope.get("headers", []) if k.lower() == b"accept")
+            encoder, content_type = choose_encoder(accept.decode("latin-1"))
+            await self._respond(send, 200, encoder(self.p.registry), content_type)
         elif path == "/status":
             await self._respond(
                 send, 200, self._json.encode(await self.p.status()), "application/json"
