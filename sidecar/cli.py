@@ -68,11 +68,32 @@ def cmd_config_example(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1 or value > 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1000000: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be > 0 and at most 86400: {text!r}")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar import demo
 
-    _setup_logging(False)
-    return demo.main(seconds=args.seconds, messages=args.messages, broker=args.broker)
+    return demo.main(
+        seconds=args.seconds, messages=args.messages, broker=args.broker, keep=args.keep
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,10 +119,29 @@ def build_parser() -> argparse.ArgumentParser:
     example = config_sub.add_parser("example", help="print the defaults as TOML")
     example.set_defaults(func=cmd_config_example)
 
-    demo = sub.add_parser("demo", help="sidecar + demo agent + demo publisher on the local broker")
-    demo.add_argument("--seconds", type=float, default=40.0)
-    demo.add_argument("--messages", type=int, default=400)
-    demo.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
+    demo = sub.add_parser(
+        "demo",
+        help="sidecar + demo agent + demo publisher on the local broker",
+        description="Runs a sidecar, a demo publisher and a demo scraper agent (which fails "
+        "some messages on purpose) against the local RabbitMQ, prints counts every two "
+        "seconds and a tally. Logs go to a file in the demo's directory.",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=_positive_seconds,
+        default=40.0,
+        help="stop after this long even if messages are still in flight",
+    )
+    demo.add_argument("--messages", type=_positive_count, default=400, help="messages to publish")
+    demo.add_argument(
+        "--broker", default="amqp://guest:guest@127.0.0.1:5672/", help="AMQP URL of RabbitMQ"
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the tally, keep the sidecar, dashboard and DLQ running until Ctrl-C "
+        "and print operator commands to try on them",
+    )
     demo.set_defaults(func=cmd_demo)
 
     try:

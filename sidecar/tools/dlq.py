@@ -171,6 +171,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     config = load(args)
     with store_from(config) as store:
         record = find_record(store, args.id)
+    if record.id != args.id:
+        print(f"(id prefix {args.id!r} matched {record.id})", file=sys.stderr)
     if args.json:
         emit_json(record)
         return EXIT_OK
@@ -383,7 +385,10 @@ async def _move(url: str, store: DeadLetterStore, args: argparse.Namespace) -> i
         await rp.open()
         recovery = await rp.recover()
         _print_recovery(recovery, args.json)
-        record = find_record(store, args.message_id)
+        # An exact id: a prefix that happens to be unique is fine to read, not to send.
+        record = store.get(args.message_id)
+        if record is None:
+            raise ToolError(f"no dead letter with id {args.message_id!r}", EXIT_REFUSED)
         if record.reprocessed and not args.force:
             raise ToolError(
                 f"{record.id!r} was already reprocessed ({record.reprocessCount}x, last to "
@@ -499,7 +504,7 @@ def register(sub: Any) -> None:
 
     p = dsub.add_parser("move", help="republish one dead letter to a chosen queue")
     add_common(p)
-    p.add_argument("--message-id", required=True, metavar="ID", help="id or unique prefix")
+    p.add_argument("--message-id", required=True, metavar="ID", help="the record's full id")
     p.add_argument("--target-queue", required=True, metavar="Q", help="existing queue")
     p.add_argument("--force", action="store_true", help="move even if it was already reprocessed")
     p.set_defaults(func=cmd_move)
