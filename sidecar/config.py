@@ -137,6 +137,9 @@ class StoreConfig(Section):
 
 class HttpConfig(Section):
     listen: str = "127.0.0.1:9090"
+    # Enables retry and move of dead letters from the dashboard for whoever presents it;
+    # empty keeps the HTTP port read-only.
+    admin_token: str = ""
 
 
 class AlertsConfig(Section):
@@ -398,6 +401,7 @@ _KEY_NOTES: dict[str, str] = {
     "store.spool": "local SQLite file holding dead letters while the store is down",
     "store.metrics_interval": "seconds between metric snapshots in the store",
     "http.listen": "HOST:PORT; sidecar status --config reads it too",
+    "http.admin_token": 'enables dashboard retry/move for this bearer token ("" = read-only)',
     "alerts.growth_per_minute": "DLQ growth per minute that is critical",
     "alerts.cooldown": "seconds before the same alert fires again",
     "alerts.webhook": 'URL that receives alerts as JSON ("" = log only)',

@@ -389,13 +389,7 @@ async def _move(url: str, store: DeadLetterStore, args: argparse.Namespace) -> i
         record = store.get(args.message_id)
         if record is None:
             raise ToolError(f"no dead letter with id {args.message_id!r}", EXIT_REFUSED)
-        if record.reprocessed and not args.force:
-            raise ToolError(
-                f"{record.id!r} was already reprocessed ({record.reprocessCount}x, last to "
-                f"{record.reprocessTarget!r} at {iso(record.reprocessedAt)}); moving it again "
-                "sends another copy: add --force if that is what you want",
-                EXIT_REFUSED,
-            )
+        refuse_reprocessed(record, args.force)
         try:
             why = await rp.republish(record, args.target_queue)
         except QueueMissing as exc:
@@ -412,6 +406,70 @@ async def _move(url: str, store: DeadLetterStore, args: argparse.Namespace) -> i
     else:
         print(f"moved {record.id} to {args.target_queue} (token {token})")
     return EXIT_OK
+
+
+class RecordNotFound(ToolError):
+    def __init__(self, record_id: str) -> None:
+        super().__init__(f"no dead letter with id {record_id!r}", EXIT_REFUSED)
+
+
+def refuse_reprocessed(record: DeadLetterRecord, force: bool, how: str = "add --force") -> None:
+    if record.reprocessed and not force:
+        raise ToolError(
+            f"{record.id!r} was already reprocessed ({record.reprocessCount}x, last to "
+            f"{record.reprocessTarget!r} at {iso(record.reprocessedAt)}); sending it again "
+            f"makes another copy: {how} if that is what you want",
+            EXIT_REFUSED,
+        )
+
+
+def send_one(
+    broker_url: str,
+    store_url: str,
+    record_id: str,
+    target_queue: str | None,
+    *,
+    force: bool,
+    tool: str,
+) -> dict[str, Any]:
+    """Retry one record to its original queue (``target_queue`` None) or move it, with the
+    same lock, ledger and exactly-once marking as ``dlq retry``/``dlq move``. Blocking: it
+    runs its own asyncio loop and store connection (the dashboard calls it in a thread).
+    Raises ToolError (refused or not found), StoreUnavailable or BrokerUnavailable."""
+    from sidecar.store.base import open_store
+
+    store = open_store(store_url)
+    try:
+        return asyncio.run(_send_one(broker_url, store, record_id, target_queue, force, tool))
+    finally:
+        store.close()
+
+
+async def _send_one(
+    url: str,
+    store: DeadLetterStore,
+    record_id: str,
+    target_queue: str | None,
+    force: bool,
+    tool: str,
+) -> dict[str, Any]:
+    token = new_token("retry" if target_queue is None else "move")
+    async with Amqp(url) as amqp:
+        rp = Republisher(amqp, store, tool=tool, token=token)
+        await rp.open()
+        await rp.recover()
+        record = store.get(record_id)
+        if record is None:
+            raise RecordNotFound(record_id)
+        refuse_reprocessed(record, force, how="confirm with force")
+        target = target_queue or record.originalQueue
+        try:
+            why = await rp.republish(record, target)
+        except QueueMissing as exc:
+            raise ToolError(f"target queue {target!r} does not exist", EXIT_REFUSED) from exc
+    if why is not None:
+        raise ToolError(f"cannot send {record.id!r}: {why}", EXIT_REFUSED)
+    return {"id": record.id, "targetQueue": target, "token": token}
 
 
 # --- purge
