@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -318,6 +319,10 @@ class Progress:
         from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs in the lock
 
         self.enabled = sys.stderr.isatty()
+        try:
+            width, height = os.get_terminal_size(sys.stderr.fileno())
+        except (OSError, ValueError):
+            width = height = 0
         self.bar: Any = tqdm(
             total=total,
             desc=label,
@@ -325,7 +330,10 @@ class Progress:
             file=sys.stderr,
             disable=not self.enabled,
             leave=False,
-            dynamic_ncols=True,
+            # Some terminals (serial consoles, fresh ptys) report a 0 x 0 size; tqdm would
+            # then draw nothing at all.
+            ncols=width or 80,
+            nrows=height or 24,
         )
 
     def update(self, done: int) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
 import socket
 import subprocess
 import sys
@@ -323,4 +324,42 @@ def test_broker_lost_during_retry_is_exit_5_in_one_line(tmp_path: Path, unique_q
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert "lost the broker connection" in err or "broker unavailable" in err
+    drain(queue)
+
+
+def test_retry_shows_a_progress_bar_only_on_a_terminal(tmp_path: Path, unique_queue: Any) -> None:
+    queue = unique_queue("tools")
+    declare(queue)
+    put(tmp_path, *[record(f"g{i:02d}", queue, i) for i in range(30)])
+    main, replica = pty.openpty()
+    argv = [sys.executable, "-c", CLI, "dlq", "retry", "--queue", queue, "--rate", "1000",
+            "--store", store_url(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=replica, cwd=ROOT)
+    os.close(replica)
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(main)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, seen
+    assert b"republished 30 of 30" in out
+    assert b"retrying" in seen and b"/30" in seen and b"%|" in seen, seen
+    assert len(drain(queue)) == 30
+
+    # Not a terminal (a script, a pipe): no bar, only the summary.
+    put(tmp_path, *[record(f"h{i:02d}", queue, 100 + i) for i in range(3)])
+    plain = cli("dlq", "retry", "--queue", queue, tmp_path=tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    assert "%|" not in plain.stderr and "retrying" not in plain.stderr
     drain(queue)
