@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import pty
+import signal
 import socket
 import subprocess
 import sys
@@ -363,3 +364,42 @@ def test_retry_shows_a_progress_bar_only_on_a_terminal(tmp_path: Path, unique_qu
     assert plain.returncode == 0, plain.stderr
     assert "%|" not in plain.stderr and "retrying" not in plain.stderr
     drain(queue)
+
+
+def test_ctrl_c_during_retry_ends_quietly_and_a_rerun_finishes(
+    tmp_path: Path, unique_queue: Any
+) -> None:
+    queue = unique_queue("tools")
+    declare(queue)
+    put(tmp_path, *[record(f"c{i:03d}", queue, i) for i in range(100)])
+    argv = [sys.executable, "-c", CLI, "dlq", "retry", "--queue", queue, "--rate", "10",
+            "--store", store_url(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT)  # fmt: skip
+    try:
+        deadline = datetime.now(UTC) + timedelta(seconds=60)
+        sent: list[Any] = []
+        while not sent:
+            assert datetime.now(UTC) < deadline, "nothing was republished"
+            assert proc.poll() is None, proc.communicate()
+            sent = drain(queue)
+            threading.Event().wait(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "sidecar: interrupted", err
+    assert "Traceback" not in err
+    # Run again: every record ends up sent exactly once.
+    out = cli("dlq", "retry", "--queue", queue, "--limit", "200", "--rate", "1000",
+              tmp_path=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    bodies = [m.body for m in sent] + [m.body for m in drain(queue)]
+    assert len(bodies) == len(set(bodies)) == 100
+    store = open_store(tmp_path)
+    assert store.count() == 100 and all(r.reprocessed for r in store.find(limit=200))
+    assert store.in_flight_retries() == []
+    store.close()
