@@ -181,7 +181,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         data.pop(key, None)
     width = max(len(k) for k in data)
     for key, value in data.items():
-        print(f"{key.ljust(width)}  {'-' if value is None else value}")
+        shown = (
+            "-"
+            if value is None
+            else ("yes" if value else "no")
+            if isinstance(value, bool)
+            else value
+        )
+        print(f"{key.ljust(width)}  {shown}")
     print("\nheaders")
     print(textwrap.indent(json.dumps(record.headers, indent=2, default=str), "  "))
     print("properties")
