@@ -229,6 +229,7 @@ def load_config(
     env = env_overrides(os.environ if environ is None else environ)
     data = _merge(data, env)
     data = _merge(data, overrides or {})
+    data = _octal_modes(data)
     try:
         config = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
@@ -242,6 +243,21 @@ def load_config(
         raise ConfigError(message) from None
     _check(config, source)
     return config
+
+
+_OCTAL = re.compile(r"(?:0o|0)?([0-7]{3,4})")
+
+
+def _octal_modes(data: dict[str, Any]) -> dict[str, Any]:
+    """File modes may be written as chmod does, ``"0660"`` (a TOML integer cannot have a
+    leading zero, and 432 means nothing to a reader); anything else is left for the
+    validation to report with the key named."""
+    agent = data.get("agent")
+    if isinstance(agent, dict) and isinstance(agent.get("socket_mode"), str):
+        match = _OCTAL.fullmatch(agent["socket_mode"].strip())
+        if match:
+            data = {**data, "agent": {**agent, "socket_mode": int(match.group(1), 8)}}
+    return data
 
 
 _SECRET_WORDS = ("url", "token", "webhook", "password", "uri", "secret")
@@ -351,7 +367,7 @@ _KEY_NOTES: dict[str, str] = {
     "broker.tier_prefix": "name prefix of the delay queues",
     "broker.hop": '"trio-asyncio" (same thread) or "thread"',
     "agent.socket": "Unix socket the agent connects to",
-    "agent.socket_mode": "octal file mode of the socket, as chmod takes it",
+    "agent.socket_mode": 'file mode of the socket, octal as chmod takes it ("0660")',
     "agent.tcp": 'optional HOST:PORT listener beside the socket ("" = off)',
     "agent.token": "shared secret the agent must present (required over tcp)",
     "agent.batch_size": "largest batch handed to the agent",
@@ -438,7 +454,7 @@ def example_toml() -> str:
         for key, value in msgspec.structs.asdict(section).items():
             if isinstance(value, dict):
                 continue
-            literal = oct(value) if key.endswith("_mode") else _toml_literal(value)
+            literal = f'"{value:04o}"' if key.endswith("_mode") else _toml_literal(value)
             note = _KEY_NOTES.get(f"{field.name}.{key}")
             lines.append(f"{key} = {literal}" + (f"  # {note}" if note else ""))
         if field.name == "retry":

@@ -138,7 +138,7 @@ def test_lists_and_maps_in_variables_are_toml_literals():
 
 def test_example_is_commented_with_octal_modes_and_a_reason_rule():
     text = example_toml()
-    assert "socket_mode = 0o660" in text and "432" not in text
+    assert 'socket_mode = "0660"' in text and "432" not in text
     assert "[retry.reasons.RATE_LIMITED]" in text
     assert "SIDECAR_<SECTION>_<KEY>" in text
     keyed = [line for line in text.splitlines() if " = " in line and not line.startswith("#")]
@@ -153,3 +153,19 @@ def test_example_is_commented_with_octal_modes_and_a_reason_rule():
     parsed = tomllib.loads(rule)
     config = load_config(environ={}, overrides={"retry": {"reasons": parsed["retry"]["reasons"]}})
     assert config.retry.reasons["RATE_LIMITED"].backoff == "rate_limit"
+
+
+@pytest.mark.parametrize("written", ['"0660"', '"660"', '"0o660"', "0o660", "432"])
+def test_socket_mode_is_read_as_chmod_writes_it(tmp_path, written):
+    path = tmp_path / "sidecar.toml"
+    path.write_text(f"[agent]\nsocket_mode = {written}\n")
+    assert load_config(path, environ={}).agent.socket_mode == 0o660
+    assert load_config(environ={"SIDECAR_AGENT_SOCKET_MODE": "0660"}).agent.socket_mode == 0o660
+
+
+@pytest.mark.parametrize("written", ['"rw-rw----"', '"0999"', '"06600"', "4096"])
+def test_bad_socket_modes_name_the_key(tmp_path, written):
+    path = tmp_path / "sidecar.toml"
+    path.write_text(f"[agent]\nsocket_mode = {written}\n")
+    with pytest.raises(ConfigError, match=r"agent\.socket_mode"):
+        load_config(path, environ={})
