@@ -291,10 +291,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
         raise ToolError("give --pattern (or another filter) to select what to retry", EXIT_USAGE)
     with store_from(config) as store:
         flt = match_case(store, flt)
+        args.left_out = 0
         if not args.force:
             # Already reprocessed means it was sent once; a second send is a deliberate act.
             again = store.count(msgspec.structs.replace(flt, reprocessed=True))
             flt = msgspec.structs.replace(flt, reprocessed=False)
+            args.left_out = again
             if again and not args.json:
                 print(
                     f"{again} matching dead letter(s) were already reprocessed and are left out "
@@ -311,7 +313,14 @@ def _retry_dry_run(store: DeadLetterStore, flt: Any, args: argparse.Namespace) -
     plan = [preview(r, r.originalQueue) for r in records]
     in_flight = len(store.in_flight_retries())
     if args.json:
-        emit_json({"dry_run": True, "would_retry": plan, "in_flight_to_recover": in_flight})
+        emit_json(
+            {
+                "dry_run": True,
+                "would_retry": plan,
+                "in_flight_to_recover": in_flight,
+                "already_reprocessed_left_out": args.left_out,
+            }
+        )
         return EXIT_OK
     rows = [[p["id"], p["targetQueue"], p["failureReason"], p["bytes"]] for p in plan]
     print(table(rows, ["ID", "TARGET QUEUE", "REASON", "BYTES"]) if rows else "nothing matches")
@@ -363,6 +372,7 @@ async def _retry(url: str, store: DeadLetterStore, flt: Any, args: argparse.Name
         "republished": done,
         "skipped": skipped,
         "failed": failed,
+        "already_reprocessed_left_out": args.left_out,
     }
     if args.json:
         emit_json(result)

@@ -208,6 +208,8 @@ def test_move_and_retry_of_reprocessed_records_need_force(
     out = cli("dlq", "retry", "--queue", queue, "--json", tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
     assert [r["id"] for r in json.loads(out.stdout)["republished"]] == ["f2"]
+    out = cli("dlq", "retry", "--queue", queue, "--dry-run", "--json", tmp_path=tmp_path)
+    assert json.loads(out.stdout)["already_reprocessed_left_out"] == 2
     out = cli("dlq", "retry", "--queue", queue, tmp_path=tmp_path)
     assert "2 matching dead letter(s) were already reprocessed" in out.stderr
     assert "republished 0 of 0" in out.stdout
