@@ -13,4 +13,5 @@ fi
 command -v uv >/dev/null && [ "$(uv --version | cut -d' ' -f2)" = "$UV_VERSION" ] \
     || python3 -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
 uv sync --locked --inexact --quiet # keeps dev tools a test run installed
+echo "installed: .venv/bin/sidecar (or run 'source .venv/bin/activate' to type plain 'sidecar')"
 exec .venv/bin/sidecar demo "$@"

@@ -7,6 +7,7 @@ across many sidecars consuming one queue.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -133,3 +134,87 @@ def stable_id(
         digest.update(b"\0")
     digest.update(body)
     return "sha256:" + digest.hexdigest()[:40]
+
+
+# --- failure history: each charged failure, carried with the message through its retries
+
+FAILURES = "x-sidecar-failures"
+# Headers are hostile input: the history is bounded in entries, in each text field, and in
+# the raw header read, so a forged header cannot make a message (or a record) grow.
+MAX_FAILURE_ENTRIES = 10
+MAX_HISTORY_ERROR_CHARS = 256
+MAX_HISTORY_FIELD_CHARS = 128
+MAX_FAILURES_HEADER_BYTES = 16 * 1024
+
+
+def _text(value: Any, limit: int) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def failure_entry(
+    *, attempt: int, reason: str, error: str, at: datetime, host: str, agent_version: str
+) -> dict[str, Any]:
+    """One failed attempt as stored in a DLQ record's ``failures`` and in the header."""
+    return {
+        "attempt": max(0, int(attempt)),
+        "reason": _text(reason, MAX_HISTORY_FIELD_CHARS),
+        "error": _text(error, MAX_HISTORY_ERROR_CHARS),
+        "at": at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "host": _text(host, MAX_HISTORY_FIELD_CHARS),
+        "agentVersion": _text(agent_version, MAX_HISTORY_FIELD_CHARS),
+    }
+
+
+def _clean_entry(raw: Any) -> dict[str, Any] | None:
+    if not isinstance(raw, dict):
+        return None
+    attempt = raw.get("attempt")
+    if isinstance(attempt, bool) or not isinstance(attempt, int):
+        return None
+    at = _text(raw.get("at"), 40)
+    try:
+        datetime.fromisoformat(at.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return {
+        "attempt": max(0, attempt),
+        "reason": _text(raw.get("reason"), MAX_HISTORY_FIELD_CHARS),
+        "error": _text(raw.get("error"), MAX_HISTORY_ERROR_CHARS),
+        "at": at,
+        "host": _text(raw.get("host"), MAX_HISTORY_FIELD_CHARS),
+        "agentVersion": _text(raw.get("agentVersion"), MAX_HISTORY_FIELD_CHARS),
+    }
+
+
+def read_failures(headers: dict[str, Any]) -> list[dict[str, Any]]:
+    """The failure history a message carries; malformed or oversized input reads as empty
+    (or loses only the malformed entries), never raises."""
+    raw = headers.get(FAILURES)
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "replace")
+    if not isinstance(raw, bytes | bytearray) or len(raw) > MAX_FAILURES_HEADER_BYTES:
+        return []
+    try:
+        entries = json.loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: a deeply nested forgery
+        return []
+    if not isinstance(entries, list):
+        return []
+    cleaned = [e for e in map(_clean_entry, entries[-MAX_FAILURE_ENTRIES:]) if e is not None]
+    return cleaned
+
+
+def append_failure(history: list[dict[str, Any]], entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """History with ``entry`` added, keeping the most recent MAX_FAILURE_ENTRIES."""
+    return [*history, entry][-MAX_FAILURE_ENTRIES:]
+
+
+def with_failures(headers: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Headers carrying ``history`` (compact JSON text: every AMQP client reads a string)."""
+    out = dict(headers)
+    out[FAILURES] = json.dumps(history[-MAX_FAILURE_ENTRIES:], separators=(",", ":"))
+    return out

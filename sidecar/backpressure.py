@@ -19,7 +19,7 @@ from sidecar.adapters.broker import Broker, BrokerUnavailable
 from sidecar.adapters.sysmon import SystemMonitor
 from sidecar.config import Config
 from sidecar.engine import Engine
-from sidecar.metrics import Metrics
+from sidecar.metrics import LEVELS, Metrics, set_state
 from sidecar.policy.depth import DepthLevel, DepthThresholds, depth_actions, depth_level
 from sidecar.policy.pressure import (
     PressureLevel,
@@ -157,12 +157,11 @@ class BackpressureMonitor:
             "source": sample.source,
             "agent_rss_bytes": sample.agent_rss,
             "sidecar_rss_bytes": sample.sidecar_rss,
-            "cpu_percent": sample.cpu_percent,
+            "sidecar_cpu_ratio": sample.cpu_ratio,
         }
         self.metrics.memory_ratio.set(ratio)
         self.metrics.agent_memory_bytes.set(sample.agent_rss)
-        self.metrics.sidecar_rss_bytes.set(sample.sidecar_rss)
-        self.metrics.cpu_percent.set(sample.cpu_percent)
+        self.metrics.cpu_ratio.set(sample.cpu_ratio)
         changed = self.tracker.update(ratio)
         if changed is not None:
             await self.apply_pressure(changed, ratio)
@@ -180,10 +179,10 @@ class BackpressureMonitor:
             batch,
             prefetch,
         )
-        self.metrics.pressure_level.set(int(level))
+        set_state(self.metrics.pressure_state, LEVELS, level.name.lower())
         self.metrics.batch_size.set(batch if level < PressureLevel.EMERGENCY else 0)
         self.metrics.prefetch.set(prefetch)
-        self.metrics.degradation.set(int(level))
+        set_state(self.metrics.degradation_state, LEVELS, level.name.lower())
         logging.getLogger("sidecar").setLevel(
             logging.ERROR if "log_level_error" in degradation_actions(level) else logging.INFO
         )
@@ -236,7 +235,7 @@ class BackpressureMonitor:
         m = self.metrics
         m.queue_depth.labels(queue).set(depth)
         m.queue_consumers.labels(queue).set(consumers)
-        m.queue_depth_level.labels(queue).set(int(level))
+        set_state(m.queue_depth_state, LEVELS, level.name.lower(), queue)
         m.recommended_consumers.labels(queue).set(recommended)
         if ratio is not None:
             m.producer_consumer_ratio.labels(queue).set(ratio)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Any
 
@@ -67,11 +68,32 @@ def cmd_config_example(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1 or value > 1_000_000:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1000000: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"must be > 0 and at most 86400: {text!r}")
+    return value
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar import demo
 
-    _setup_logging(False)
-    return demo.main(seconds=args.seconds, messages=args.messages, broker=args.broker)
+    return demo.main(
+        seconds=args.seconds, messages=args.messages, broker=args.broker, keep=args.keep
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,10 +119,29 @@ def build_parser() -> argparse.ArgumentParser:
     example = config_sub.add_parser("example", help="print the defaults as TOML")
     example.set_defaults(func=cmd_config_example)
 
-    demo = sub.add_parser("demo", help="sidecar + demo agent + demo publisher on the local broker")
-    demo.add_argument("--seconds", type=float, default=40.0)
-    demo.add_argument("--messages", type=int, default=400)
-    demo.add_argument("--broker", default="amqp://guest:guest@127.0.0.1:5672/")
+    demo = sub.add_parser(
+        "demo",
+        help="sidecar + demo agent + demo publisher on the local broker",
+        description="Runs a sidecar, a demo publisher and a demo scraper agent (which fails "
+        "some messages on purpose) against the local RabbitMQ, prints counts every two "
+        "seconds and a tally. Logs go to a file in the demo's directory.",
+    )
+    demo.add_argument(
+        "--seconds",
+        type=_positive_seconds,
+        default=40.0,
+        help="stop after this long even if messages are still in flight",
+    )
+    demo.add_argument("--messages", type=_positive_count, default=400, help="messages to publish")
+    demo.add_argument(
+        "--broker", default="amqp://guest:guest@127.0.0.1:5672/", help="AMQP URL of RabbitMQ"
+    )
+    demo.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the tally, keep the sidecar, dashboard and DLQ running until Ctrl-C "
+        "and print operator commands to try on them",
+    )
     demo.set_defaults(func=cmd_demo)
 
     try:
@@ -112,15 +153,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Shows an option's default in --help when it has a real one (not unset or off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and "%(default)" not in text
+            and action.default not in (None, False, argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _name_subcommands(parser: argparse.ArgumentParser) -> None:
+    """Usage errors list the subcommands instead of an internal dest like ``dlq_command``;
+    every --help shows the defaults."""
+    parser.formatter_class = DefaultsFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            if action.metavar is None or action.metavar == "COMMAND":
+                action.metavar = "{" + ",".join(action.choices) + "}"
+            for child in action.choices.values():
+                _name_subcommands(child)
+
+
+def _quiet_stdout() -> None:
+    """The reader went away (``| head``): drop what is still buffered, silently."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    _name_subcommands(parser)
     try:
-        return int(args.func(args) or 0)
+        args = parser.parse_args(argv)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
     except ConfigError as exc:
         print(f"sidecar: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_OK
     except KeyboardInterrupt:
+        print("sidecar: interrupted", file=sys.stderr)
+        return 130
+    except BaseExceptionGroup as group:
+        # trio wraps a Ctrl-C that lands inside a nursery; only that case ends quietly.
+        _, rest = group.split(KeyboardInterrupt)
+        if rest is not None:
+            raise
+        print("sidecar: interrupted", file=sys.stderr)
         return 130
 
 

@@ -151,6 +151,9 @@ class StoreConfig(Section):
 
 class HttpConfig(Section):
     listen: str = "127.0.0.1:9090"
+    # Enables retry and move of dead letters from the dashboard for whoever presents it;
+    # empty keeps the HTTP port read-only.
+    admin_token: str = ""
 
 
 class AlertsConfig(Section):
@@ -237,14 +240,70 @@ def load_config(
             raise ConfigError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    data = _merge(data, env_overrides(os.environ if environ is None else environ))
+    env = env_overrides(os.environ if environ is None else environ)
+    data = _merge(data, env)
     data = _merge(data, overrides or {})
+    data = _octal_modes(data)
     try:
         config = msgspec.convert(data, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_explain(exc)}") from None
+        origin = _origin(exc, env, overrides or {}, os.environ if environ is None else environ)
+        message = f"{origin or source}: {_explain(exc)}"
+        if origin and origin.startswith("environment") and re.search(r"`(array|object)`", message):
+            message += (
+                '; in variables, lists are TOML arrays (["a", "b"]) and maps TOML inline '
+                'tables ({ KEY = { action = "retry" } })'
+            )
+        raise ConfigError(message) from None
     _check(config, source)
     return config
+
+
+_OCTAL = re.compile(r"(?:0o|0)?([0-7]{3,4})")
+
+
+def _octal_modes(data: dict[str, Any]) -> dict[str, Any]:
+    """File modes may be written as chmod does, ``"0660"`` (a TOML integer cannot have a
+    leading zero, and 432 means nothing to a reader); anything else is left for the
+    validation to report with the key named."""
+    agent = data.get("agent")
+    if isinstance(agent, dict) and isinstance(agent.get("socket_mode"), str):
+        match = _OCTAL.fullmatch(agent["socket_mode"].strip())
+        if match:
+            data = {**data, "agent": {**agent, "socket_mode": int(match.group(1), 8)}}
+    return data
+
+
+_SECRET_WORDS = ("url", "token", "webhook", "password", "uri", "secret")
+
+
+def _origin(
+    exc: msgspec.ValidationError,
+    env: Mapping[str, Mapping[str, Any]],
+    overrides: Mapping[str, Any],
+    environ: Mapping[str, str],
+) -> str | None:
+    """The environment variable (or flag) a bad key came from, so the message points at
+    what the operator must fix rather than at a file that does not hold it."""
+    text = str(exc)
+    match = re.match(r"Object contains unknown field `(.+?)` - at `\$\.(\w+)`", text)
+    if match:
+        section, key = match.group(2), match.group(1)
+    else:
+        match = re.search(r" - at `\$\.(\w+)\.(\w+)", text)
+        if not match:
+            return None
+        section, key = match.group(1), match.group(2)
+    if key in (overrides.get(section) or {}):
+        return "command-line flag"
+    if key not in (env.get(section) or {}):
+        return None
+    name = f"SIDECAR_{section.upper()}_{key.upper()}"
+    raw = environ.get(name)
+    if raw is None or any(word in key for word in _SECRET_WORDS):
+        return f"environment variable {name}"
+    shown = raw if len(raw) <= 40 else raw[:39] + "…"
+    return f"environment variable {name}={shown!r}"
 
 
 def _explain(exc: msgspec.ValidationError) -> str:
@@ -326,16 +385,127 @@ def redact_url(url: str) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
+_SECTION_NOTES: dict[str, str] = {
+    "broker": "RabbitMQ: where to connect and which queues this sidecar consumes.",
+    "agent": "The local agent connection (Unix socket, WebSocket frames) and its limits.",
+    "retry": "Retries with backoff through fixed-TTL delay queues, then the DLQ.",
+    "breaker": "Circuit breaker: stop pulling work while the agent keeps failing.",
+    "pressure": "Memory pressure levels (fractions of the limit) that shrink batches.",
+    "depth": "Queue depth levels (messages) that slow producers down.",
+    "throttle": "Token bucket for the agent's publishes.",
+    "scaling": "Recommended consumers = depth / messages_per_consumer, clamped.",
+    "store": "The dead-letter store and the local spool used while it is down.",
+    "http": "Health, metrics, status and dashboard listener.",
+    "alerts": "Alert rules and an optional webhook.",
+    "drain": "Graceful shutdown on SIGTERM.",
+    "identity": "How this sidecar names itself in records, metrics and alerts.",
+}
+
+_KEY_NOTES: dict[str, str] = {
+    "broker.url": "amqp:// or amqps:// URL (credentials here are never logged)",
+    "broker.queues": 'queues to consume, e.g. ["url.to_scrape"]',
+    "broker.prefetch": "unacked messages the broker may hand this consumer at once",
+    "broker.declare_queues": "declare the consumed queues (durable) if missing",
+    "broker.reconnect_min": "seconds before the first reconnect attempt",
+    "broker.reconnect_max": "longest wait between reconnect attempts, seconds",
+    "broker.heartbeat": "AMQP heartbeat, seconds (0 = off)",
+    "broker.tier_prefix": "name prefix of the delay queues",
+    "broker.hop": '"trio-asyncio" (same thread) or "thread"',
+    "agent.socket": "Unix socket the agent connects to",
+    "agent.socket_mode": 'file mode of the socket, octal as chmod takes it ("0660")',
+    "agent.tcp": 'optional HOST:PORT listener beside the socket ("" = off)',
+    "agent.token": "shared secret the agent must present (required over tcp)",
+    "agent.batch_size": "largest batch handed to the agent",
+    "agent.deadline": "seconds an agent may hold a message before TIMEOUT",
+    "agent.max_deadline": "longest deadline an agent may ask for, seconds",
+    "agent.heartbeat": "seconds between pings to the agent",
+    "agent.max_frame_bytes": "largest frame accepted from the agent",
+    "agent.max_body_bytes": "largest message body the agent may publish",
+    "agent.max_in_flight": "most messages one agent may hold",
+    "agent.max_headers": "most headers on a published message",
+    "agent.max_header_bytes": "largest encoded headers on a published message",
+    "retry.max_attempts": "attempts before a message is dead-lettered",
+    "retry.base_delay": "first retry delay, seconds",
+    "retry.max_delay": "longest retry delay, seconds",
+    "retry.multiplier": "delay growth per attempt",
+    "retry.jitter": "random fraction taken off each delay (0..1)",
+    "retry.rate_limit_default_delay": "RATE_LIMITED delay when the agent gives no retry_after",
+    "retry.tiers": "delay queue TTLs, seconds, strictly increasing",
+    "breaker.failure_threshold": "consecutive failures that open it",
+    "breaker.open_timeout": "seconds open before the first probe",
+    "breaker.max_open_timeout": "longest open time after repeated trips, seconds",
+    "breaker.backoff_multiplier": "open time growth per re-trip",
+    "breaker.window": "sliding window for the failure ratio, seconds",
+    "breaker.min_calls_in_window": "calls needed before the ratio counts",
+    "breaker.failure_ratio": "failure share in the window that opens it",
+    "breaker.half_open_probes": "messages let through while half-open",
+    "breaker.half_open_successes": "successful probes that close it",
+    "breaker.key_header": 'header naming a per-target breaker key ("" = one breaker)',
+    "pressure.warning": "memory used / limit at which prefetch and batches shrink",
+    "pressure.critical": "level at which analytics collection pauses too",
+    "pressure.emergency": "level at which non-essential features stop too",
+    "pressure.hysteresis": "margin below a level before it is left",
+    "pressure.interval": "seconds between memory samples",
+    "pressure.source": '"auto", "cgroup", "agent" or "system"',
+    "pressure.agent_limit_bytes": "limit for the agent's RSS without a cgroup (0 = machine)",
+    "depth.warning": "ready messages for the warning level (publishes slowed)",
+    "depth.critical": "ready messages for the critical level",
+    "depth.emergency": "ready messages for the emergency level",
+    "depth.interval": "seconds between depth checks",
+    "depth.watch": "further queues to watch (publish targets)",
+    "throttle.rate": "publishes per second",
+    "throttle.burst": "publishes allowed at once",
+    "throttle.queue": "publishes each agent may have waiting in the sidecar",
+    "throttle.queue_bytes": "bytes of publishes each agent may have waiting",
+    "scaling.messages_per_consumer": "ready messages one consumer is expected to handle",
+    "scaling.min_consumers": "never recommend fewer",
+    "scaling.max_consumers": "never recommend more",
+    "store.url": "sqlite:///relative.db, sqlite:////absolute.db or mongodb://...",
+    "store.spool": "local SQLite file holding dead letters while the store is down",
+    "store.metrics_interval": "seconds between metric snapshots in the store",
+    "http.listen": "HOST:PORT; sidecar status --config reads it too",
+    "http.admin_token": 'enables dashboard retry/move for this bearer token ("" = read-only)',
+    "alerts.growth_per_minute": "DLQ growth per minute that is critical",
+    "alerts.cooldown": "seconds before the same alert fires again",
+    "alerts.webhook": 'URL that receives alerts as JSON ("" = log only)',
+    "drain.grace": "seconds in-flight work gets on SIGTERM before it is requeued",
+    "identity.host": "defaults to this machine's hostname",
+}
+
+_REASON_EXAMPLE = """\
+# Per-reason rules override the defaults above; the key is the failure reason. Example:
+# [retry.reasons.RATE_LIMITED]
+# action = "retry"          # "retry" or "dead_letter"
+# backoff = "rate_limit"    # "exponential", "rate_limit", "reduced_scope" or "none"
+# max_attempts = 10         # optional; default retry.max_attempts
+"""
+
+
 def example_toml() -> str:
-    """The defaults as TOML, for ``sidecar config example``."""
-    lines = []
+    """Every key with its default and a comment, as TOML, for ``sidecar config example``.
+
+    Environment variables override any key as ``SIDECAR_<SECTION>_<KEY>``; their values are
+    TOML literals, so lists are written ``["a", "b"]`` and maps as inline tables.
+    """
+    lines = [
+        "# sidecar configuration: every key with its default.",
+        "# Override any key with SIDECAR_<SECTION>_<KEY>, e.g. SIDECAR_BROKER_URL=amqp://...;",
+        '# variable values are TOML literals: lists as \'["a", "b"]\', maps as inline',
+        "# tables: SIDECAR_RETRY_REASONS='{ PARSE_ERROR = { action = \"dead_letter\" } }'.",
+        "",
+    ]
     for field in msgspec.structs.fields(Config):
         section = getattr(Config(), field.name)
+        lines.append(f"# {_SECTION_NOTES.get(field.name, '')}".rstrip())
         lines.append(f"[{field.name}]")
         for key, value in msgspec.structs.asdict(section).items():
             if isinstance(value, dict):
                 continue
-            lines.append(f"{key} = {_toml_literal(value)}")
+            literal = f'"{value:04o}"' if key.endswith("_mode") else _toml_literal(value)
+            note = _KEY_NOTES.get(f"{field.name}.{key}")
+            lines.append(f"{key} = {literal}" + (f"  # {note}" if note else ""))
+        if field.name == "retry":
+            lines.append(_REASON_EXAMPLE.rstrip("\n"))
         lines.append("")
     return "\n".join(lines)
 

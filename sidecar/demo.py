@@ -4,18 +4,21 @@ throttling and the final tally (processed + dead-lettered = published)."""
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import logging
 import random
+import shlex
+import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from sidecar.adapters.broker import tier_queue_name
-from sidecar.client import SidecarClosed, open_agent
+from sidecar.client import open_agent
 from sidecar.config import load_config
 from sidecar.store.records import RecordFilter
 from sidecar.supervisor import Sidecar
@@ -40,7 +43,15 @@ def pick_outcome(rng: random.Random) -> str:
     return "ok"
 
 
-async def demo(seconds: float, messages: int, broker: str, workdir: Path) -> int:
+async def demo(
+    seconds: float,
+    messages: int,
+    broker: str,
+    workdir: Path,
+    *,
+    keep: bool = False,
+    command: str = "sidecar",
+) -> int:
     queue = f"demo.url.to_scrape.{uuid.uuid4().hex[:6]}"
     config = load_config(
         overrides={
@@ -122,70 +133,169 @@ async def demo(seconds: float, messages: int, broker: str, workdir: Path) -> int
             flush=True,
         )
 
+    tiers = [tier_queue_name(config.broker.tier_prefix, queue, t) for t in config.retry.tiers]
+    sidecar_done = trio.Event()
+
+    async def run_sidecar(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await sidecar.run(task_status=task_status)
+        finally:
+            sidecar_done.set()
+
+    async def until_stopped(role: Any) -> None:
+        """The demo's own agents end with the sidecar; only an earlier failure is an error."""
+        try:
+            await role()
+        except Exception:
+            if not sidecar.stopping.is_set():
+                raise
+
     async with trio.open_nursery() as nursery:
-        await nursery.start(sidecar.run)
-        print(
-            f"sidecar up: queue {queue}, dashboard http://127.0.0.1:{sidecar.http_port}/",
-            flush=True,
-        )
-        nursery.start_soon(_until_closed, demo_agent)
-        nursery.start_soon(_until_closed, publisher)
+        await nursery.start(run_sidecar)
+        url = f"127.0.0.1:{sidecar.http_port}"
+        print(f"sidecar up: queue {queue}, dashboard http://{url}/", flush=True)
+        print(f"logs: {workdir / 'sidecar.log'}", flush=True)
+        nursery.start_soon(until_stopped, demo_agent)
+        publishing = trio.CancelScope()
+
+        async def publish_until_done() -> None:
+            with publishing:
+                await until_stopped(publisher)
+
+        nursery.start_soon(publish_until_done)
         with trio.move_on_after(seconds) as out_of_time:
-            while len(processed) + dead_lettered() < messages:
+            while len(processed) + dead_lettered() < messages and not sidecar.stopping.is_set():
                 await trio.sleep(2)
                 report()
         if out_of_time.cancelled_caught:
             report()
-        dlq = dead_lettered()
+        publishing.cancel()  # what is published is final from here; the tally counts it
+        dlq = dead_lettered()  # final too: shutdown never dead-letters
         patterns = sidecar.store.failure_patterns(RecordFilter(queue=queue))
-        sidecar.stop()
-        await sidecar.stopping.wait()
-        await trio.sleep(0.5)
+        done = len(processed)
+        if keep and not sidecar.stopping.is_set():
+            tally(messages, published, done, dlq, patterns, throttled, config, queued=None)
+            toml = workdir / "sidecar.toml"
+            toml.write_text(
+                f'[broker]\nurl = "{broker}"\n\n[store]\nurl = "sqlite:///{workdir / "dlq.sqlite3"}"'
+                f'\n\n[http]\nlisten = "{url}"\n'
+            )
+            newest = sidecar.store.find(RecordFilter(queue=queue), limit=1)
+            print_try_commands(command, toml, url, queue, newest[0].id if newest else "ID")
+            await sidecar.stopping.wait()  # Ctrl-C (SIGINT) or SIGTERM: the sidecar drains
+            print("\nstopping the demo: draining, then removing its queues and files", flush=True)
+        else:
+            sidecar.stop()
+        with trio.move_on_after(config.drain.grace + 10):
+            await sidecar_done.wait()  # drained: in-flight work is back on the broker
         nursery.cancel_scope.cancel()
-    tiers = [tier_queue_name(config.broker.tier_prefix, queue, t) for t in config.retry.tiers]
-    await trio.to_thread.run_sync(delete_demo_queues, broker, [queue, *tiers])
+    done = len(processed)  # acks that landed while draining count as processed
+    queued: int = await trio.to_thread.run_sync(delete_demo_queues, broker, [*tiers, queue])
+    if not keep:
+        tally(messages, published, done, dlq, patterns, throttled, config, queued=queued)
+        lost = published - done - dlq - queued
+        return 0 if lost <= 0 else 1
+    print(f"removed the demo queues ({queued} message(s) were still queued) and its files")
+    return 0
 
+
+def tally(
+    messages: int,
+    published: int,
+    processed: int,
+    dlq: int,
+    patterns: list[Any],
+    throttled: int,
+    config: Any,
+    *,
+    queued: int | None,
+) -> None:
+    """The end-of-run view. Only what is neither processed, dead-lettered, nor still on the
+    broker (queued or in a retry delay) counts as lost."""
     print("\nDLQ Health")
     print(f"DLQ Size: {dlq} messages\nTop Failures:")
     for row in patterns:
         print(f"- {row.key} ({row.count})")
-    lost = messages - len(processed) - dlq
+    unsettled = max(published - processed - dlq, 0)
+    line = f"\nprocessed {processed} + dead-lettered {dlq} = {processed + dlq} of {messages}"
+    if published < messages:
+        line += f"; not yet published {messages - published}"
+    if queued is None:
+        if unsettled:
+            line += f"; still in flight {unsettled} (queued, in a retry delay or with the agent)"
+        line += "; lost 0" if not unsettled else ""
+    else:
+        lost = max(unsettled - queued, 0)
+        if queued:
+            line += f"; still queued or in a retry delay when stopped {queued} (removed with the demo queue)"
+        line += f"; lost {lost}"
+    print(line)
     print(
-        f"\nprocessed {len(processed)} + dead-lettered {dlq} = {len(processed) + dlq} of {messages}; lost {max(lost, 0)}"
+        f"producer throttled {throttled} times (rate {config.throttle.rate:g}/s, burst {config.throttle.burst:g})",
+        flush=True,
     )
+
+
+def print_try_commands(command: str, toml: Path, url: str, queue: str, example_id: str) -> None:
+    c = f"{command} "
+    cfg = f"--config {shlex.quote(str(toml))}"
     print(
-        f"producer throttled {throttled} times (rate {config.throttle.rate:g}/s, burst {config.throttle.burst:g})"
+        "\nThe sidecar, its dashboard and its DLQ keep running until Ctrl-C. Try:\n"
+        f"  dashboard:  http://{url}/\n"
+        f"  {c}status {cfg}\n"
+        f"  {c}dlq list {cfg} --reason validation_failed\n"
+        f"  {c}dlq analyze {cfg}\n"
+        f"  {c}dlq show {cfg} {shlex.quote(example_id)}\n"
+        f"  {c}dlq retry {cfg} --pattern ECONNRESET --dry-run\n"
+        f"  {c}dlq retry {cfg} --reason network_error --limit 5\n"
+        f"  {c}scale recommend {cfg} --queue {queue}\n"
+        f"  curl -s http://{url}/metrics | grep sidecar_dlq\n",
+        flush=True,
     )
-    return 0 if lost <= 0 else 1
 
 
-async def _until_closed(task: Callable[[], Awaitable[None]]) -> None:
-    # The sidecar stops at the end of the demo and closes the connection under the agents.
-    with contextlib.suppress(SidecarClosed):
-        await task()
-
-
-def main(*, seconds: float, messages: int, broker: str) -> int:
+def main(*, seconds: float, messages: int, broker: str, keep: bool = False) -> int:
     with tempfile.TemporaryDirectory(prefix="sidecar-demo-") as tmp:
-        return trio.run(demo, seconds, messages, broker, Path(tmp))
+        workdir = Path(tmp)
+        _log_to(workdir / "sidecar.log")
+        command = sys.argv[0] if Path(sys.argv[0]).name == "sidecar" else "sidecar"
+        return trio.run(
+            functools.partial(demo, seconds, messages, broker, workdir, keep=keep, command=command)
+        )
 
 
-def delete_demo_queues(broker: str, queues: list[str]) -> None:
+def _log_to(path: Path) -> None:
+    """The tally is the demo's output; logs and alert lines go to a file, not between it."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def delete_demo_queues(broker: str, queues: list[str]) -> int:
     """The demo leaves nothing behind on the broker: its queue and the queue's delay tiers.
+    Returns how many messages they still held. Delay tiers go first: a message expiring
+    from a tier moves into the main queue and is counted there, never twice.
     Runs a private asyncio loop, apart from the sidecar's."""
     import asyncio
 
     import aiormq
 
-    async def delete() -> None:
+    async def delete() -> int:
         connection = await aiormq.connect(broker)
         channel = await connection.channel()
+        left = 0
         for name in queues:
-            await channel.queue_delete(name)
+            ok = await channel.queue_delete(name)
+            left += ok.message_count or 0
         await connection.close()
+        return left
 
     loop = asyncio.SelectorEventLoop()
     try:
-        loop.run_until_complete(delete())
+        return loop.run_until_complete(delete())
     finally:
         loop.close()

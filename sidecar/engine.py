@@ -22,7 +22,7 @@ from sidecar import attempts
 from sidecar.adapters.broker import Broker, Inbound, MessageProps, headers_json_safe
 from sidecar.config import Config, reason_declarations
 from sidecar.dlq import DeadLetterWriter
-from sidecar.metrics import Metrics
+from sidecar.metrics import BREAKER_STATES, Metrics, set_state
 from sidecar.policy.breaker import (
     NOT_A_PROBE,
     BreakerConfig,
@@ -423,7 +423,6 @@ class Engine:
             return False
         self.counts["failed"] += 1
         self.metrics.failures.labels(message.queue, reason).inc()
-        self.metrics.failures_by_host.labels(self.config.identity.host).inc()
         self.metrics.processing_seconds.labels(message.queue, "fail").observe(now - held.handed_at)
         systemic = self.reasons.counts_for_breaker(reason)
         if (
@@ -451,7 +450,7 @@ class Engine:
             reason, error, held.state.attempt, retry_after, self.policy, self.rng.random()
         )
         if isinstance(decision, Retry):
-            self._retry(message, held.state, reason, error, decision)
+            self._retry(message, held.state, reason, error, decision, held.agent_version)
         else:
             self._dead_letter(held, reason, error, decision)
         return True
@@ -463,14 +462,19 @@ class Engine:
         reason: str,
         error: str,
         decision: Retry,
+        agent_version: str = "",
     ) -> None:
+        now = datetime.now(UTC)
         headers = attempts.after_failure(
             message.props.headers,
             state,
             reason=reason,
             error=error,
-            now=datetime.now(UTC),
+            now=now,
             reduced_scope=decision.reduced_scope,
+        )
+        headers = attempts.with_failures(
+            headers, self._failures(message, state, reason, error, now, agent_version)
         )
         self.counts["retried"] += 1
         self.metrics.retries.labels(message.queue, f"{decision.tier:g}s").inc()
@@ -515,6 +519,26 @@ class Engine:
             on_done=confirmed,
         )
 
+    def _failures(
+        self,
+        message: Inbound,
+        state: attempts.AttemptState,
+        reason: str,
+        error: str,
+        now: datetime,
+        agent_version: str,
+    ) -> list[dict[str, Any]]:
+        """The message's failure history with this failure added."""
+        entry = attempts.failure_entry(
+            attempt=state.attempt,
+            reason=reason,
+            error=error,
+            at=now,
+            host=self.config.identity.host,
+            agent_version=agent_version,
+        )
+        return attempts.append_failure(attempts.read_failures(message.props.headers), entry)
+
     def _dead_letter(self, held: InFlight, reason: str, error: str, decision: DeadLetter) -> None:
         message, state = held.message, held.state
         now = datetime.now(UTC)
@@ -543,6 +567,9 @@ class Engine:
             properties=message.props.as_dict(),
             signature=error_signature(reason, error),
             deadLetteredAt=now,
+            failures=self._failures(
+                message, state, reason, error or decision.why, now, held.agent_version
+            ),
         )
         self.counts["dead_lettered"] += 1
         self.metrics.dead_lettered.labels(message.queue, reason).inc()
@@ -631,7 +658,7 @@ class Engine:
         while True:
             now = self.clock()
             state = self.breaker.state(now)
-            self.metrics.breaker_state.labels("agent").set(_BREAKER_GAUGE[state])
+            set_state(self.metrics.breaker_state, BREAKER_STATES, state.value.lower(), "agent")
             if state is BreakerState.OPEN and not self.broker.paused:
                 log.warning(
                     "circuit open: pausing consumption for %.1fs", self.breaker.retry_in(now)
@@ -692,9 +719,6 @@ class Engine:
             "draining": self.draining,
             "batch_size": self.batch_size,
         }
-
-
-_BREAKER_GAUGE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
 
 
 def _parked_this_attempt(message: Inbound) -> int:

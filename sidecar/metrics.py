@@ -6,14 +6,42 @@ bounded to queues, reasons, levels and states the configuration or the code fixe
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Sequence
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+# ``_created`` series double every counter's series for a timestamp nobody queries.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+BREAKER_STATES = ("closed", "half_open", "open")
+LEVELS = ("normal", "warning", "critical", "emergency")
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+def set_state(gauge: Gauge, states: Sequence[str], current: str, *labels: str) -> None:
+    """A state as labels: 1 on the current state's series, 0 on the others, so a query
+    reads ``metric{state="open"} == 1`` instead of decoding a number."""
+    for state in states:
+        gauge.labels(*labels, state).set(1 if state == current else 0)
 
 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # The standard collectors (process_* and python_*), as every Prometheus client has.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
         # consume path
         self.delivered = Counter(
             "sidecar_messages_delivered_total",
@@ -28,12 +56,6 @@ class Metrics:
             "sidecar_failures_total",
             "Failed attempts by reason (agent-reported, TIMEOUT and AGENT_CRASH)",
             ["queue", "reason"],
-            registry=r,
-        )
-        self.failures_by_host = Counter(
-            "sidecar_failures_by_host_total",
-            "Failed attempts by processing host",
-            ["host"],
             registry=r,
         )
         self.retries = Counter(
@@ -108,10 +130,10 @@ class Metrics:
         self.queue_consumers = Gauge(
             "sidecar_queue_consumers", "Consumers on a queue", ["queue"], registry=r
         )
-        self.queue_depth_level = Gauge(
-            "sidecar_queue_depth_level",
-            "Depth level: 0 normal, 1 warning, 2 critical, 3 emergency",
-            ["queue"],
+        self.queue_depth_state = Gauge(
+            "sidecar_queue_depth_state",
+            "Depth level of a queue: 1 on the current state (normal, warning, critical, emergency)",
+            ["queue", "state"],
             registry=r,
         )
         self.producer_consumer_ratio = Gauge(
@@ -135,19 +157,19 @@ class Metrics:
         self.memory_ratio = Gauge(
             "sidecar_memory_pressure_ratio", "Agent memory used / limit", registry=r
         )
-        self.pressure_level = Gauge(
-            "sidecar_memory_pressure_level",
-            "0 normal, 1 warning, 2 critical, 3 emergency",
+        self.pressure_state = Gauge(
+            "sidecar_memory_pressure_state",
+            "Memory pressure level: 1 on the current state (normal, warning, critical, emergency)",
+            ["state"],
             registry=r,
         )
         self.agent_memory_bytes = Gauge(
             "sidecar_agent_memory_bytes", "Agent resident memory", registry=r
         )
-        self.cpu_percent = Gauge(
-            "sidecar_cpu_percent", "CPU use of the host (whole machine), percent", registry=r
-        )
-        self.sidecar_rss_bytes = Gauge(
-            "sidecar_process_resident_memory_bytes", "Sidecar resident memory", registry=r
+        self.cpu_ratio = Gauge(
+            "sidecar_cpu_usage_ratio",
+            "CPU time the sidecar process used per second over the last sample (1 = one core)",
+            registry=r,
         )
         self.batch_size = Gauge(
             "sidecar_batch_size", "Largest batch handed to the agent now", registry=r
@@ -155,8 +177,8 @@ class Metrics:
         self.prefetch = Gauge("sidecar_prefetch", "Consumer prefetch in force", registry=r)
         self.breaker_state = Gauge(
             "sidecar_circuit_breaker_state",
-            "0 closed, 1 half-open, 2 open",
-            ["key"],
+            "Circuit breaker: 1 on the current state (closed, half_open, open)",
+            ["key", "state"],
             registry=r,
         )
         self.breaker_open_keys = Gauge(
@@ -167,9 +189,10 @@ class Metrics:
         self.breaker_trips = Counter(
             "sidecar_circuit_breaker_trips_total", "Times the breaker opened", registry=r
         )
-        self.degradation = Gauge(
-            "sidecar_degradation_level",
-            "Graceful degradation level applied (0 none .. 3 emergency)",
+        self.degradation_state = Gauge(
+            "sidecar_degradation_state",
+            "Graceful degradation applied: 1 on the current level (normal = none)",
+            ["state"],
             registry=r,
         )
         # health
@@ -186,3 +209,7 @@ class Metrics:
         self.alerts = Counter(
             "sidecar_alerts_total", "Alerts raised", ["alert", "severity"], registry=r
         )
+        # Every state series exists from the start, so "== 1" queries never see a gap.
+        set_state(self.breaker_state, BREAKER_STATES, "closed", "agent")
+        set_state(self.pressure_state, LEVELS, "normal")
+        set_state(self.degradation_state, LEVELS, "normal")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.request
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ import trio
 from sidecar.config import Config
 from sidecar.metrics import Metrics
 from sidecar.policy.alerts import Alert, AlertConfig, AlertRules
+from sidecar.policy.breaker import BreakerState
 from sidecar.policy.pressure import PressureLevel
 from sidecar.store.base import DeadLetterStore, StoreUnavailable
 from sidecar.store.records import DeadLetterRecord, MetricSnapshot
@@ -42,8 +43,11 @@ def dlq_health(store: DeadLetterStore, top: int = 5) -> dict[str, Any]:
     patterns = store.failure_patterns()
     oldest, newest = store.oldest_newest()
     health: dict[str, Any] = {
-        "size": store.count(),
+        # The sum of the per-reason counts read together, so the size and the per-reason
+        # metrics agree even when a record lands between two queries.
+        "size": sum(r.count for r in patterns),
         "top_failures": [{"reason": r.key, "count": r.count} for r in patterns[:top]],
+        "by_reason": {r.key: r.count for r in patterns},
         "oldest": oldest.isoformat() if oldest else None,
         "newest": newest.isoformat() if newest else None,
     }
@@ -51,6 +55,17 @@ def dlq_health(store: DeadLetterStore, top: int = 5) -> dict[str, Any]:
     if spooled is not None:
         health["spooled"] = spooled()
     return health
+
+
+_DEPTH_ORDER = ["normal", "warning", "critical", "emergency"]
+
+
+def _depth_rank(level: str) -> int:
+    return _DEPTH_ORDER.index(level) if level in _DEPTH_ORDER else -1
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _post(request: urllib.request.Request) -> None:
@@ -72,6 +87,8 @@ class Observability:
         self.dlq: dict[str, Any] = {"size": 0, "top_failures": [], "oldest": None, "newest": None}
         self.history: list[dict[str, Any]] = []
         self._reconnects_counted = 0
+        self._reasons_exported: set[str] = set()
+        self._breaker_seen: tuple[BreakerState, float | None] = (BreakerState.CLOSED, None)
         self._webhook_send, self._webhook_recv = trio.open_memory_channel[Alert](256)
 
     def bind(
@@ -167,8 +184,13 @@ class Observability:
         m = self.metrics
         m.dlq_size.set(self.dlq["size"])
         m.spooled.set(self.dlq.get("spooled", 0))
-        for row in self.dlq["top_failures"]:
-            m.dlq_by_reason.labels(row["reason"]).set(row["count"])
+        by_reason: dict[str, int] = self.dlq.get("by_reason", {})
+        for reason in self._reasons_exported - by_reason.keys():
+            # Purged or retried away: a stale series would keep counting in sum().
+            m.dlq_by_reason.remove(reason)
+        for reason, count in by_reason.items():
+            m.dlq_by_reason.labels(reason).set(count)
+        self._reasons_exported = set(by_reason)
         m.broker_connected.set(1 if self.broker.is_connected else 0)
         lost_since = self.broker.reconnects - self._reconnects_counted
         if lost_since > 0:
@@ -215,10 +237,69 @@ class Observability:
 
     # --- views -----------------------------------------------------------------------------
 
+    def _breaker_view(self) -> dict[str, Any]:
+        """The agent breaker for people: state, since when, and when it next probes."""
+        now = self.engine.clock()
+        breaker = self.engine.breaker
+        state = breaker.state(now)
+        wall = datetime.now(UTC)
+        if state is not self._breaker_seen[0]:
+            self._breaker_seen = (state, now)
+        since = self._breaker_seen[1]
+        open_until = breaker.open_until()
+        if state is BreakerState.OPEN and open_until is not None:
+            # Exact: it opened one open-timeout before it will probe.
+            since = open_until - breaker.current_open_timeout
+        retry_in = breaker.retry_in(now) if state is BreakerState.OPEN else 0.0
+        return {
+            "state": state.value,
+            "since": None if since is None else _iso(wall - timedelta(seconds=now - since)),
+            "next_probe_in": round(retry_in, 3) if state is BreakerState.OPEN else None,
+            "next_probe_at": _iso(wall + timedelta(seconds=retry_in))
+            if state is BreakerState.OPEN
+            else None,
+            "trips": breaker.trips,
+            "open_keys": self.engine.keyed.open_keys(now),
+        }
+
     async def status(self) -> dict[str, Any]:
         bp = self.monitor.status()
+        engine = self.engine.status()
+        depth_levels = {q: v["level"] for q, v in bp["queues"].items()}
         return {
             "host": self.config.identity.host,
+            "summary": {
+                "breaker": self._breaker_view(),
+                "sessions": [
+                    {
+                        "agent": s["agent"],
+                        "version": s["version"],
+                        "pid": s["pid"],
+                        "held": s["in_flight"],
+                    }
+                    for s in engine["sessions"]
+                ],
+                "broker": {
+                    "connected": self.broker.is_connected,
+                    "generation": self.broker.generation,
+                    "reconnects": self.broker.reconnects,
+                    "blocked": self.broker.publish_blocked,
+                },
+                "pressure": {
+                    "level": bp["system_pressure"],
+                    "memory_ratio": (bp["memory"] or {}).get("ratio"),
+                    "degradation": bp["degradation"],
+                },
+                "depth_levels": depth_levels,
+                "depth_level": max(depth_levels.values(), key=_depth_rank, default="normal"),
+                "spool": {
+                    "records": self.dlq.get("spooled", 0),
+                    "store_error": self.dlq.get("error"),
+                    "writable": self.writer.healthy,
+                },
+                "draining": engine["draining"],
+                "in_flight": engine["in_flight"],
+            },
             "dlq_health": self.dlq,
             "backpressure_status": {
                 "queue_depths": bp["queues"],
@@ -230,7 +311,7 @@ class Observability:
                 "degradation": bp["degradation"],
                 "publish": bp["publish"],
             },
-            "engine": self.engine.status(),
+            "engine": engine,
             "broker": {
                 "connected": self.broker.is_connected,
                 "generation": self.broker.generation,

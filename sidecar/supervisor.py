@@ -20,6 +20,7 @@ from sidecar.adapters.sysmon import SystemMonitor
 from sidecar.backpressure import BackpressureMonitor, PublishGate
 from sidecar.config import Config, parse_host_port, redact_url
 from sidecar.dlq import DeadLetterWriter
+from sidecar.dlq_browser import DlqBrowser
 from sidecar.engine import Engine
 from sidecar.metrics import Metrics
 from sidecar.observability import Observability
@@ -163,6 +164,7 @@ class Sidecar:
                         registry=self.metrics.registry,
                         dashboard_html=self.obs.dashboard_html,
                         live=self.obs.live,
+                        dlq=DlqBrowser(c, self.store, self.dlq),
                     ),
                     http_host,
                     http_port,

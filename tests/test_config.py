@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 
 import pytest
 
@@ -136,3 +137,76 @@ def test_declared_reasons_load(tmp_path):
     config = load_config(path, environ={})
     assert config.retry.reasons["HTTP_503"].like == "NETWORK_ERROR"
     assert config.breaker.half_open_probes == 1
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"SIDECAR_RETRY_MAX_ATTEMPTS": "abc"},
+         "environment variable SIDECAR_RETRY_MAX_ATTEMPTS='abc': key 'retry.max_attempts'"),
+        ({"SIDECAR_BROKER_PREFTCH": "5"},
+         "environment variable SIDECAR_BROKER_PREFTCH='5': unknown key 'broker.preftch'"),
+        ({"SIDECAR_BROKER_QUEUES": "a,b"}, 'lists are TOML arrays'),
+        ({"SIDECAR_RETRY_REASONS": '{ X = { action = "maybe" } }'},
+         "environment variable SIDECAR_RETRY_REASONS="),
+    ],
+)  # fmt: skip
+def test_errors_from_the_environment_name_the_variable(tmp_path, environ, message):
+    path = tmp_path / "sidecar.toml"
+    path.write_text("[agent]\nbatch_size = 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ=environ)
+    assert message in str(info.value)
+    assert "sidecar.toml" not in str(info.value)
+
+
+def test_secret_values_from_the_environment_are_not_echoed():
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"SIDECAR_AGENT_TOKEN": "[1, 2]"})
+    assert "SIDECAR_AGENT_TOKEN" in str(info.value) and "[1, 2]" not in str(info.value)
+
+
+def test_lists_and_maps_in_variables_are_toml_literals():
+    config = load_config(
+        environ={
+            "SIDECAR_BROKER_QUEUES": '["a.q", "b.q"]',
+            "SIDECAR_RETRY_REASONS": '{ PARSE_ERROR = { kind = "permanent" } }',
+        }
+    )
+    assert config.broker.queues == ["a.q", "b.q"]
+    assert config.retry.reasons["PARSE_ERROR"].kind == "permanent"
+
+
+def test_example_is_commented_with_octal_modes_and_a_reason_rule():
+    text = example_toml()
+    assert 'socket_mode = "0660"' in text and "432" not in text
+    assert "[retry.reasons.RATE_LIMITED]" in text
+    assert "SIDECAR_<SECTION>_<KEY>" in text
+    keyed = [line for line in text.splitlines() if " = " in line and not line.startswith("#")]
+    assert keyed and all("  # " in line for line in keyed), [
+        line for line in keyed if "  # " not in line
+    ]
+    rule = "\n".join(
+        line.removeprefix("# ").split("  #")[0]
+        for line in text.splitlines()
+        if line.startswith(("# [retry.reasons", "# action", "# backoff", "# max_attempts"))
+    )
+    parsed = tomllib.loads(rule)
+    config = load_config(environ={}, overrides={"retry": {"reasons": parsed["retry"]["reasons"]}})
+    assert config.retry.reasons["RATE_LIMITED"].backoff == "rate_limit"
+
+
+@pytest.mark.parametrize("written", ['"0660"', '"660"', '"0o660"', "0o660", "432"])
+def test_socket_mode_is_read_as_chmod_writes_it(tmp_path, written):
+    path = tmp_path / "sidecar.toml"
+    path.write_text(f"[agent]\nsocket_mode = {written}\n")
+    assert load_config(path, environ={}).agent.socket_mode == 0o660
+    assert load_config(environ={"SIDECAR_AGENT_SOCKET_MODE": "0660"}).agent.socket_mode == 0o660
+
+
+@pytest.mark.parametrize("written", ['"rw-rw----"', '"0999"', '"06600"', "4096"])
+def test_bad_socket_modes_name_the_key(tmp_path, written):
+    path = tmp_path / "sidecar.toml"
+    path.write_text(f"[agent]\nsocket_mode = {written}\n")
+    with pytest.raises(ConfigError, match=r"agent\.socket_mode"):
+        load_config(path, environ={})

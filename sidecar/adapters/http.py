@@ -2,7 +2,8 @@
 and its live WebSocket. Served by hypercorn (a well-kept HTTP/1.1 and WebSocket server on
 trio) around a small ASGI app, so no HTTP is parsed by hand.
 
-The port is read-only: no endpoint changes state.
+The port is read-only except two dead-letter actions (retry and move one record), which
+answer only to ``Authorization: Bearer <http.admin_token>`` and are off without a token.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger("sidecar.http")
 
@@ -34,6 +35,11 @@ class HttpProviders:
     dashboard_html: Callable[[], bytes]
     live: Callable[[], Awaitable[dict[str, Any]]] | None = None
     live_interval: float = 1.0
+    dlq: Any = None  # sidecar.dlq_browser.DlqBrowser: browse and act on dead letters
+
+
+MAX_REQUEST_BODY = 16 * 1024
+ACTIONS = {"/api/dlq/retry": "retry", "/api/dlq/move": "move"}
 
 
 class HttpApp:
@@ -47,7 +53,7 @@ class HttpApp:
         elif scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
         elif scope["type"] == "http":
-            await self._http(scope, send)
+            await self._http(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -58,8 +64,11 @@ class HttpApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    async def _http(self, scope: dict[str, Any], send: Send) -> None:
+    async def _http(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
+        if path.startswith("/api/dlq") and self.p.dlq is not None:
+            await self._dlq_api(scope, receive, send)
+            return
         if method not in ("GET", "HEAD"):
             await self._respond(
                 send, 405, b"read-only: GET only\n", "text/plain", [(b"allow", b"GET, HEAD")]
@@ -74,7 +83,10 @@ class HttpApp:
                 send, 200 if ready else 503, self._json.encode(detail), "application/json"
             )
         elif path == "/metrics":
-            await self._respond(send, 200, generate_latest(self.p.registry), CONTENT_TYPE_LATEST)
+            # OpenMetrics when the scraper asks for it (Prometheus does by default).
+            accept = b", ".join(v for k, v in scope.get("headers", []) if k.lower() == b"accept")
+            encoder, content_type = choose_encoder(accept.decode("latin-1"))
+            await self._respond(send, 200, encoder(self.p.registry), content_type)
         elif path == "/status":
             await self._respond(
                 send, 200, self._json.encode(await self.p.status()), "application/json"
@@ -83,6 +95,34 @@ class HttpApp:
             await self._respond(send, 200, self.p.dashboard_html(), "text/html; charset=utf-8")
         else:
             await self._respond(send, 404, b"not found\n", "text/plain")
+
+    async def _dlq_api(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        from sidecar.dlq_browser import ApiError
+
+        path, method = scope["path"], scope["method"]
+        query = scope.get("query_string", b"")
+        try:
+            if path in ACTIONS:
+                if method != "POST":
+                    raise ApiError(405, "POST only")
+                header = _header(scope, b"authorization")
+                self.p.dlq.authorize(header)
+                body = await _read_body(receive, MAX_REQUEST_BODY)
+                result = await self.p.dlq.act(ACTIONS[path], body)
+            elif method not in ("GET", "HEAD"):
+                raise ApiError(405, "GET only")
+            elif path == "/api/dlq":
+                result = await self.p.dlq.list(query)
+            elif path == "/api/dlq/record":
+                result = await self.p.dlq.get(query)
+            else:
+                raise ApiError(404, "not found")
+        except ApiError as exc:
+            await self._respond(
+                send, exc.status, self._json.encode({"error": str(exc)}), "application/json"
+            )
+            return
+        await self._respond(send, 200, self._json.encode(result), "application/json")
 
     async def _respond(
         self,
@@ -119,6 +159,31 @@ class HttpApp:
                 payload = self._json.encode(await self.p.live()).decode()
                 await send({"type": "websocket.send", "text": payload})
                 await trio.sleep(self.p.live_interval)
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    from sidecar.dlq_browser import ApiError
+
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ApiError(400, "request ended early")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 async def serve_http(

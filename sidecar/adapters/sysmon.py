@@ -19,7 +19,7 @@ class MemorySample:
     source: str  # "cgroup", "agent" or "system"
     agent_rss: int
     sidecar_rss: int
-    cpu_percent: float
+    cpu_ratio: float  # the sidecar's own CPU time per second of wall time (1.0 = one core)
 
 
 def cgroup_memory(root: Path = CGROUP_ROOT) -> tuple[int, int] | None:
@@ -49,7 +49,7 @@ class SystemMonitor:
         self.agent_limit_bytes = agent_limit_bytes
         self._me = psutil.Process(os.getpid())
         self._agents: dict[int, psutil.Process] = {}
-        psutil.cpu_percent(None)  # the first reading is meaningless; prime it
+        self._me.cpu_percent(None)  # the first reading is meaningless; prime it
 
     def _agent_rss(self, pids: list[int]) -> int:
         total = 0
@@ -66,7 +66,7 @@ class SystemMonitor:
     def sample(self, agent_pids: list[int]) -> MemorySample:
         agent_rss = self._agent_rss(agent_pids)
         sidecar_rss = self._me.memory_info().rss
-        cpu = psutil.cpu_percent(None)
+        cpu = self._me.cpu_percent(None) / 100
         vm = psutil.virtual_memory()
         cgroup = cgroup_memory() if self.source in ("auto", "cgroup") else None
         if cgroup is not None:

@@ -57,7 +57,7 @@ class DeadLetterStore(Protocol):
         """Idempotent upsert keyed by ``id``; True when the record is new.
 
         A later failure of a known id (greater lastFailureAt) updates attemptCount,
-        lastFailureAt, errorMessage, failureReason, signature, deadLetteredAt and resets
+        lastFailureAt, errorMessage, failureReason, signature, deadLetteredAt, failures and resets
         ``reprocessed`` (it failed again after a reprocess), keeping history and
         reprocessCount. An equal or older one changes nothing.
         """
@@ -146,6 +146,7 @@ def apply_put(existing: DeadLetterRecord, new: DeadLetterRecord) -> DeadLetterRe
         failureReason=new.failureReason,
         signature=new.signature,
         deadLetteredAt=new.deadLetteredAt,
+        failures=new.failures,
         reprocessed=False,
     )
 

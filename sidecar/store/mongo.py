@@ -67,6 +67,7 @@ _UPDATED_ON_REFAIL = (
     "failureReason",
     "signature",
     "deadLetteredAt",
+    "failures",
 )
 
 
@@ -268,6 +269,13 @@ class MongoStore:
         with self._guard("get"):
             doc = self._records.find_one({"_id": id})
         return None if doc is None else record_from_doc(doc)
+
+    def ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
+        """Ids starting with ``prefix``; an anchored regex walks the _id index."""
+        query = {"_id": {"$regex": "^" + re.escape(prefix)}}
+        with self._guard("ids_with_prefix"):
+            docs = self._records.find(query, {"_id": 1}).sort("_id", 1).limit(limit)
+            return [str(d["_id"]) for d in docs]
 
     def find(
         self, filter: RecordFilter | None = None, *, limit: int = 50, offset: int = 0

@@ -54,6 +54,9 @@ class DeadLetterRecord(msgspec.Struct, kw_only=True):
     reprocessTarget: str | None = None
     retryToken: str | None = None
     history: list[dict[str, Any]] = []
+    # Each charged failure on the way here (attempt, reason, error, at, host, agentVersion),
+    # oldest first and bounded (see sidecar.attempts); ``history`` is the reprocess log.
+    failures: list[dict[str, Any]] = []
 
 
 class RecordFilter(msgspec.Struct, kw_only=True):
@@ -182,6 +185,7 @@ def normalise_record(record: DeadLetterRecord) -> DeadLetterRecord:
         headers=_json_safe(record.headers),
         properties=_json_safe(record.properties),
         history=_json_safe(record.history),
+        failures=_json_safe(record.failures),
         rawBody=bytes(record.rawBody),
     )
 

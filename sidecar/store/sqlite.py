@@ -323,6 +323,21 @@ class SqliteStore:
         with self._guard("get") as conn:
             return self._load(conn, id)
 
+    def ids_with_prefix(self, prefix: str, limit: int = 2) -> list[str]:
+        """Ids starting with ``prefix`` (for ``dlq show`` on a shortened id), in id order.
+
+        A range on the primary key, so the cost does not grow with the store.
+        """
+        sql = (
+            "SELECT id FROM dead_letter WHERE id >= ? AND id < ? AND substr(id, 1, ?) = ?"
+            " ORDER BY id LIMIT ?"
+        )
+        with self._guard("ids_with_prefix") as conn:
+            rows = conn.execute(
+                sql, [prefix, prefix + "\U0010ffff", len(prefix), prefix, limit]
+            ).fetchall()
+        return [str(row[0]) for row in rows]
+
     def find(
         self, filter: RecordFilter | None = None, *, limit: int = 50, offset: int = 0
     ) -> list[DeadLetterRecord]:

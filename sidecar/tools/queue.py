@@ -114,10 +114,23 @@ async def _purge(url: str, args: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     queue = sub.add_parser("queue", help="queue maintenance")
     qsub = queue.add_subparsers(dest="queue_command", required=True)
-    p = qsub.add_parser("purge", help="remove low-priority messages from a queue")
+    p = qsub.add_parser(
+        "purge",
+        help="remove low-priority messages from a queue",
+        description=(
+            f"Remove low-priority messages and keep every other one. Low means the AMQP "
+            f"priority property is {LOW_PRIORITY_MAX} or less, or a 'priority' header is "
+            "'low' (any case); a message with neither is kept."
+        ),
+    )
     add_common(p)
     p.add_argument("queue_name", metavar="QUEUE")
-    p.add_argument("--priority", choices=["low"], required=True)
-    p.add_argument("--limit", type=positive_int, default=1000, help="remove at most N")
+    p.add_argument(
+        "--priority",
+        choices=["low"],
+        required=True,
+        help=f"what to remove: low = priority <= {LOW_PRIORITY_MAX} or header priority=low",
+    )
+    p.add_argument("--limit", type=positive_int, default=1000, help="remove at most N (>= 1)")
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(func=cmd_purge)

@@ -26,7 +26,7 @@ from typing import Any
 import aiormq
 import aiormq.exceptions
 
-from sidecar.attempts import BROKER_HEADERS, PREFIX, REPROCESSED_FROM
+from sidecar.attempts import BROKER_HEADERS, PREFIX, REPROCESSED_FROM, with_failures
 from sidecar.policy.throttle import TokenBucket
 from sidecar.store.base import DeadLetterStore
 from sidecar.store.records import DeadLetterRecord
@@ -42,14 +42,15 @@ def new_token(kind: str) -> str:
 
 
 def republish_headers(record: DeadLetterRecord) -> dict[str, Any]:
-    """The original headers, attempt state reset (no x-sidecar-*), plus the provenance."""
+    """The original headers, attempt state reset (no x-sidecar-*), plus the provenance and
+    the failure history, so a record dead-lettered again still shows its earlier failures."""
     headers = {
         k: v
         for k, v in record.headers.items()
         if not k.startswith(PREFIX) and k not in BROKER_HEADERS
     }
     headers[REPROCESSED_FROM] = record.id
-    return headers
+    return with_failures(headers, record.failures) if record.failures else headers
 
 
 def preview(record: DeadLetterRecord, target: str) -> dict[str, Any]:

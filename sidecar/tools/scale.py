@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from sidecar.policy.scaling import ScalingPolicy, recommended_consumers, scaling_event
 from sidecar.tools.amqp import Amqp, QueueMissing
@@ -34,7 +36,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     )
     rows, missing = asyncio.run(_inspect(config.broker.url, queues, policy))
     if args.json:
-        emit_json({"queues": rows, "missing": missing})
+        emit_json({"broker": _where(config.broker.url), "queues": rows, "missing": missing})
     else:
         if rows:
             print(
@@ -46,9 +48,17 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                     ["QUEUE", "DEPTH", "CONSUMERS", "RECOMMENDED", "EVENT"],
                 )
             )
+        where = _where(config.broker.url)
         for q in missing:
-            print(f"queue {q!r} does not exist")
+            print(f"queue {q!r} does not exist on {where}", file=sys.stderr)
     return EXIT_REFUSED if missing else EXIT_OK
+
+
+def _where(url: str) -> str:
+    """The broker and vhost asked, without credentials."""
+    parts = urlsplit(url)
+    vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
+    return f"{parts.hostname or '?'}:{parts.port or 5672} vhost {vhost!r}"
 
 
 async def _inspect(

@@ -1,7 +1,8 @@
 """``sidecar status``: the seed's "DLQ Health" and "Backpressure Status" views.
 
-From a running sidecar's ``/status`` (``--http``, default http://127.0.0.1:9090), or, with
-``--store`` and no ``--http``, DLQ Health read straight from the store.
+From a running sidecar's ``/status``: the address is ``--http`` (HOST:PORT or a URL), else
+the configuration's ``http.listen`` (``--config``, environment, default 127.0.0.1:9090). With
+``--store`` and no ``--http``, DLQ Health is read straight from the store instead.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from sidecar.config import parse_host_port
 from sidecar.observability import dlq_health
 from sidecar.tools.common import (
     EXIT_OK,
     EXIT_UNREACHABLE,
+    EXIT_USAGE,
     ToolError,
     add_common,
     emit_json,
@@ -26,6 +29,26 @@ from sidecar.tools.common import (
 )
 
 DEFAULT_URL = "http://127.0.0.1:9090"
+# A daemon listening on every interface is reached on loopback from the same machine.
+_ANY_HOST = {"", "0.0.0.0", "::", "[::]", "*"}
+
+
+def base_url(address: str) -> str:
+    """``HOST:PORT``, ``:PORT`` or an http(s) URL -> the sidecar's base URL."""
+    address = address.strip()
+    if "://" in address:
+        scheme = address.split("://", 1)[0].lower()
+        if scheme not in ("http", "https"):
+            raise ToolError(f"--http {address!r}: expected HOST:PORT or an http:// URL", EXIT_USAGE)
+        return address.rstrip("/")
+    parsed = parse_host_port(address)
+    if parsed is None:
+        raise ToolError(f"--http {address!r}: expected HOST:PORT or an http:// URL", EXIT_USAGE)
+    host, port = parsed
+    host = "127.0.0.1" if host in _ANY_HOST else host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
@@ -79,12 +102,74 @@ def render_backpressure(bp: dict[str, Any]) -> str:
         table(rows, ["QUEUE", "DEPTH", "CONSUMERS", "LEVEL", "RECOMMENDED"]) if rows else "  (none)"
     )
     lines.append(f"System Pressure: {bp.get('system_pressure', '-')}")
-    memory = bp.get("memory")
-    if memory is not None:
-        lines.append(f"Memory: {json.dumps(memory)}")
+    memory = bp.get("memory") or {}
+    if memory.get("limit_bytes"):
+        lines.append(
+            f"Memory: {_pct(memory.get('ratio'))} of {_mib(memory.get('limit_bytes'))} "
+            f"({memory.get('source', '?')}); agent {_mib(memory.get('agent_rss_bytes'))}, "
+            f"sidecar {_mib(memory.get('sidecar_rss_bytes'))}"
+        )
     degradation = bp.get("degradation") or []
     lines.append(f"Degradation: {', '.join(degradation) if degradation else 'none'}")
     return "\n".join(lines)
+
+
+def _pct(value: Any) -> str:
+    return f"{value * 100:.0f}%" if isinstance(value, int | float) else "-"
+
+
+def _mib(value: Any) -> str:
+    return f"{value / 1048576:.0f} MiB" if isinstance(value, int | float) else "-"
+
+
+def render_summary(summary: dict[str, Any]) -> str:
+    """Breaker, sessions, broker, pressure, depth and spool: what an operator checks first."""
+    lines = []
+    broker = summary.get("broker") or {}
+    state = "connected" if broker.get("connected") else "DISCONNECTED"
+    blocked = "publishers BLOCKED by the broker" if broker.get("blocked") else "not blocked"
+    lines.append(
+        f"Broker: {state} (connection generation {broker.get('generation', '-')}, "
+        f"{broker.get('reconnects', 0)} reconnects), {blocked}"
+    )
+    breaker = summary.get("breaker") or {}
+    text = f"Breaker: {breaker.get('state', '-')}"
+    if breaker.get("since"):
+        text += f" since {breaker['since']}"
+    if breaker.get("next_probe_at"):
+        text += f", next probe at {breaker['next_probe_at']} (in {breaker['next_probe_in']:.0f}s)"
+    text += f"; {breaker.get('trips', 0)} trips"
+    if breaker.get("open_keys"):
+        text += f"; open keys: {', '.join(map(str, breaker['open_keys']))}"
+    lines.append(text)
+    sessions = summary.get("sessions") or []
+    lines.append(f"Agent sessions: {len(sessions)}")
+    if sessions:
+        rows = [[s.get("agent"), s.get("version"), s.get("pid"), s.get("held")] for s in sessions]
+        lines.append(table(rows, ["AGENT", "VERSION", "PID", "HELD"]))
+    pressure = summary.get("pressure") or {}
+    degradation = pressure.get("degradation") or []
+    lines.append(
+        f"Pressure: {pressure.get('level', '-')} (memory {_pct(pressure.get('memory_ratio'))})"
+        f"; degradation: {', '.join(degradation) if degradation else 'none'}"
+    )
+    lines.append(f"Depth level: {summary.get('depth_level', '-')}")
+    spool = summary.get("spool") or {}
+    spool_text = f"Spool: {spool.get('records', 0)} record(s) waiting for the store"
+    if spool.get("store_error"):
+        spool_text += f"; store error: {spool['store_error']}"
+    if spool.get("writable") is False:
+        spool_text += "; dead letters CANNOT be written"
+    lines.append(spool_text)
+    if summary.get("draining"):
+        lines.append("Draining: no new work is taken")
+    return "\n".join(lines)
+
+
+def daemon_url(args: argparse.Namespace) -> str:
+    if args.http_url:
+        return base_url(args.http_url)
+    return base_url(load(args).http.listen)
 
 
 @tool
@@ -98,12 +183,15 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             print(render_dlq(health))
         return EXIT_OK
-    status = fetch_status(args.http_url or DEFAULT_URL)
+    url = daemon_url(args)
+    status = fetch_status(url)
     if args.json:
         emit_json(status)
         return EXIT_OK
-    if status.get("host"):
-        print(f"Sidecar on {status['host']}\n")
+    print(f"Sidecar on {status.get('host', '?')} ({url})\n")
+    if status.get("summary"):
+        print(render_summary(status["summary"]))
+        print()
     print(render_dlq(status.get("dlq_health") or {}))
     print()
     print(render_backpressure(status.get("backpressure_status") or {}))
@@ -114,6 +202,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser("status", help="DLQ Health and Backpressure Status of a sidecar")
     add_common(p)
     p.add_argument(
-        "--http", dest="http_url", metavar="URL", help=f"sidecar HTTP base URL ({DEFAULT_URL})"
+        "--http",
+        dest="http_url",
+        metavar="ADDR",
+        help="the daemon's HTTP listener: HOST:PORT (as run --http takes) or a URL; "
+        "default: http.listen of --config, else 127.0.0.1:9090",
     )
     p.set_defaults(func=cmd_status)

@@ -11,6 +11,7 @@ import trio
 
 from sidecar import protocol as p
 from sidecar.client import open_agent
+from sidecar.metrics import LEVELS
 from sidecar.policy.breaker import BreakerState
 from tests.conftest import make_config, publish_many, queue_count, running_sidecar
 
@@ -122,7 +123,11 @@ async def test_agent_memory_pressure_shrinks_batches_then_recovers(tmp_path, uni
             await trio.run_process(
                 [sys.executable, str(script), config.agent.socket, queue, str(out)]
             )
-            pressure_metric = sidecar.metrics.pressure_level._value.get()
+            pressure_metric = max(
+                n
+                for n, state in enumerate(LEVELS)
+                if sidecar.metrics.pressure_state.labels(state)._value.get() == 1
+            )
     sizes = [int(x) for x in out.read_text().split()]
     before = sizes[: sizes.index(-1)]
     during = sizes[sizes.index(-1) + 1 : sizes.index(-2)]

@@ -14,8 +14,10 @@ def _lower(items: Any) -> dict[str, str]:
     return {k.lower(): v for k, v in items}
 
 
-def _fetch(url: str, method: str, body: bytes | None) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url, data=body, method=method)
+def _fetch(
+    url: str, method: str, body: bytes | None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, _lower(response.headers.items()), response.read()
@@ -25,11 +27,16 @@ def _fetch(url: str, method: str, body: bytes | None) -> tuple[int, dict[str, st
 
 
 async def http(
-    port: int, path: str, *, method: str = "GET", body: bytes | None = None
+    port: int,
+    path: str,
+    *,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
     """``(status, headers with lower-case names, body)`` for one request to 127.0.0.1:port."""
     url = f"http://127.0.0.1:{port}{path}"
-    return await trio.to_thread.run_sync(_fetch, url, method, body)
+    return await trio.to_thread.run_sync(_fetch, url, method, body, headers)
 
 
 async def get_json(port: int, path: str) -> Any:

@@ -519,3 +519,23 @@ def test_missing_fields() -> None:
         "failureReason",
         "errorMessage",
     ]
+
+
+def test_failure_history_round_trips_and_follows_the_latest_failure(
+    store: DeadLetterStore,
+) -> None:
+    first = [
+        {"attempt": n, "reason": "NETWORK_ERROR", "error": f"reset {n}",
+         "at": f"2024-01-01T10:0{n}:00Z", "host": "h1", "agentVersion": "1.0"}
+        for n in (1, 2, 3)
+    ]  # fmt: skip
+    store.put(make_record("hist", failures=first, lastFailureAt=at(5), deadLetteredAt=at(5)))
+    assert store.get("hist").failures == first
+    # Retried from the DLQ and failed again: the new record carries the whole journey.
+    journey = [*first, {**first[0], "at": "2024-01-01T10:20:00Z", "error": "again"}]
+    store.put(make_record("hist", failures=journey, lastFailureAt=at(20), deadLetteredAt=at(20)))
+    assert store.get("hist").failures == journey
+    # A replay of an older failure does not roll the history back.
+    store.put(make_record("hist", failures=first, lastFailureAt=at(5), deadLetteredAt=at(5)))
+    assert store.get("hist").failures == journey
+    assert store.get("other") is None and make_record("other").failures == []
