@@ -37,6 +37,9 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class BrokerConfig(Section):
     url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # A file holding the URL (a mounted Secret): keeps credentials out of the environment,
+    # which other processes of the same user can read in /proc/<pid>/environ.
+    url_file: str = ""
     queues: list[QueueName] = []
     prefetch: Count = 100
     declare_queues: bool = True
@@ -131,6 +134,7 @@ class ScalingConfig(Section):
 
 class StoreConfig(Section):
     url: str = "sqlite:///sidecar-dlq.sqlite3"
+    url_file: str = ""  # as broker.url_file
     spool: str = "sidecar-spool.sqlite3"
     metrics_interval: Positive = 15.0
 
@@ -223,14 +227,87 @@ def load_config(
             raise ConfigError(f"{path}: no such config file") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    data = _merge(data, env_overrides(os.environ if environ is None else environ))
-    data = _merge(data, overrides or {})
+    layers = [
+        (source, data),
+        ("environment", env_overrides(os.environ if environ is None else environ)),
+        ("flags", overrides or {}),
+    ]
+    merged: dict[str, Any] = {}
+    for where, layer in layers:
+        _check_url_pairs(layer, where)
+        merged = _merge(_without_shadowed(merged, layer), layer)
     try:
-        config = msgspec.convert(data, Config, strict=False)
+        config = msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{source}: {_explain(exc)}") from None
+    config = _read_url_files(config)
     _check(config, source)
     return config
+
+
+_URL_SECTIONS = ("broker", "store")
+
+
+def _sets(keys: Mapping[str, Any], key: str) -> bool:
+    """An empty url_file (as ``config example`` prints it) means "no file"."""
+    return key in keys and (key != "url_file" or bool(keys[key]))
+
+
+def _check_url_pairs(layer: Mapping[str, Any], where: str) -> None:
+    for section in _URL_SECTIONS:
+        keys = layer.get(section)
+        if isinstance(keys, Mapping) and _sets(keys, "url") and _sets(keys, "url_file"):
+            raise ConfigError(f"{where}: set {section}.url or {section}.url_file, not both")
+
+
+def _without_shadowed(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """A later layer's url replaces an earlier url_file and the other way round, so a
+    ``--store`` flag wins over a mounted file named in the config, as any key would."""
+    out = dict(base)
+    for section in _URL_SECTIONS:
+        keys, given = out.get(section), layer.get(section)
+        if isinstance(keys, dict) and isinstance(given, Mapping):
+            for key, other in (("url", "url_file"), ("url_file", "url")):
+                if _sets(given, key) and other in keys:
+                    out[section] = {k: v for k, v in keys.items() if k != other}
+                    keys = out[section]
+    return out
+
+
+# Enough for any URL; stops a misconfigured path (a log, a device) from being read whole.
+_MAX_URL_FILE_BYTES = 64 * 1024
+
+
+def read_secret_file(path: str, key: str) -> str:
+    """The stripped first line of a mounted secret file, or a one-line ConfigError."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_URL_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path!r}: {exc.strerror or exc}") from None
+    if len(raw) > _MAX_URL_FILE_BYTES:
+        raise ConfigError(f"{key}: {path!r} is larger than {_MAX_URL_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path!r} is not UTF-8 text") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"{key}: {path!r} is empty")
+    if len(lines) > 1:
+        raise ConfigError(f"{key}: {path!r} holds {len(lines)} lines; expected one URL")
+    return lines[0]
+
+
+def _read_url_files(config: Config) -> Config:
+    broker, store = config.broker, config.store
+    if broker.url_file:
+        url = read_secret_file(broker.url_file, "broker.url_file")
+        broker = msgspec.structs.replace(broker, url=url)
+    if store.url_file:
+        url = read_secret_file(store.url_file, "store.url_file")
+        store = msgspec.structs.replace(store, url=url)
+    return msgspec.structs.replace(config, broker=broker, store=store)
 
 
 def _explain(exc: msgspec.ValidationError) -> str:
