@@ -19,6 +19,7 @@ so a sidecar starts (and spools) while the database is down. Every wait is bound
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -129,7 +130,11 @@ _PATTERN_COLUMNS: dict[str, str] = {
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(DeadLetterRecord)
 _labels_decoder = msgspec.json.Decoder(dict[str, str])
-_NUL_ESCAPE = b"\\u0000"
+# JSONB cannot hold a NUL character, and stores numbers as decimals: a float with a
+# positive exponent (1e300) comes back as an integer. Documents with either keep an exact
+# copy. A match inside a string is harmless: it only costs the copy.
+_JSONB_LOSSY = re.compile(rb"\\u0000|[0-9][eE]\+?[0-9]")
+_INT64_MAX = 2**63 - 1
 
 
 def _text(value: str) -> str:
@@ -142,12 +147,18 @@ def _utc(value: datetime) -> datetime:
 
 
 def _doc_columns(record: DeadLetterRecord) -> tuple[str, bytes | None]:
-    """(JSONB text, exact bytes or None): the exact JSON is kept only when JSONB cannot."""
+    """(JSONB text, exact bytes or None): the exact JSON is kept only when JSONB would not
+    give the same record back."""
     exact = _encoder.encode(record)
-    if _NUL_ESCAPE not in exact:  # msgspec escapes NUL; a false positive only costs space
+    if _JSONB_LOSSY.search(exact) is None:
         return exact.decode(), None
     cleaned = msgspec.json.encode(_strip_nul(msgspec.json.decode(exact)))
     return cleaned.decode(), exact
+
+
+def _bigint(value: int) -> int:
+    """A BIGINT column's copy of a count (the document keeps the exact value)."""
+    return max(-_INT64_MAX, min(value, _INT64_MAX))
 
 
 def _strip_nul(value: Any) -> Any:
@@ -286,6 +297,12 @@ class PostgresStore:
                     if not conn.closed:
                         conn.rollback()
                     raise
+            except psycopg.DataError as exc:
+                # The record, not the store, is at fault: retrying or spooling cannot help.
+                raise ValueError(
+                    f"{self.describe()}: {action}: cannot store this record: "
+                    f"{_scrub(str(exc).strip(), self._url)}"
+                ) from exc
             except psycopg.Error as exc:
                 self._drop()
                 raise StoreUnavailable(
@@ -320,7 +337,7 @@ class PostgresStore:
                 _text(r.errorMessage),
                 _text(r.signature),
                 _text(r.processingHost),
-                r.attemptCount,
+                _bigint(r.attemptCount),
                 r.firstFailureAt,
                 r.lastFailureAt,
                 r.deadLetteredAt,
@@ -391,7 +408,7 @@ class PostgresStore:
                     _text(new.errorMessage),
                     _text(new.signature),
                     _text(new.processingHost),
-                    new.attemptCount,
+                    _bigint(new.attemptCount),
                     new.firstFailureAt,
                     new.lastFailureAt,
                     new.deadLetteredAt,

@@ -116,6 +116,18 @@ def test_nul_characters_round_trip_exactly(postgres_store: PostgresStore) -> Non
     assert postgres_store.get("clean") == normalise_record(make_record("clean"))
 
 
+def test_numbers_jsonb_would_change_round_trip_exactly(postgres_store: PostgresStore) -> None:
+    """JSONB keeps numbers as decimals (1e300 would come back as a 301-digit integer)."""
+    body = b'{"f": 1e300, "g": 1.5e20, "small": 0.1, "x": 1.5e-7, "big": 123456789012345678901234567890}'
+    record = make_record("num", rawBody=body, attemptCount=2**70)
+    postgres_store.put(record)
+    got = postgres_store.get("num")
+    assert got == normalise_record(record)
+    assert type(got.payload["f"]) is float and got.payload["f"] == 1e300
+    assert got.attemptCount == 2**70
+    assert postgres_store.count(RecordFilter(ids=["num"])) == 1
+
+
 def test_document_holds_every_record_field(
     postgres_store: PostgresStore, postgres_database: str, postgres_schema: str
 ) -> None:
