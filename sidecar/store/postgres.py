@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 # Serialises schema creation between sidecars starting at once: concurrent
-# CREATE TABLE IF NOT EXISTS can still collide on the catalog's unique indexes.
+# CREATE ... IF NOT EXISTS can still collide on the catalog's unique indexes.
 _SCHEMA_LOCK_KEY = 0x51DECA7
 
 # COLLATE "C": ids, keys and ties order by code point on every server, as in SQLite and
@@ -246,6 +246,8 @@ class PostgresStore:
                 cur.execute(
                     sql.SQL("SET lock_timeout = {}").format(sql.Literal(self._lock_timeout_ms))
                 )
+                # First, so that sidecars starting together create the schema one by one.
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
                 if self.schema is not None:
                     cur.execute(
                         sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(
@@ -255,7 +257,6 @@ class PostgresStore:
                     cur.execute(
                         sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema))
                     )
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
                 cur.execute(_SCHEMA)
                 cur.execute("SELECT max(version) FROM sidecar_schema")
                 row = cur.fetchone()
