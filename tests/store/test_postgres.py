@@ -419,3 +419,74 @@ def test_operator_tools_on_the_shared_store(
     out = cli("dlq", "list", "--store", "postgresql://alice:s3cret@127.0.0.1:1/dlq")
     assert out.returncode == 5, out.stderr
     assert "store unavailable" in out.stderr and "s3cret" not in out.stderr
+
+
+# --- a fleet of running sidecars on one store
+
+
+async def _failing_agent(socket_path: str, queue: str, handled: list[bytes]) -> None:
+    from sidecar.client import open_agent
+
+    async with open_agent(socket_path, agent="fleet", version="1.0", queues=[queue]) as agent:
+        while True:
+            for m in await agent.pull(10, wait=0.5):
+                await agent.fail(m.id, "VALIDATION_FAILED", f"bad record {m.body.decode()}")
+                handled.append(m.body)
+
+
+@pytest.mark.integration
+async def test_two_running_sidecars_dead_letter_into_one_store(
+    postgres_database: str, postgres_schema: str, unique_queue: Any, tmp_path: Path
+) -> None:
+    """The daemon's own path (DLQ writer thread, spool in front) from two pods at once:
+    every dead letter lands once in the shared store, attributed to its pod."""
+    import trio
+
+    from tests.conftest import make_config, publish_many, running_sidecar
+    from tests.observability._wait import until
+
+    queue = unique_queue("fleet")
+    _sql(
+        postgres_database,
+        sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(postgres_schema)).as_string(None),
+    )
+    url = postgres_url_with_schema(postgres_database, postgres_schema)
+    configs = [
+        make_config(
+            tmp_path / pod,
+            [queue],
+            store={"url": url},
+            identity={"host": pod},
+            # Every message fails on purpose: the breaker must not pause the test's flow.
+            breaker={"failure_threshold": 1000, "min_calls_in_window": 1000},
+        )
+        for pod in ("pod-a", "pod-b")
+    ]
+    bodies = [b"m%03d" % i for i in range(40)]
+    handled: list[bytes] = []
+    reader = PostgresStore(url)
+    try:
+        with trio.fail_after(90):
+            async with (
+                running_sidecar(configs[0]) as a,
+                running_sidecar(configs[1]) as b,
+                trio.open_nursery() as nursery,
+            ):
+                for config in configs:
+                    nursery.start_soon(_failing_agent, config.agent.socket, queue, handled)
+                # Both consuming before the messages arrive, so both pods write.
+                await until(lambda: a.engine.sessions and b.engine.sessions, 0.05)
+                await publish_many(queue, bodies)
+
+                async def stored() -> bool:
+                    return await trio.to_thread.run_sync(reader.count) == len(bodies)
+
+                await until(stored, 0.2)
+                nursery.cancel_scope.cancel()
+        records = await trio.to_thread.run_sync(lambda: reader.find(limit=1000))
+    finally:
+        reader.close()
+    assert sorted(r.rawBody for r in records) == bodies
+    assert len({r.id for r in records}) == len(bodies)
+    assert {r.processingHost for r in records} == {"pod-a", "pod-b"}
+    assert all(r.failureReason == "VALIDATION_FAILED" for r in records)
