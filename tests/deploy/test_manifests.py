@@ -308,7 +308,14 @@ def test_kubernetes_validate_strict(overlay: str, version: str, tmp_path: Path) 
     tool = shutil.which("kubernetes-validate")
     if tool is None:
         pytest.skip("kubernetes-validate is not on PATH (pip install kubernetes-validate)")
-    objects = [o for o in kustomize(OVERLAYS / overlay) if o["kind"] in CORE_KINDS]
+    if shutil.which("kubectl") is not None:
+        rendered = kustomize(OVERLAYS / overlay)
+    else:  # the files as written (without the overlay's patches) are still checked
+        (kustomization,) = load_docs(OVERLAYS / overlay / "kustomization.yaml")
+        paths = [*BASE.glob("*.yaml")]
+        paths += [OVERLAYS / overlay / r for r in kustomization["resources"] if r.endswith(".yaml")]
+        rendered = [d for p in paths if p.name != "kustomization.yaml" for d in load_docs(p)]
+    objects = [o for o in rendered if o["kind"] in CORE_KINDS]
     assert {"ConfigMap", "Secret", "Deployment"} <= {o["kind"] for o in objects}
     path = tmp_path / "core.yaml"
     path.write_text(yaml.safe_dump_all(objects))
