@@ -21,10 +21,10 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import psycopg
@@ -54,6 +54,8 @@ from sidecar.store.records import (
 __all__ = ["PostgresStore"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 # Serialises schema creation between sidecars starting at once: concurrent
@@ -177,6 +179,14 @@ def _scrub(text: str, url: str) -> str:
         return scrub(text, url)
     except ValueError:
         return "(details withheld: they may echo the malformed URL)"
+
+
+def _connection_lost(exc: BaseException | None) -> bool:
+    """The connection died (not a timeout, a lock wait or a refused statement)."""
+    if not isinstance(exc, psycopg.OperationalError):
+        return False
+    state = exc.sqlstate or ""
+    return not state or state.startswith(("08", "57P"))
 
 
 def _record(doc: str, exact: bytes | None) -> DeadLetterRecord:
@@ -311,6 +321,22 @@ class PostgresStore:
                     f"{_scrub(str(exc).strip(), self._url)}"
                 ) from exc
 
+    def _call(self, action: str, fn: Callable[[psycopg.Cursor[Any]], T]) -> T:
+        """``fn`` in one transaction; once more on a fresh connection when a reused one
+        turns out dead (a server restart, a failover, an idle timeout), so such a blip does
+        not send dead letters to the spool. Safe because the contract's calls are
+        idempotent; a put replayed after a lost commit reply reports the record as not new."""
+        reused = self._conn is not None and not self._conn.closed
+        try:
+            with self._tx(action) as cur:
+                return fn(cur)
+        except StoreUnavailable as exc:
+            if not (reused and _connection_lost(exc.__cause__)):
+                raise
+            log.info("%s: %s: connection lost, retrying on a new one", self.describe(), action)
+        with self._tx(action) as cur:
+            return fn(cur)
+
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -393,7 +419,8 @@ class PostgresStore:
     def put(self, record: DeadLetterRecord) -> bool:
         new = normalise_record(record)
         doc, exact = _doc_columns(new)  # before the transaction: a bad record fails alone
-        with self._tx("put") as cur:
+
+        def run(cur: psycopg.Cursor[Any]) -> bool:
             # Insert first: of several sidecars putting one id at once, exactly one wins
             # and the others wait for its commit, then merge under the row lock below.
             cur.execute(
@@ -430,9 +457,19 @@ class PostgresStore:
                 self._write(cur, merged)
             return False
 
+        return self._call("put", run)
+
     def get(self, id: str) -> DeadLetterRecord | None:
-        with self._tx("get") as cur:
-            return self._load(cur, id, lock=False)
+        return self._call("get", lambda cur: self._load(cur, id, lock=False))
+
+    def _rows(
+        self, action: str, query: str | sql.SQL | sql.Composed, params: Sequence[Any] = ()
+    ) -> list[tuple[Any, ...]]:
+        def run(cur: psycopg.Cursor[Any]) -> list[tuple[Any, ...]]:
+            cur.execute(query, params)
+            return cur.fetchall()
+
+        return self._call(action, run)
 
     def find(
         self, filter: RecordFilter | None = None, *, limit: int = 50, offset: int = 0
@@ -444,17 +481,14 @@ class PostgresStore:
             "SELECT doc::text, doc_exact FROM dead_letter{}"
             " ORDER BY last_failure_at DESC, id DESC LIMIT %s OFFSET %s"
         ).format(where)
-        with self._tx("find") as cur:
-            cur.execute(query, [*params, limit, offset])
-            rows = cur.fetchall()
+        rows = self._rows("find", query, [*params, limit, offset])
         return [_record(doc, exact) for doc, exact in rows]
 
     def count(self, filter: RecordFilter | None = None) -> int:
         where, params = self._where(filter)
-        with self._tx("count") as cur:
-            cur.execute(sql.SQL("SELECT count(*) FROM dead_letter{}").format(where), params)
-            row = cur.fetchone()
-        return 0 if row is None else int(row[0])
+        query = sql.SQL("SELECT count(*) FROM dead_letter{}").format(where)
+        ((n,),) = self._rows("count", query, params)
+        return int(n)
 
     def failure_patterns(
         self, filter: RecordFilter | None = None, *, by: PatternKey = "failureReason"
@@ -467,9 +501,7 @@ class PostgresStore:
             "SELECT {col}, count(*), min(first_failure_at), max(last_failure_at)"
             " FROM dead_letter{where} GROUP BY {col} ORDER BY 2 DESC, 1 ASC"
         ).format(col=column, where=where)
-        with self._tx("failure_patterns") as cur:
-            cur.execute(query, params)
-            rows = cur.fetchall()
+        rows = self._rows("failure_patterns", query, params)
         return [PatternRow(key, int(n), _utc(first), _utc(last)) for key, n, first, last in rows]
 
     def oldest_newest(
@@ -479,25 +511,18 @@ class PostgresStore:
         query = sql.SQL(
             "SELECT min(dead_lettered_at), max(dead_lettered_at) FROM dead_letter{}"
         ).format(where)
-        with self._tx("oldest_newest") as cur:
-            cur.execute(query, params)
-            row = cur.fetchone()
-        if row is None:
-            return None, None
-        oldest, newest = row
+        ((oldest, newest),) = self._rows("oldest_newest", query, params)
         return (
             None if oldest is None else _utc(oldest),
             None if newest is None else _utc(newest),
         )
 
     def signatures(self) -> set[str]:
-        with self._tx("signatures") as cur:
-            cur.execute("SELECT DISTINCT signature FROM dead_letter WHERE signature <> ''")
-            rows = cur.fetchall()
-        return {row[0] for row in rows}
+        query = "SELECT DISTINCT signature FROM dead_letter WHERE signature <> ''"
+        return {row[0] for row in self._rows("signatures", query)}
 
     def begin_retry(self, id: str, token: str) -> bool:
-        with self._tx("begin_retry") as cur:
+        def run(cur: psycopg.Cursor[Any]) -> bool:
             existing = self._load(cur, id, lock=True)
             if existing is None or existing.retryToken not in (None, token):
                 return False
@@ -505,18 +530,22 @@ class PostgresStore:
                 self._write(cur, msgspec.structs.replace(existing, retryToken=token))
             return True
 
+        return self._call("begin_retry", run)
+
     def cancel_retry(self, id: str, token: str) -> bool:
-        with self._tx("cancel_retry") as cur:
+        def run(cur: psycopg.Cursor[Any]) -> bool:
             existing = self._load(cur, id, lock=True)
             if existing is None or existing.retryToken != token:
                 return False
             self._write(cur, msgspec.structs.replace(existing, retryToken=None))
             return True
 
+        return self._call("cancel_retry", run)
+
     def mark_reprocessed(
         self, id: str, *, token: str | None, target_queue: str, at: datetime, tool: str
     ) -> bool:
-        with self._tx("mark_reprocessed") as cur:
+        def run(cur: psycopg.Cursor[Any]) -> bool:
             existing = self._load(cur, id, lock=True)
             if existing is None:
                 return False
@@ -531,36 +560,39 @@ class PostgresStore:
             self._write(cur, updated)
             return True
 
+        return self._call("mark_reprocessed", run)
+
     def in_flight_retries(self) -> list[DeadLetterRecord]:
-        with self._tx("in_flight_retries") as cur:
-            cur.execute(
-                "SELECT doc::text, doc_exact FROM dead_letter WHERE retry_token IS NOT NULL"
-                " ORDER BY last_failure_at DESC, id DESC"
-            )
-            rows = cur.fetchall()
+        rows = self._rows(
+            "in_flight_retries",
+            "SELECT doc::text, doc_exact FROM dead_letter WHERE retry_token IS NOT NULL"
+            " ORDER BY last_failure_at DESC, id DESC",
+        )
         return [_record(doc, exact) for doc, exact in rows]
 
     def delete(self, filter: RecordFilter) -> int:
         where, params = self._where(filter)
-        with self._tx("delete") as cur:
+
+        def run(cur: psycopg.Cursor[Any]) -> int:
             cur.execute(sql.SQL("DELETE FROM dead_letter{}").format(where), params)
             return int(cur.rowcount)
 
+        return self._call("delete", run)
+
     def insert_metric(self, snapshot: MetricSnapshot) -> None:
         m = normalise_metric(snapshot)
-        labels = {_text(k): _text(v) for k, v in m.labels.items()}
-        with self._tx("insert_metric") as cur:
+        labels = _encoder.encode({_text(k): _text(v) for k, v in m.labels.items()}).decode()
+
+        def run(cur: psycopg.Cursor[Any]) -> None:
             cur.execute(
                 "INSERT INTO metrics (type, queue, count, ts, labels)"
                 " VALUES (%s, %s, %s, %s, %s::jsonb)",
-                (
-                    _text(m.type),
-                    _text(m.queue),
-                    m.count,
-                    m.timestamp,
-                    _encoder.encode(labels).decode(),
-                ),
+                (_text(m.type), _text(m.queue), m.count, m.timestamp, labels),
             )
+
+        # Not idempotent: a replay after a lost commit reply could store a point twice,
+        # which a sampled metric series tolerates better than a gap.
+        self._call("insert_metric", run)
 
     def metrics(
         self, type: str, *, since: datetime | None = None, limit: int = 1000
@@ -574,9 +606,7 @@ class PostgresStore:
             params.append(utc_ms(since))
         query += " ORDER BY ts DESC, seq DESC LIMIT %s"
         params.append(limit)
-        with self._tx("metrics") as cur:
-            cur.execute(query, params)
-            rows = cur.fetchall()
+        rows = self._rows("metrics", query, params)
         return [
             MetricSnapshot(
                 type=t,
@@ -589,9 +619,7 @@ class PostgresStore:
         ]
 
     def ping(self) -> None:
-        with self._tx("ping") as cur:
-            cur.execute("SELECT 1 FROM dead_letter LIMIT 1")
-            cur.fetchall()
+        self._rows("ping", "SELECT 1 FROM dead_letter LIMIT 1")
 
     def close(self) -> None:
         with self._lock:

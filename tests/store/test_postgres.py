@@ -167,20 +167,41 @@ def test_unknown_document_fields_are_ignored_on_read(
 def test_store_reconnects_after_the_server_drops_its_connection(
     postgres_store: PostgresStore, postgres_database: str
 ) -> None:
+    """A failover or restart kills the connection between two calls: the next call finds
+    it dead and runs again on a new one, instead of sending the dead letter to the spool."""
+
+    def backend_pid() -> int:
+        (pid,) = {
+            row[0]
+            for row in _sql(
+                postgres_database,
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'sidecar'"
+                " AND datname = current_database()",
+            )
+        }
+        return int(pid)
+
     postgres_store.put(make_record("before"))
-    (pid,) = {
-        row[0]
-        for row in _sql(
-            postgres_database,
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'sidecar'"
-            " AND datname = current_database()",
-        )
-    }
-    assert _sql(postgres_database, "SELECT pg_terminate_backend(%s)", pid) == [(True,)]
-    with pytest.raises(StoreUnavailable):
-        postgres_store.put(make_record("during"))
-    assert postgres_store.put(make_record("after")) is True  # a fresh connection
-    assert {r.id for r in postgres_store.find()} == {"before", "after"}
+    first = backend_pid()
+    assert _sql(postgres_database, "SELECT pg_terminate_backend(%s)", first) == [(True,)]
+    assert postgres_store.put(make_record("during")) is True
+    assert backend_pid() != first
+    assert {r.id for r in postgres_store.find()} == {"before", "during"}
+
+
+def test_only_a_lost_connection_is_retried() -> None:
+    """Timeouts and lock waits are not retried: that would double a wait already long."""
+    from psycopg import errors
+
+    from sidecar.store.postgres import _connection_lost
+
+    assert _connection_lost(errors.AdminShutdown("terminating connection"))  # 57P01
+    assert _connection_lost(errors.ConnectionFailure("gone"))  # 08006
+    assert _connection_lost(psycopg.OperationalError("server closed the connection"))
+    assert not _connection_lost(errors.QueryCanceled("statement timeout"))  # 57014
+    assert not _connection_lost(errors.LockNotAvailable("lock timeout"))  # 55P03
+    assert not _connection_lost(errors.UndefinedTable("no table"))
+    assert not _connection_lost(None)
 
 
 def test_newer_schema_version_is_refused(postgres_database: str, postgres_schema: str) -> None:
