@@ -533,7 +533,9 @@ def test_compose_socket_path_agrees() -> None:
     for name in ("sidecar", "agent"):
         assert any(v.split(":")[1] == str(socket.parent) for v in services[name]["volumes"]), name
     assert services["agent"]["environment"]["SIDECAR_AGENT_SOCKET"] == str(socket)
-    assert services["sidecar"]["environment"]["SIDECAR_STORE_URL"].startswith("mongodb://mongo:")
+    store_url = services["sidecar"]["environment"]["SIDECAR_STORE_URL"]
+    assert store_url.startswith("postgresql://") and "@postgres:5432/" in store_url
+    assert "postgres" in services["sidecar"]["depends_on"]
     assert services["sidecar"]["build"]["dockerfile"] == "deploy/Dockerfile"
     script = services["agent"]["volumes"][1].split(":")[0]
     source = (DEPLOY / script).read_text()
