@@ -8,8 +8,9 @@ or storing an id twice, and the columns never disagree with ``doc``.
 
 Hostile text: PostgreSQL text and JSONB cannot hold NUL characters, which an agent's error
 message or a message header may well contain. Columns get U+FFFD in their place (they only
-serve queries); when the document itself has one, its exact msgspec JSON is kept in
-``doc_exact`` and read back from there, so nothing the republish needs is altered.
+serve queries); when the document itself has one, or a number JSONB would rewrite (it
+stores decimals: 1e300 comes back as an integer), its exact msgspec JSON is kept in
+``doc_exact`` and read back from there, so a record comes back as it was stored.
 
 The connection is opened lazily, like MongoDB's client: constructing a store never blocks,
 so a sidecar starts (and spools) while the database is down. Every wait is bounded
