@@ -20,7 +20,11 @@ EXIT_CONFIG = 3
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML config file")
     parser.add_argument("--broker", metavar="URL", help="AMQP URL (overrides broker.url)")
-    parser.add_argument("--store", metavar="URL", help="DLQ store: sqlite:///path or mongodb://...")
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="DLQ store: sqlite:///path, postgresql://... or mongodb://...",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

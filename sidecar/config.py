@@ -39,6 +39,9 @@ class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class BrokerConfig(Section):
     url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # A file holding the URL (a mounted Secret): keeps credentials out of the environment,
+    # which other processes of the same user can read in /proc/<pid>/environ.
+    url_file: str = ""
     queues: list[QueueName] = []
     prefetch: Count = 100
     declare_queues: bool = True
@@ -145,6 +148,7 @@ class ScalingConfig(Section):
 
 class StoreConfig(Section):
     url: str = "sqlite:///sidecar-dlq.sqlite3"
+    url_file: str = ""  # as broker.url_file
     spool: str = "sidecar-spool.sqlite3"
     metrics_interval: Positive = 15.0
 
@@ -241,11 +245,14 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     env = env_overrides(os.environ if environ is None else environ)
-    data = _merge(data, env)
-    data = _merge(data, overrides or {})
-    data = _octal_modes(data)
+    layers = [(source, data), ("environment", env), ("flags", overrides or {})]
+    merged: dict[str, Any] = {}
+    for where, layer in layers:
+        _check_url_pairs(layer, where)
+        merged = _merge(_without_shadowed(merged, layer), layer)
+    merged = _octal_modes(merged)
     try:
-        config = msgspec.convert(data, Config, strict=False)
+        config = msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
         origin = _origin(exc, env, overrides or {}, os.environ if environ is None else environ)
         message = f"{origin or source}: {_explain(exc)}"
@@ -255,6 +262,7 @@ def load_config(
                 'tables ({ KEY = { action = "retry" } })'
             )
         raise ConfigError(message) from None
+    config = _read_url_files(config)
     _check(config, source)
     return config
 
@@ -304,6 +312,71 @@ def _origin(
         return f"environment variable {name}"
     shown = raw if len(raw) <= 40 else raw[:39] + "…"
     return f"environment variable {name}={shown!r}"
+
+
+_URL_SECTIONS = ("broker", "store")
+
+
+def _sets(keys: Mapping[str, Any], key: str) -> bool:
+    """An empty url_file (as ``config example`` prints it) means "no file"."""
+    return key in keys and (key != "url_file" or bool(keys[key]))
+
+
+def _check_url_pairs(layer: Mapping[str, Any], where: str) -> None:
+    for section in _URL_SECTIONS:
+        keys = layer.get(section)
+        if isinstance(keys, Mapping) and _sets(keys, "url") and _sets(keys, "url_file"):
+            raise ConfigError(f"{where}: set {section}.url or {section}.url_file, not both")
+
+
+def _without_shadowed(base: dict[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    """A later layer's url replaces an earlier url_file and the other way round, so a
+    ``--store`` flag wins over a mounted file named in the config, as any key would."""
+    out = dict(base)
+    for section in _URL_SECTIONS:
+        keys, given = out.get(section), layer.get(section)
+        if isinstance(keys, dict) and isinstance(given, Mapping):
+            for key, other in (("url", "url_file"), ("url_file", "url")):
+                if _sets(given, key) and other in keys:
+                    out[section] = {k: v for k, v in keys.items() if k != other}
+                    keys = out[section]
+    return out
+
+
+# Enough for any URL; stops a misconfigured path (a log, a device) from being read whole.
+_MAX_URL_FILE_BYTES = 64 * 1024
+
+
+def read_secret_file(path: str, key: str) -> str:
+    """The stripped first line of a mounted secret file, or a one-line ConfigError."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_URL_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path!r}: {exc.strerror or exc}") from None
+    if len(raw) > _MAX_URL_FILE_BYTES:
+        raise ConfigError(f"{key}: {path!r} is larger than {_MAX_URL_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path!r} is not UTF-8 text") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        raise ConfigError(f"{key}: {path!r} is empty")
+    if len(lines) > 1:
+        raise ConfigError(f"{key}: {path!r} holds {len(lines)} lines; expected one URL")
+    return lines[0]
+
+
+def _read_url_files(config: Config) -> Config:
+    broker, store = config.broker, config.store
+    if broker.url_file:
+        url = read_secret_file(broker.url_file, "broker.url_file")
+        broker = msgspec.structs.replace(broker, url=url)
+    if store.url_file:
+        url = read_secret_file(store.url_file, "store.url_file")
+        store = msgspec.structs.replace(store, url=url)
+    return msgspec.structs.replace(config, broker=broker, store=store)
 
 
 def _explain(exc: msgspec.ValidationError) -> str:
@@ -461,6 +534,8 @@ _KEY_NOTES: dict[str, str] = {
     "scaling.min_consumers": "never recommend fewer",
     "scaling.max_consumers": "never recommend more",
     "store.url": "sqlite:///relative.db, sqlite:////absolute.db or mongodb://...",
+    "broker.url_file": "file holding the broker URL (a mounted secret); replaces url",
+    "store.url_file": "file holding the store URL (a mounted secret); replaces url",
     "store.spool": "local SQLite file holding dead letters while the store is down",
     "store.metrics_interval": "seconds between metric snapshots in the store",
     "http.listen": "HOST:PORT; sidecar status --config reads it too",

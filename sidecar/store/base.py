@@ -236,7 +236,8 @@ def open_store(url: str, **options: Any) -> DeadLetterStore:
 
     ``sqlite:///rel.db``, ``sqlite:////abs.db`` or a plain path -> SQLite (the default,
     embedded); ``mongodb://`` or ``mongodb+srv://`` -> MongoDB (database from the URI
-    path, default "sidecar"). ``options`` go to the backend's constructor.
+    path, default "sidecar"); ``postgresql://`` or ``postgres://`` -> PostgreSQL, shared by
+    a fleet (libpq URL; tables in the URL's search_path). ``options`` go to the backend's constructor.
     """
     url = url.strip()
     if not url:
@@ -258,7 +259,11 @@ def open_store(url: str, **options: Any) -> DeadLetterStore:
         from sidecar.store.mongo import MongoStore
 
         return MongoStore(url, **options)
+    if scheme in ("postgresql", "postgres"):
+        from sidecar.store.postgres import PostgresStore
+
+        return PostgresStore(url, **options)
     raise ValueError(
         f"unknown dead-letter store scheme {scheme!r} in {redact_url(url)!r}: use "
-        "sqlite:///path.db, a plain file path, mongodb:// or mongodb+srv://"
+        "sqlite:///path.db, a plain file path, mongodb://, mongodb+srv:// or postgresql://"
     )

@@ -23,7 +23,7 @@ from tests.store.contract import T0, at, make_record
 
 def test_store_satisfies_protocol(store: DeadLetterStore) -> None:
     assert isinstance(store, DeadLetterStore)
-    assert store.name in ("sqlite", "mongodb")
+    assert store.name in ("sqlite", "mongodb", "postgresql")
     assert store.describe()
 
 

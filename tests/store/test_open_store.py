@@ -65,7 +65,7 @@ def test_plain_path_is_sqlite(tmp_path: Path) -> None:
         ("sqlite:///", "no database path"),
         ("sqlite:x.db", "bad SQLite URL"),
         ("redis://user:s3cret@cache:6379/0", "unknown dead-letter store scheme 'redis'"),
-        ("postgres://db/x", "use sqlite:///path.db, a plain file path, mongodb://"),
+        ("mysql://db/x", "use sqlite:///path.db, a plain file path, mongodb://"),
     ],
 )
 def test_bad_urls(url: str, message: str) -> None:
