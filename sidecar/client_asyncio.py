@@ -84,7 +84,7 @@ class AsyncioAgent(AgentCalls):
         return client
 
     @property
-    def welcome(self) -> p.Welcome | None:  # type: ignore[override]
+    def welcome(self) -> p.Welcome | None:  # type: ignore[override]  # None until the handshake ends
         future = self._welcome_future
         return future.result() if future.done() and not future.exception() else None
 

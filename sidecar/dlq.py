@@ -12,12 +12,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.records import DeadLetterRecord
 from sidecar.store.spool import SpoolingStore
+
+T = TypeVar("T")
 
 log = logging.getLogger("sidecar.dlq")
 
@@ -54,7 +57,7 @@ class DeadLetterWriter:
         self._idle = trio.Event()
         self._wakeup.set()
 
-    async def call(self, fn: Callable[..., object], *args: object) -> object:
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
         """Run any store call on the store's thread (reads for status, alerts, tools)."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
 

@@ -153,7 +153,7 @@ class DlqBrowser:
             )
 
         try:
-            result: tuple[int, list[DeadLetterRecord], list[str]] = await self.writer.call(read)  # type: ignore[assignment]
+            result = await self.writer.call(read)
         except StoreUnavailable as exc:
             raise ApiError(503, f"dead-letter store unavailable: {exc}") from None
         total, records, reasons = result

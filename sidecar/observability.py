@@ -165,7 +165,7 @@ class Observability:
             nursery.start_soon(self._snapshot_forever)
             try:
                 known = await self.writer.call(self.store.signatures)
-                self.rules = AlertRules(self.rules.config, known_signatures=known)  # type: ignore[arg-type]
+                self.rules = AlertRules(self.rules.config, known_signatures=known)
             except StoreUnavailable as exc:
                 log.warning("could not read known failure patterns: %s", exc)
             task_status.started()
@@ -176,7 +176,7 @@ class Observability:
     async def refresh(self) -> None:
         """Re-read the DLQ view and evaluate the DLQ alert rules."""
         try:
-            self.dlq = await self.writer.call(dlq_health, self.store)  # type: ignore[assignment]
+            self.dlq = await self.writer.call(dlq_health, self.store)
         except StoreUnavailable as exc:
             self.dlq = {**self.dlq, "error": str(exc)}
             return

@@ -62,7 +62,7 @@ def install_drain_patch() -> bool:
             except trio.WouldBlock:
                 return
 
-    drained_main_loop_one.drained = True  # type: ignore[attr-defined]
+    drained_main_loop_one.drained = True  # type: ignore[attr-defined]  # a marker on a function
     BaseTrioEventLoop._main_loop_one = drained_main_loop_one
     return True
 

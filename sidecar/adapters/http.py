@@ -198,4 +198,4 @@ async def serve_http(
     config.accesslog = None
     config.errorlog = logging.getLogger("sidecar.http.server")
     config.graceful_timeout = 1.0
-    await serve(HttpApp(providers), config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]
+    await serve(HttpApp(providers), config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]  # hypercorn types only its own ASGI app class

@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from sidecar.store.base import DeadLetterStore
+from sidecar.store.base import DeadLetterStore, PatternKey
 from sidecar.store.records import DeadLetterRecord, PatternRow
 from sidecar.tools.amqp import Amqp, QueueMissing
 from sidecar.tools.common import (
@@ -226,7 +226,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 # --- analyze
 
-_SECTIONS = (
+_SECTIONS: tuple[tuple[str, PatternKey, str], ...] = (
     ("failure_patterns", "failureReason", "Failure patterns (by failure reason)"),
     ("by_signature", "signature", "By error signature"),
     ("by_host", "processingHost", "By processing host"),
@@ -252,10 +252,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     with store_from(config) as store:
         flt = match_case(store, filter_from(args))
         total = store.count(flt)
-        report = {
-            name: _rows(store.failure_patterns(flt, by=by), by)  # type: ignore[arg-type]
-            for name, by, _ in _SECTIONS
-        }
+        report = {name: _rows(store.failure_patterns(flt, by=by), by) for name, by, _ in _SECTIONS}
     if args.json:
         emit_json({"report": args.report, "total": total, **report})
         return EXIT_OK
