@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from sidecar import limits
+
 __all__ = [
     "REQUIRED_FIELDS",
     "DeadLetterRecord",
@@ -115,15 +117,19 @@ _NULLABLE: frozenset[str] = frozenset({"payload"})
 def payload_from_body(body: bytes) -> Any:
     """Decode a body for humans and queries; ``rawBody`` keeps the exact bytes anyway.
 
-    JSON value when the body is valid UTF-8 JSON, else the UTF-8 text, else None.
+    JSON value when the body is valid UTF-8 JSON nested at most ``limits.MAX_NESTING``
+    levels, else the UTF-8 text, else None. The depth is checked before decoding: a deep body
+    would exhaust the stack of the decoder and of every store that re-encodes it.
     """
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    if limits.json_nesting_exceeds(text):
+        return text
     try:
         return msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return text
 
 
