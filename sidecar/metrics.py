@@ -186,3 +186,10 @@ class Metrics:
         self.alerts = Counter(
             "sidecar_alerts_total", "Alerts raised", ["alert", "severity"], registry=r
         )
+        self.malformed = Counter(
+            "sidecar_malformed_inputs_total",
+            "Broker messages dead-lettered as malformed, header values ignored or clamped, "
+            "and other hostile input absorbed, by what",
+            ["what"],
+            registry=r,
+        )

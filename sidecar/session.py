@@ -19,6 +19,7 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from sidecar import limits
 from sidecar import protocol as p
 from sidecar.adapters.broker import MessageProps
 from sidecar.backpressure import PublishGate
@@ -251,7 +252,11 @@ class Session:
             raise p.ProtocolError(
                 "invalid_fail", "retry_after must be a finite number >= 0", ref=frame.id
             )
-        if not self.engine.fail(self.id, frame.id, reason, frame.error, frame.retry_after):
+        # Cut at the edge: nothing downstream (signatures, headers, the store) sees more.
+        error, dropped = limits.truncate(frame.error)
+        if dropped:
+            self.metrics.protocol_errors.labels("error_truncated").inc()
+        if not self.engine.fail(self.id, frame.id, reason, error, frame.retry_after):
             raise p.ProtocolError(
                 "unknown_delivery", f"not held by this session: {frame.id}", ref=frame.id
             )
@@ -312,6 +317,9 @@ class Session:
             return "exchange and routing_key are at most 255 bytes"
         if len(frame.headers) > a.max_headers:
             return f"{len(frame.headers)} headers exceed max_headers {a.max_headers}"
+        # Checked first, iteratively: the size check below encodes, which recurses.
+        if (problem := limits.amqp_header_problem(frame.headers)) is not None:
+            return problem
         if len(msgspec.msgpack.encode(frame.headers)) > a.max_header_bytes:
             return f"headers exceed max_header_bytes {a.max_header_bytes}"
         if frame.priority is not None and not 0 <= frame.priority <= 255:

@@ -36,6 +36,7 @@ import trio
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
+from sidecar import limits
 from sidecar.adapters.aio_loop import make_bridge
 from sidecar.config import redact_url
 
@@ -653,21 +654,8 @@ def _confirm_error(future: asyncio.Future[Any]) -> str | None:
     return f"{type(exc).__name__}: {exc}"
 
 
-def headers_json_safe(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """AMQP header values as JSON-friendly values (datetimes and bytes become text)."""
-    out: dict[str, Any] = {}
-    for key, value in headers.items():
-        out[key] = _json_safe(value)
-    return out
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes | bytearray):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return headers_json_safe(value)
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+def headers_json_safe(headers: Mapping[str, Any], *, lenient: bool = False) -> dict[str, Any]:
+    """AMQP header values as JSON-friendly values (datetimes and bytes become text). Values
+    nested deeper than ``limits.MAX_NESTING`` raise ``limits.TooDeep``, or with ``lenient``
+    are replaced by a placeholder (for dead letters: keep what can be read)."""
+    return {str(k): limits.json_safe(v, lenient=lenient, _depth=1) for k, v in headers.items()}
