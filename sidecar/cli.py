@@ -48,16 +48,20 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
+    from sidecar.preflight import check_buildable
     from sidecar.supervisor import Sidecar
 
     config = config_from_args(args)
+    check_buildable(config)
     _setup_logging(args.verbose)
     trio.run(Sidecar(config).run)
     return EXIT_OK
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    load_config(args.file)
+    from sidecar.preflight import check_buildable
+
+    check_buildable(load_config(args.file), args.file)
     print(f"{args.file}: ok")
     return EXIT_OK
 

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from sidecar.redact import redact_url as redact_url  # re-exported: callers import it here
+
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
@@ -218,9 +220,15 @@ def load_config(
     if path is not None:
         source = str(path)
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a config file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (TOML must be UTF-8)") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     data = _merge(data, env_overrides(os.environ if environ is None else environ))
@@ -274,11 +282,6 @@ def parse_host_port(value: str) -> tuple[str, int] | None:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         return None
     return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def redact_url(url: str) -> str:
-    """Drop the password from a URL before it reaches a log."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
 
 
 def example_toml() -> str:

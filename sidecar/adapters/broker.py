@@ -38,7 +38,7 @@ from pamqp import commands as spec
 
 from sidecar import limits
 from sidecar.adapters.aio_loop import make_bridge
-from sidecar.config import redact_url
+from sidecar.redact import redact_url, scrub
 
 log = logging.getLogger("sidecar.broker")
 
@@ -288,7 +288,8 @@ class Broker:
                     await self._serve_generation()
                     delay = self.reconnect_min
                 except _BROKER_ERRORS as exc:
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    # Driver messages may echo the URL: never let its password through.
+                    self.last_error = scrub(f"{type(exc).__name__}: {exc}", self.url)
                     log.warning("broker %s: %s", redact_url(self.url), self.last_error)
                 finally:
                     await self._end_generation()
