@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from sidecar import __version__
+from sidecar.adapters.agent_socket import SocketPathError
 from sidecar.config import Config, ConfigError, example_toml, load_config
 
 EXIT_OK = 0
@@ -48,11 +50,14 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
+    from sidecar.adapters.agent_socket import prepare_socket_path
     from sidecar.preflight import check_buildable
     from sidecar.supervisor import Sidecar
 
     config = config_from_args(args)
     check_buildable(config)
+    # Checked before anything starts, so an unsafe directory is one clear line, exit 3.
+    prepare_socket_path(Path(config.agent.socket))
     _setup_logging(args.verbose)
     trio.run(Sidecar(config).run)
     return EXIT_OK
@@ -123,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"sidecar: invalid configuration: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except SocketPathError as exc:
+        print(f"sidecar: unsafe agent socket: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -29,8 +29,10 @@ MIB = 1024 * 1024
 
 
 def _default_socket() -> str:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sidecar-{os.getuid()}"
-    return str(Path(runtime) / "sidecar" / "agent.sock")
+    # Never a guessable name in a shared directory such as /tmp: another user could create
+    # it first. /run/sidecar is made by systemd (RuntimeDirectory=) or the k8s volume.
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return str(Path(runtime) / "sidecar" / "agent.sock" if runtime else "/run/sidecar/agent.sock")
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

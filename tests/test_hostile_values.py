@@ -225,9 +225,71 @@ def test_nesting_of_decoded_values_is_checked_without_recursion() -> None:
     assert limits.nesting_exceeds(deep)
     assert not limits.nesting_exceeds({"a": [[1]]}, 3)
     assert limits.nesting_exceeds({"a": [[[1]]]}, 3)
-    assert limits.json_safe(deep, lenient=True) == [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[
-        f"<nested deeper than {limits.MAX_NESTING}>"
-    ]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]
+    assert limits.json_safe(deep, lenient=True) == [
+        [
+            [
+                [
+                    [
+                        [
+                            [
+                                [
+                                    [
+                                        [
+                                            [
+                                                [
+                                                    [
+                                                        [
+                                                            [
+                                                                [
+                                                                    [
+                                                                        [
+                                                                            [
+                                                                                [
+                                                                                    [
+                                                                                        [
+                                                                                            [
+                                                                                                [
+                                                                                                    [
+                                                                                                        [
+                                                                                                            [
+                                                                                                                [
+                                                                                                                    [
+                                                                                                                        [
+                                                                                                                            [
+                                                                                                                                [
+                                                                                                                                    f"<nested deeper than {limits.MAX_NESTING}>"
+                                                                                                                                ]
+                                                                                                                            ]
+                                                                                                                        ]
+                                                                                                                    ]
+                                                                                                                ]
+                                                                                                            ]
+                                                                                                        ]
+                                                                                                    ]
+                                                                                                ]
+                                                                                            ]
+                                                                                        ]
+                                                                                    ]
+                                                                                ]
+                                                                            ]
+                                                                        ]
+                                                                    ]
+                                                                ]
+                                                            ]
+                                                        ]
+                                                    ]
+                                                ]
+                                            ]
+                                        ]
+                                    ]
+                                ]
+                            ]
+                        ]
+                    ]
+                ]
+            ]
+        ]
+    ]
     with pytest.raises(limits.TooDeep):
         limits.json_safe(deep)
 

@@ -28,27 +28,92 @@ class SocketPathError(RuntimeError):
 
 
 def prepare_socket_path(path: Path) -> None:
-    """Create the socket's directory (owned by us, not world-accessible) and remove a stale
-    socket. Refuses symlinks and foreign ownership: another user could otherwise redirect
-    agents to a socket of theirs."""
+    """Create the socket's directory (owned by us, not writable by anyone else) and remove a
+    stale socket. Refuses a directory that someone else could have made or can still
+    change: a symlink anywhere on the path, a directory not owned by this user, or one whose
+    parents another user may write to (they could rename ours away and put their own in its
+    place, then read every agent's hello and token)."""
     directory = path.parent
-    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-    for candidate, what in ((directory, "socket directory"), (path, "socket path")):
+    _make_private_dirs(directory)
+    _check_chain(directory)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise SocketPathError(f"socket path {path} is a symlink; refusing to use it")
+    if info.st_uid != os.geteuid():
+        raise SocketPathError(
+            f"socket path {path} is owned by uid {info.st_uid}, not by this process "
+            f"(uid {os.geteuid()}); refusing to use it"
+        )
+    if not stat.S_ISSOCK(info.st_mode):
+        raise SocketPathError(f"socket path {path} exists and is not a socket")
+    path.unlink()
+
+
+def _make_private_dirs(directory: Path) -> None:
+    """Create what is missing of ``directory``, each level mode 0700 whatever the umask."""
+    missing: list[Path] = []
+    current = directory
+    while not os.path.lexists(current):
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for level in reversed(missing):
         try:
-            info = os.lstat(candidate)
-        except FileNotFoundError:
-            continue
-        if stat.S_ISLNK(info.st_mode):
-            raise SocketPathError(f"{what} {candidate} is a symlink; refusing to use it")
-        if info.st_uid != os.geteuid():
+            os.mkdir(level, 0o700)
+        except FileExistsError:
+            pass  # made meanwhile: the ownership checks below decide whether it is usable
+        except OSError as exc:
             raise SocketPathError(
-                f"{what} {candidate} is owned by uid {info.st_uid}, not by this process "
-                f"(uid {os.geteuid()}); refusing to use it"
+                f"cannot create the socket directory {level}: {exc.strerror or exc}; set "
+                "agent.socket (or XDG_RUNTIME_DIR) to a directory this user owns"
+            ) from None
+        else:
+            os.chmod(level, 0o700)
+
+
+def _check_chain(directory: Path) -> None:
+    """The socket directory is ours and closed to writes by others; no parent is a symlink
+    or owned by another (non-root) user, who could rename the socket directory away."""
+    me = os.geteuid()
+    for level, is_socket_dir in [(directory, True)] + [(p, False) for p in directory.parents]:
+        what = "socket directory" if is_socket_dir else "parent directory"
+        try:
+            info = os.lstat(level)
+        except OSError as exc:
+            raise SocketPathError(f"{what} {level}: {exc.strerror or exc}") from None
+        if stat.S_ISLNK(info.st_mode):
+            raise SocketPathError(f"{what} {level} is a symlink; refusing to use it")
+        if not stat.S_ISDIR(info.st_mode):
+            raise SocketPathError(f"{what} {level} is not a directory")
+        mode = stat.S_IMODE(info.st_mode)
+        if is_socket_dir:
+            if info.st_uid != me:
+                raise SocketPathError(
+                    f"socket directory {level} is owned by uid {info.st_uid}, not by this "
+                    f"process (uid {me}); refusing to use it (someone else may have made it)"
+                )
+            if mode & 0o022:
+                raise SocketPathError(
+                    f"socket directory {level} has mode {mode:04o}: others may write to it; "
+                    "expected at most 0750 (0700 when the sidecar creates it)"
+                )
+            continue
+        if info.st_uid not in (me, 0):
+            raise SocketPathError(
+                f"parent directory {level} is owned by uid {info.st_uid}, who could replace "
+                "the socket directory; refusing to use it"
             )
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise SocketPathError(f"socket path {path} exists and is not a socket")
-        path.unlink()
+        # A root-owned shared parent (a pod's emptyDir) is trusted like root itself; one we
+        # own must not let others rename inside it unless it is sticky.
+        if info.st_uid == me != 0 and mode & 0o022 and not mode & stat.S_ISVTX:
+            raise SocketPathError(
+                f"parent directory {level} has mode {mode:04o}: others may rename the socket "
+                "directory inside it; refusing to use it"
+            )
 
 
 async def open_unix_listener(path: Path, mode: int) -> trio.SocketListener:
