@@ -6,6 +6,7 @@ MongoDB) so that a record in SQLite, in MongoDB and on the wire has one vocabula
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -20,11 +21,13 @@ __all__ = [
     "MetricSnapshot",
     "PatternRow",
     "RecordFilter",
+    "distinct_id",
     "missing_fields",
     "normalise_filter",
     "normalise_metric",
     "normalise_record",
     "payload_from_body",
+    "same_message",
     "utc_ms",
 ]
 
@@ -156,6 +159,33 @@ def missing_fields(record: DeadLetterRecord | Mapping[str, Any]) -> list[str]:
         if not present or _unusable(name, value):
             missing.append(name)
     return missing
+
+
+def same_message(a: DeadLetterRecord, b: DeadLetterRecord) -> bool:
+    """Whether two records (normalised) are the same dead-lettered message: same queue,
+    same bytes, same publisher headers. Failure details may differ (a later failure)."""
+    return (
+        a.originalQueue == b.originalQueue
+        and bytes(a.rawBody) == bytes(b.rawBody)
+        and a.headers == b.headers
+    )
+
+
+def distinct_id(record: DeadLetterRecord) -> str:
+    """The id under which a record is kept when its id is already taken by a different
+    message (``same_message`` false): the id plus a digest of queue, headers and body, so a
+    repeat of this message lands on the same record again.
+
+    The DLQ identity rule every backend follows: one record per dead-lettered message. A
+    put of a known id merges into it only when it is the same message; a different message
+    under that id is stored under ``distinct_id`` and never overwrites the first."""
+    digest = hashlib.sha256()
+    digest.update(record.originalQueue.encode("utf-8", "surrogatepass"))
+    digest.update(b"\0")
+    digest.update(msgspec.json.encode(record.headers, order="sorted"))
+    digest.update(b"\0")
+    digest.update(bytes(record.rawBody))
+    return f"{record.id}~{digest.hexdigest()[:16]}"
 
 
 def utc_ms(value: datetime) -> datetime:
