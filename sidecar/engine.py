@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from sidecar import attempts
+from sidecar.adapters import amqp_decode
 from sidecar.adapters.broker import Broker, Inbound, MessageProps, headers_json_safe
 from sidecar.config import Config
 from sidecar.dlq import DeadLetterWriter
@@ -236,6 +237,9 @@ class Engine:
                     inbox.popleft()
                 self._malformed(message, exc)
         self.metrics.buffered.set(len(inbox))
+        if repaired := amqp_decode.take_repairs():
+            self.metrics.malformed.labels("amqp_value").inc(repaired)
+            self.counts["ignored_headers"] += repaired
         return out
 
     def _read_state(self, message: Inbound) -> attempts.AttemptState:
@@ -495,7 +499,10 @@ class Engine:
             if error is None:
                 self._settle(message)
             else:
-                log.warning("retry publish for %s failed: %s", message.queue, error)
+                # Back to the queue, uncharged: left unacked it would sit with this
+                # connection until the next reconnect.
+                log.warning("retry publish for %s failed: %s; requeued", message.queue, error)
+                self._settle(message, requeue=True)
 
         self.broker.publish_nowait(
             message.body,

@@ -111,8 +111,12 @@ def json_safe(value: Any, *, lenient: bool = False, _depth: int = 0) -> Any:
                 str(k): json_safe(v, lenient=lenient, _depth=_depth + 1) for k, v in value.items()
             }
         return [json_safe(v, lenient=lenient, _depth=_depth + 1) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
+    if isinstance(value, str):
+        return str(value)  # a plain str: subclasses (placeholders) do not encode
+    if value is None or isinstance(value, bool | float):
         return value
+    if isinstance(value, int):
+        return int(value)
     return repr(value)[:200]
 
 

@@ -95,7 +95,14 @@ class Session:
         try:
             async with self._out_recv:
                 async for frame in self._out_recv:
-                    await self.ws.send_message(self.codec.encode(frame, binary=self.binary))
+                    try:
+                        data = self.codec.encode(frame, binary=self.binary)
+                    except (TypeError, ValueError, OverflowError) as exc:
+                        # One frame that cannot be encoded must not end the session.
+                        log.error("agent session %d: frame not sent: %s", self.id, exc)
+                        self.metrics.protocol_errors.labels("unencodable").inc()
+                        continue
+                    await self.ws.send_message(data)
         except ConnectionClosed:
             pass
 

@@ -114,6 +114,7 @@ class Sidecar:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         checks = {
             "broker_connected": self.broker.is_connected,
+            "publish_path": self.broker.publish_ok,
             "store_writable": self.dlq.healthy,
             "not_draining": not self.engine.draining,
         }
@@ -122,6 +123,8 @@ class Sidecar:
             detail["broker_error"] = self.broker.last_error
         if not self.dlq.healthy:
             detail["store_error"] = self.dlq.last_error
+        if not self.broker.publish_ok:
+            detail["publish_error"] = self.broker.publish_error
         return detail["ready"], detail
 
     # --- running -------------------------------------------------------------------------

@@ -194,3 +194,7 @@ class AgentServer:
             log.debug("agent connection %d closed: %s", conn_id, exc)
         except OSError as exc:
             log.info("agent connection %d failed: %s", conn_id, exc)
+        except Exception:
+            # The error boundary of one connection: whatever a client's bytes caused ends
+            # that connection, never the accept loop and the daemon with it.
+            log.exception("agent connection %d ended by an unexpected error", conn_id)

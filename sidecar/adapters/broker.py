@@ -37,10 +37,14 @@ from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
 from sidecar import limits
+from sidecar.adapters import amqp_decode
 from sidecar.adapters.aio_loop import make_bridge
 from sidecar.redact import redact_url, scrub
 
 log = logging.getLogger("sidecar.broker")
+
+# Values pamqp cannot represent must not kill the connection (see amqp_decode).
+amqp_decode.install()
 
 PublishCallback = Callable[[str | None], None]
 """Called (in trio) with None when the broker confirmed a publish, else the error text."""
@@ -104,6 +108,9 @@ class Inbound:
 
 
 def _props_from_aiormq(p: spec.Basic.Properties) -> MessageProps:
+    timestamp = p.timestamp
+    if isinstance(timestamp, amqp_decode.Unreadable) or not isinstance(timestamp, datetime):
+        timestamp = None  # unreadable on the wire (see amqp_decode): dropped, not fatal
     return MessageProps(
         headers=dict(p.headers or {}),
         message_id=p.message_id,
@@ -113,7 +120,7 @@ def _props_from_aiormq(p: spec.Basic.Properties) -> MessageProps:
         reply_to=p.reply_to,
         priority=p.priority,
         delivery_mode=p.delivery_mode,
-        timestamp=p.timestamp,
+        timestamp=timestamp,
         type=p.message_type,
         app_id=p.app_id,
         expiration=p.expiration,
@@ -156,6 +163,10 @@ class BrokerUnavailable(Exception):
     """No connection to the broker right now."""
 
 
+class PublishRefused(Exception):
+    """A publish refused before it reached the broker (its target does not exist)."""
+
+
 class QueueNotFound(Exception):
     """The queue does not exist and the sidecar is not allowed to declare it."""
 
@@ -180,6 +191,8 @@ class _Generation:
         self.settle_requests: deque[tuple[int, bool]] = deque()
         self.writer_signalled = False
         self.writer_passed: asyncio.Event | None = None  # set after each writer pass
+        self.exchanges: set[str] = set()  # exchanges seen to exist on this connection
+        self.publish_lock: asyncio.Lock | None = None  # (loop) one channel reopen at a time
 
 
 T = TypeVar("T")
@@ -248,6 +261,9 @@ class Broker:
         self.stale_acks = 0
         self.reconnects = 0
         self.last_error = ""
+        self.publish_channel_reopens = 0
+        # Set while the publishing channel cannot be reopened on a live connection.
+        self.publish_error = ""
         self._gen = _Generation(0)
         self._lost = trio.Event()
         self.bridge = make_bridge(hop)
@@ -267,6 +283,11 @@ class Broker:
     @property
     def is_connected(self) -> bool:
         return self.connected.is_set()
+
+    @property
+    def publish_ok(self) -> bool:
+        """False while publishing cannot work on a connection that is up (for /readyz)."""
+        return not self.publish_error
 
     @property
     def publish_blocked(self) -> bool:
@@ -311,6 +332,7 @@ class Broker:
             gen.consume_conn.channel, publisher_confirms=False
         )
         gen.publish_channel = await self.bridge.call(gen.publish_conn.channel)
+        self.publish_error = ""
         lost = self._lost
 
         def on_lost(_f: object) -> None:
@@ -549,15 +571,70 @@ class Broker:
         while requests:
             gen, body, exchange, routing_key, props, on_done = requests.popleft()
             task = self.bridge.create_task(
-                gen.publish_channel.basic_publish(
+                self._publish_one(gen, body, exchange, routing_key, props)
+            )
+            task.add_done_callback(partial(self._publish_done, on_done))
+
+    async def _publish_one(
+        self, gen: _Generation, body: bytes, exchange: str, routing_key: str, props: MessageProps
+    ) -> Any:
+        """(loop) Publish on the generation's channel without letting one bad publish break
+        the others. A publish to a missing exchange makes the broker close the channel
+        (404), and every later publish on it failed for good: unknown exchanges are
+        checked first on a throwaway channel, and a channel the broker closed anyway
+        (an exchange deleted meanwhile, a 406) is reopened, with one more try for a
+        publish that was only caught in the close."""
+        if exchange and exchange not in gen.exchanges:
+            if not await self._exchange_exists(gen, exchange):
+                raise PublishRefused(f"exchange {exchange!r} does not exist (404)")
+            gen.exchanges.add(exchange)
+        for attempt in (1, 2):
+            channel = await self._publish_channel(gen)
+            try:
+                return await channel.basic_publish(
                     body,
                     exchange=exchange,
                     routing_key=routing_key,
                     properties=_props_to_aiormq(props),
                     mandatory=True,
                 )
-            )
-            task.add_done_callback(partial(self._publish_done, on_done))
+            except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.ChannelClosed):
+                if attempt == 2 or gen.publish_conn.is_closed:
+                    raise
+                gen.exchanges.discard(exchange)
+        raise AssertionError("unreachable")
+
+    async def _publish_channel(self, gen: _Generation) -> Any:
+        """(loop) The generation's publishing channel, reopened if the broker closed it."""
+        if not gen.publish_channel.is_closed:
+            return gen.publish_channel
+        if gen.publish_lock is None:
+            gen.publish_lock = asyncio.Lock()
+        async with gen.publish_lock:
+            if gen.publish_channel.is_closed:
+                try:
+                    gen.publish_channel = await gen.publish_conn.channel()
+                except _BROKER_ERRORS as exc:
+                    self.publish_error = f"publishing channel cannot be reopened: {exc}"
+                    # No way to publish on this connection: start a fresh one.
+                    self.bridge.to_trio(self._lost.set)
+                    raise
+                self.publish_error = ""
+                self.publish_channel_reopens += 1
+                log.info("publishing channel reopened (generation %d)", gen.number)
+        return gen.publish_channel
+
+    async def _exchange_exists(self, gen: _Generation, exchange: str) -> bool:
+        """(loop) A passive declare on a throwaway channel: a 404 closes only that one."""
+        channel = await gen.publish_conn.channel(publisher_confirms=False)
+        try:
+            await channel.exchange_declare(exchange, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return True
 
     def _publish_done(self, on_done: PublishCallback, task: asyncio.Task[Any]) -> None:
         """(loop) Hand the outcome back to trio, batched with any others."""
@@ -617,14 +694,16 @@ class Broker:
             return
         if not self.declare_queues:
             raise QueueNotFound(f"queue {queue!r} does not exist (and declare_queues is off)")
-        await self.bridge.call(gen.publish_channel.queue_declare, queue, durable=True)
+        channel = await self.bridge.call(self._publish_channel, gen)
+        await self.bridge.call(channel.queue_declare, queue, durable=True)
 
     async def _declare_tiers(self, gen: _Generation, queue: str) -> None:
         """Fixed-TTL delay queues that dead-letter back to ``queue``. Quorum queues with
         at-least-once dead-lettering, because classic-queue DLX may drop a message."""
         for ttl in self.tiers:
+            channel = await self.bridge.call(self._publish_channel, gen)
             await self.bridge.call(
-                gen.publish_channel.queue_declare,
+                channel.queue_declare,
                 tier_queue_name(self.tier_prefix, queue, ttl),
                 durable=True,
                 arguments={
@@ -652,6 +731,10 @@ def _confirm_error(future: asyncio.Future[Any]) -> str | None:
         return None
     if isinstance(exc, aiormq.exceptions.PublishError):
         return f"unroutable: no queue is bound for this exchange and routing key ({exc})"
+    if isinstance(exc, PublishRefused):
+        return str(exc)
+    if isinstance(exc, aiormq.exceptions.ChannelClosed):
+        return f"refused by the broker: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
 
