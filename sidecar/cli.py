@@ -50,7 +50,7 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from sidecar.adapters.agent_socket import prepare_socket_path
+    from sidecar.adapters.agent_socket import prepare_socket_path, raise_fd_limit
     from sidecar.preflight import check_buildable
     from sidecar.supervisor import Sidecar
 
@@ -59,6 +59,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Checked before anything starts, so an unsafe directory is one clear line, exit 3.
     prepare_socket_path(Path(config.agent.socket))
     _setup_logging(args.verbose)
+    soft, hard = raise_fd_limit()
+    logging.getLogger("sidecar").info("open-files limit %d (hard %d)", soft, hard)
     trio.run(Sidecar(config).run)
     return EXIT_OK
 

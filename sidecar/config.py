@@ -69,6 +69,11 @@ class AgentConfig(Section):
     max_in_flight: Count = 1000
     max_headers: Count = 64
     max_header_bytes: Count = 64 * 1024
+    # Limits across connections: sessions at once, seconds for the WebSocket upgrade, and
+    # bytes all connections together may hold in partial frames.
+    max_sessions: Count = 256
+    handshake_timeout: Positive = 10.0
+    max_buffered_bytes: Count = 64 * MIB
 
 
 class ReasonRuleConfig(Section):

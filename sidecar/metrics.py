@@ -186,6 +186,13 @@ class Metrics:
         self.alerts = Counter(
             "sidecar_alerts_total", "Alerts raised", ["alert", "severity"], registry=r
         )
+        self.connections_refused = Counter(
+            "sidecar_agent_connections_refused_total",
+            "Agent connections refused or cut: too many sessions, no WebSocket upgrade in "
+            "time, partial frames over the shared budget, accept failures (EMFILE)",
+            ["why"],
+            registry=r,
+        )
         self.malformed = Counter(
             "sidecar_malformed_inputs_total",
             "Broker messages dead-lettered as malformed, header values ignored or clamped, "

@@ -144,6 +144,10 @@ class Sidecar:
             socket_mode=c.agent.socket_mode,
             tcp=parse_host_port(c.agent.tcp) if c.agent.tcp else None,
             max_frame_bytes=c.agent.max_frame_bytes,
+            max_sessions=c.agent.max_sessions,
+            handshake_timeout=c.agent.handshake_timeout,
+            max_buffered_bytes=c.agent.max_buffered_bytes,
+            on_refused=lambda why: self.metrics.connections_refused.labels(why).inc(),
         )
         self.agent_server = agents
         try:

@@ -7,9 +7,11 @@ socket wrapped in ``trio.SocketListener`` and each stream goes through
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
+import resource
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -21,6 +23,80 @@ log = logging.getLogger("sidecar.agents")
 
 ConnectionHandler = Callable[[WebSocketConnection, int, bool], Awaitable[None]]
 """Serves one accepted connection: (websocket, connection id, came over TCP)."""
+
+RefusalCounter = Callable[[str], None]
+"""Counts a connection refused or cut, by why (for the metrics)."""
+
+# accept() failing for lack of a resource: wait and try again, never give up serving.
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_MIN_SHARE = 1024 * 1024  # a connection holding less than this is never cut by the budget
+
+
+def raise_fd_limit(target: int = 1 << 20) -> tuple[int, int]:
+    """Raise the soft open-files limit toward the hard one (systemd's default soft limit is
+    1024, and each agent session holds a descriptor). Returns (soft, hard) in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(target, hard) if hard != resource.RLIM_INFINITY else target
+    if wanted > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d to %d: %s", soft, wanted, exc)
+    return soft, hard
+
+
+class FrameBudget:
+    """Bytes held in partial WebSocket frames across all connections. Each connection may
+    hold up to the per-frame limit, but together they may not exceed ``limit``: past it,
+    a connection holding more than its share is cut. Thirty clients each stalling inside
+    a 15 MiB frame otherwise held 420 MiB."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.connections = 0
+
+
+class _BudgetedStream(trio.abc.Stream):
+    """A stream that charges what it reads to the shared FrameBudget until the WebSocket
+    layer has assembled it into a complete message."""
+
+    def __init__(self, inner: trio.abc.Stream, budget: FrameBudget) -> None:
+        self.inner = inner
+        self.budget = budget
+        self.ws: WebSocketConnection | None = None
+        self.held = 0
+        self.cut = False
+
+    def _hold(self, held: int) -> None:
+        self.budget.total += held - self.held
+        self.held = held
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        # trio-websocket keeps the size of the message being assembled; what it holds now
+        # plus this chunk is what this connection will hold once the chunk is fed in.
+        partial = getattr(self.ws, "_message_size", 0) if self.ws is not None else 0
+        self._hold(partial + len(data))
+        budget = self.budget
+        if budget.total > budget.limit:
+            share = max(_MIN_SHARE, budget.limit // max(1, budget.connections))
+            if self.held > share:
+                self._hold(0)
+                self.cut = True
+                raise trio.BrokenResourceError("partial frames over the global byte budget")
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        self._hold(0)
+        await self.inner.aclose()
 
 
 class SocketPathError(RuntimeError):
@@ -130,7 +206,12 @@ async def open_unix_listener(path: Path, mode: int) -> trio.SocketListener:
 
 
 class AgentServer:
-    """Accepts agent connections and hands each to ``handler`` in its own task."""
+    """Accepts agent connections and hands each to ``handler`` in its own task.
+
+    Limits across connections, not only per frame: at most ``max_sessions`` connections
+    at once (more are closed at once and counted), ``handshake_timeout`` seconds for the
+    WebSocket upgrade, ``max_buffered_bytes`` held in partial frames by all connections
+    together, and an accept loop that waits out EMFILE instead of exiting."""
 
     def __init__(
         self,
@@ -140,14 +221,28 @@ class AgentServer:
         socket_mode: int = 0o660,
         tcp: tuple[str, int] | None = None,
         max_frame_bytes: int = 16 * 1024 * 1024,
+        max_sessions: int = 256,
+        handshake_timeout: float = 10.0,
+        max_buffered_bytes: int = 64 * 1024 * 1024,
+        on_refused: RefusalCounter = lambda why: None,
     ) -> None:
         self.handler = handler
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
         self.tcp = tcp
         self.max_frame_bytes = max_frame_bytes
+        self.max_sessions = max_sessions
+        self.handshake_timeout = handshake_timeout
+        self.budget = FrameBudget(max_buffered_bytes)
+        self.on_refused = on_refused
         self.tcp_port: int | None = None
+        self.active = 0
+        self.refused: dict[str, int] = {}
         self._ids = itertools.count(1)
+
+    def _refuse(self, why: str) -> None:
+        self.refused[why] = self.refused.get(why, 0) + 1
+        self.on_refused(why)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners: list[tuple[trio.SocketListener, bool]] = [
@@ -168,22 +263,49 @@ class AgentServer:
 
     async def _accept_loop(self, listener: trio.SocketListener, over_tcp: bool) -> None:
         async with listener, trio.open_nursery() as nursery:
+            pause = 0.05
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # Out of descriptors or memory: the connections we hold are fine, and
+                    # some will close. Back off and keep serving; never let this end us.
+                    if exc.errno not in _CAPACITY_ERRNOS:
+                        log.warning("agents: accept failed: %s", exc)
+                    elif pause >= 0.8:
+                        log.warning("agents: accept: %s; backing off %.1fs", exc, pause)
+                    self._refuse("accept_" + (errno.errorcode.get(exc.errno or 0) or "error"))
+                    await trio.sleep(pause)
+                    pause = min(pause * 2, 1.0)
+                    continue
+                pause = 0.05
+                if self.active >= self.max_sessions:
+                    self._refuse("too_many_sessions")
+                    await stream.aclose()
+                    continue
+                self.active += 1
                 nursery.start_soon(self._serve, stream, over_tcp)
 
     async def _serve(self, stream: trio.abc.Stream, over_tcp: bool) -> None:
         conn_id = next(self._ids)
+        budgeted = _BudgetedStream(stream, self.budget)
+        self.budget.connections += 1
         try:
-            async with stream, trio.open_nursery() as ws_nursery:
-                request = await wrap_server_stream(
-                    ws_nursery,
-                    stream,
-                    message_queue_size=64,
-                    max_message_size=self.max_frame_bytes,
-                    receive_buffer_size=256 * 1024,
-                )
-                ws = await request.accept()
+            async with budgeted, trio.open_nursery() as ws_nursery:
+                with trio.move_on_after(self.handshake_timeout) as upgrade:
+                    request = await wrap_server_stream(
+                        ws_nursery,
+                        budgeted,
+                        message_queue_size=64,
+                        max_message_size=self.max_frame_bytes,
+                        receive_buffer_size=256 * 1024,
+                    )
+                    ws = await request.accept()
+                if upgrade.cancelled_caught:
+                    self._refuse("handshake_timeout")
+                    ws_nursery.cancel_scope.cancel()
+                    return
+                budgeted.ws = ws
                 try:
                     await self.handler(ws, conn_id, over_tcp)
                 finally:
@@ -198,3 +320,9 @@ class AgentServer:
             # The error boundary of one connection: whatever a client's bytes caused ends
             # that connection, never the accept loop and the daemon with it.
             log.exception("agent connection %d ended by an unexpected error", conn_id)
+        finally:
+            self.active -= 1
+            self.budget.connections -= 1
+            if budgeted.cut:
+                self._refuse("frame_budget")
+                log.warning("agent connection %d cut: partial frames over the budget", conn_id)
