@@ -23,6 +23,7 @@ from sidecar.store.base import parse_store_url
         ('[store]\nurl = "postgres://u:secret-pw@db/dlq"\n', "unknown dead-letter store scheme"),
         ('[store]\nurl = "sqlite://x.db"\n', "bad SQLite URL"),
         ('[store]\nurl = ""\n', "empty dead-letter store URL"),
+        ('[broker]\nurl = "amqp://guest:secret-pw/x@h:5672/"\n', "percent-encode"),
     ],
 )
 def test_check_refuses_what_run_cannot_build(
