@@ -20,7 +20,13 @@ import trio
 
 from sidecar import attempts
 from sidecar.adapters import amqp_decode
-from sidecar.adapters.broker import Broker, Inbound, MessageProps, headers_json_safe
+from sidecar.adapters.broker import (
+    UNENCODABLE,
+    Broker,
+    Inbound,
+    MessageProps,
+    headers_json_safe,
+)
 from sidecar.config import Config
 from sidecar.dlq import DeadLetterWriter
 from sidecar.metrics import Metrics
@@ -498,6 +504,9 @@ class Engine:
         def confirmed(error: str | None) -> None:
             if error is None:
                 self._settle(message)
+            elif error.startswith(UNENCODABLE):
+                # It would fail the same way every time: keep it in the DLQ instead.
+                self._malformed(message, ValueError(error))
             else:
                 # Back to the queue, uncharged: left unacked it would sit with this
                 # connection until the next reconnect.

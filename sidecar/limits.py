@@ -120,19 +120,29 @@ def json_safe(value: Any, *, lenient: bool = False, _depth: int = 0) -> Any:
     return repr(value)[:200]
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def amqp_header_problem(headers: Mapping[str, Any]) -> str | None:
     """Why these publish headers cannot travel in AMQP, or None. RabbitMQ closes the whole
     connection (INTERNAL_ERROR) on a value it cannot encode, so they are checked before
     anything is sent: finite floats, 64-bit integers, bounded nesting and string sizes."""
     stack: list[tuple[str, Any, int]] = [(k, v, 0) for k, v in headers.items()]
     for key in headers:
-        if not isinstance(key, str) or not key or len(key.encode()) > 255:
+        if not isinstance(key, str) or not key or not _utf8(key) or len(key.encode()) > 255:
             return "header names must be 1..255 bytes of text"
     while stack:
         path, value, depth = stack.pop()
         if value is None or isinstance(value, bool | str | bytes):
             if isinstance(value, str | bytes) and len(value) > _MAX_HEADER_STRING:
                 return f"header {path!r}: value longer than {_MAX_HEADER_STRING} bytes"
+            if isinstance(value, str) and not value.isascii() and not _utf8(value):
+                return f"header {path!r}: text that is not valid Unicode (a lone surrogate)"
             continue
         if isinstance(value, int):
             if not _INT64[0] <= value <= _INT64[1]:
@@ -152,7 +162,7 @@ def amqp_header_problem(headers: Mapping[str, Any]) -> str | None:
                 return f"header {path!r}: nested deeper than {MAX_NESTING} levels"
             if isinstance(value, Mapping):
                 for k, v in value.items():
-                    if not isinstance(k, str) or len(k.encode()) > 255:
+                    if not isinstance(k, str) or not _utf8(k) or len(k.encode()) > 255:
                         return f"header {path!r}: table keys must be text of at most 255 bytes"
                     stack.append((f"{path}.{k}", v, depth + 1))
             else:

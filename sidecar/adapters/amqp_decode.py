@@ -1,4 +1,4 @@
-"""Tolerant AMQP value decoding, installed into pamqp's decoder tables.
+"""Tolerant AMQP value decoding (and re-encoding), installed into pamqp's tables.
 
 pamqp raises on values a producer can legally put on the wire but Python cannot represent:
 a timestamp property or header of 2^63-1 (beyond year 9999), a short string or table key
@@ -21,6 +21,7 @@ from typing import Any
 
 from pamqp import common
 from pamqp import decode as pamqp_decode
+from pamqp import encode as pamqp_encode
 
 from sidecar import limits
 
@@ -129,8 +130,24 @@ def _field_table(value: bytes) -> tuple[int, Any]:
         raise ValueError("Could not unpack data") from err
 
 
+def _table_value_encoder(original: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    """pamqp's encode_table_value, with what it decoded itself made encodable again: a
+    float goes out as a double (pamqp packs single precision: lossy, and OverflowError
+    past 3.4e38, so a header a Java producer sent could not be republished), and a long
+    string that was not UTF-8 (decoded as bytes) goes out as the same bytes."""
+
+    def encode_table_value(value: Any) -> bytes:
+        if type(value) is float:
+            return b"d" + common.Struct.double.pack(value)
+        if isinstance(value, bytes):
+            return b"S" + common.Struct.integer.pack(len(value)) + value
+        return original(value)
+
+    return encode_table_value
+
+
 def install() -> None:
-    """Put the tolerant decoders into pamqp's tables (idempotent)."""
+    """Put the tolerant decoders (and the matching encoders) into pamqp (idempotent)."""
     global _installed
     with _lock:
         if _installed:
@@ -143,3 +160,7 @@ def install() -> None:
         {"timestamp": timestamp, "shortstr": _short_str, "table": table, "array": array}
     )
     pamqp_decode.TABLE_MAPPING.update({b"T": timestamp, b"F": table, b"A": array})
+    # field_table and field_array look the name up in their module at call time.
+    pamqp_encode.encode_table_value = _table_value_encoder(  # type: ignore[assignment]
+        pamqp_encode.encode_table_value
+    )

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import struct
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -164,7 +165,11 @@ class BrokerUnavailable(Exception):
 
 
 class PublishRefused(Exception):
-    """A publish refused before it reached the broker (its target does not exist)."""
+    """A publish refused before it reached the broker (its target does not exist, or the
+    message cannot be encoded: then the error starts with UNENCODABLE)."""
+
+
+UNENCODABLE = "message cannot be encoded in AMQP: "
 
 
 class QueueNotFound(Exception):
@@ -602,6 +607,9 @@ class Broker:
                 if attempt == 2 or gen.publish_conn.is_closed:
                     raise
                 gen.exchanges.discard(exchange)
+            except (TypeError, ValueError, OverflowError, struct.error) as exc:
+                # Raised while marshalling, before anything was sent: the message itself.
+                raise PublishRefused(f"{UNENCODABLE}{exc}") from exc
         raise AssertionError("unreachable")
 
     async def _publish_channel(self, gen: _Generation) -> Any:
