@@ -29,6 +29,8 @@ RefusalCounter = Callable[[str], None]
 
 # accept() failing for lack of a resource: wait and try again, never give up serving.
 _CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# A client going away, in any of the ways the transport reports it.
+_CLOSED = (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _MIN_SHARE = 1024 * 1024  # a connection holding less than this is never cut by the budget
 
 
@@ -316,10 +318,13 @@ class AgentServer:
             log.debug("agent connection %d closed: %s", conn_id, exc)
         except OSError as exc:
             log.info("agent connection %d failed: %s", conn_id, exc)
-        except Exception:
+        except Exception as exc:
             # The error boundary of one connection: whatever a client's bytes caused ends
             # that connection, never the accept loop and the daemon with it.
-            log.exception("agent connection %d ended by an unexpected error", conn_id)
+            if isinstance(exc, BaseExceptionGroup) and exc.split(_CLOSED)[1] is None:
+                log.debug("agent connection %d closed: %s", conn_id, exc)
+            else:
+                log.exception("agent connection %d ended by an unexpected error", conn_id)
         finally:
             self.active -= 1
             self.budget.connections -= 1
