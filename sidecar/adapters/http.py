@@ -20,6 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 log = logging.getLogger("sidecar.http")
 
+HTTP_IDLE_TIMEOUT = 5.0
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -133,4 +135,11 @@ async def serve_http(
     config.accesslog = None
     config.errorlog = logging.getLogger("sidecar.http.server")
     config.graceful_timeout = 1.0
+    # Limits for clients that connect and stall: a connection that sends no complete
+    # request within keep_alive_timeout is closed (from the moment it connects, not only
+    # between requests), request heads are bounded, and the dashboard's live socket takes
+    # no large messages (the browser only listens).
+    config.keep_alive_timeout = HTTP_IDLE_TIMEOUT
+    config.h11_max_incomplete_size = 16 * 1024
+    config.websocket_max_message_size = 64 * 1024
     await serve(HttpApp(providers), config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]
