@@ -108,23 +108,30 @@ class Inbound:
     redelivered: bool
 
 
+def _text(value: Any) -> str | None:
+    """A short-string property as plain text: a placeholder for an undecodable one
+    (amqp_decode.Unreadable, a str subclass) would not encode in a frame to the agent."""
+    return None if value is None else str.__str__(value) if isinstance(value, str) else None
+
+
 def _props_from_aiormq(p: spec.Basic.Properties) -> MessageProps:
     timestamp = p.timestamp
     if isinstance(timestamp, amqp_decode.Unreadable) or not isinstance(timestamp, datetime):
         timestamp = None  # unreadable on the wire (see amqp_decode): dropped, not fatal
+    priority, mode = p.priority, p.delivery_mode
     return MessageProps(
         headers=dict(p.headers or {}),
-        message_id=p.message_id,
-        content_type=p.content_type,
-        content_encoding=p.content_encoding,
-        correlation_id=p.correlation_id,
-        reply_to=p.reply_to,
-        priority=p.priority,
-        delivery_mode=p.delivery_mode,
+        message_id=_text(p.message_id),
+        content_type=_text(p.content_type),
+        content_encoding=_text(p.content_encoding),
+        correlation_id=_text(p.correlation_id),
+        reply_to=_text(p.reply_to),
+        priority=priority if type(priority) is int else None,
+        delivery_mode=mode if type(mode) is int else None,
         timestamp=timestamp,
-        type=p.message_type,
-        app_id=p.app_id,
-        expiration=p.expiration,
+        type=_text(p.message_type),
+        app_id=_text(p.app_id),
+        expiration=_text(p.expiration),
     )
 
 
@@ -426,8 +433,8 @@ class Broker:
                 queue=queue,
                 body=message.body,
                 props=_props_from_aiormq(message.header.properties),
-                routing_key=d.routing_key or "",
-                exchange=d.exchange or "",
+                routing_key=_text(d.routing_key) or "",
+                exchange=_text(d.exchange) or "",
                 redelivered=bool(d.redelivered),
             )
         )
