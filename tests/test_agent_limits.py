@@ -75,6 +75,27 @@ async def test_clients_that_never_upgrade_are_closed(tmp_path: Path, autojump_cl
         nursery.cancel_scope.cancel()
 
 
+async def test_clients_that_vanish_mid_handshake_leave_nothing_behind(
+    tmp_path: Path, autojump_clock: Any
+) -> None:
+    """Finding: 299 descriptors leaked per 300 clients that connected and went away."""
+    async with trio.open_nursery() as nursery:
+        server = await start(nursery, tmp_path, handshake_timeout=5.0)
+        for i in range(300):
+            stream = await connect(server)
+            if i % 2:
+                # Half a request, then gone. (Past max_sessions the server has already
+                # closed this one: a broken pipe here is the refusal, not a failure.)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await stream.send_all(UPGRADE[: 20 + i % 40])
+            await stream.aclose()
+        with trio.fail_after(30):
+            while server.active or server.budget.connections:
+                await trio.sleep(0.1)
+        assert server.budget.total == 0
+        nursery.cancel_scope.cancel()
+
+
 async def test_sessions_beyond_the_maximum_are_refused_and_counted(
     tmp_path: Path, autojump_clock: Any
 ) -> None:
