@@ -58,9 +58,14 @@ def json_nesting_exceeds(data: str | bytes, limit: int = MAX_NESTING) -> bool:
     if text.count("[") + text.count("{") <= limit:
         return False
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", _ESCAPE.sub("", text)))
+    run = re.compile(r"[\[{]{%d}" % (limit + 1))
     for _ in range(limit):
         if not brackets:
             return False
+        # A run of openers longer than the limit settles it in one pass (the usual shape
+        # of a hostile frame), before another peel copies the whole string again.
+        if run.search(brackets):
+            return True
         peeled = _INNER_PAIR.sub("", brackets)
         if peeled == brackets:
             break  # unbalanced: only depth matters, and nothing more can be peeled
