@@ -58,7 +58,7 @@ def json_nesting_exceeds(data: str | bytes, limit: int = MAX_NESTING) -> bool:
     if text.count("[") + text.count("{") <= limit:
         return False
     brackets = _NOT_BRACKET.sub("", _STRING.sub("", _ESCAPE.sub("", text)))
-    run = re.compile(r"[\[{]{%d}" % (limit + 1))
+    run = re.compile(r"[\[{]{" + str(limit + 1) + "}")
     for _ in range(limit):
         if not brackets:
             return False
