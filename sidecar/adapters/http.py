@@ -135,6 +135,7 @@ async def serve_http(
     config.accesslog = None
     config.errorlog = logging.getLogger("sidecar.http.server")
     config.graceful_timeout = 1.0
+    # hypercorn accepts through trio.serve_listeners, which waits out EMFILE on its own.
     # Limits for clients that connect and stall: a connection that sends no complete
     # request within keep_alive_timeout is closed (from the moment it connects, not only
     # between requests), request heads are bounded, and the dashboard's live socket takes
