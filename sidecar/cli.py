@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from sidecar import __version__
+from sidecar.adapters.agent_socket import SocketPathError
 from sidecar.config import Config, ConfigError, example_toml, load_config
 
 EXIT_OK = 0
@@ -53,16 +55,25 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
+    from sidecar.adapters.agent_socket import prepare_socket_path, raise_fd_limit
+    from sidecar.preflight import check_buildable
     from sidecar.supervisor import Sidecar
 
     config = config_from_args(args)
+    check_buildable(config)
+    # Checked before anything starts, so an unsafe directory is one clear line, exit 3.
+    prepare_socket_path(Path(config.agent.socket))
     _setup_logging(args.verbose)
+    soft, hard = raise_fd_limit()
+    logging.getLogger("sidecar").info("open-files limit %d (hard %d)", soft, hard)
     trio.run(Sidecar(config).run)
     return EXIT_OK
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    load_config(args.file)
+    from sidecar.preflight import check_buildable
+
+    check_buildable(load_config(args.file), args.file)
     print(f"{args.file}: ok")
     return EXIT_OK
 
@@ -206,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _quiet_stdout()
         return EXIT_OK
+    except SocketPathError as exc:
+        print(f"sidecar: unsafe agent socket: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         print("sidecar: interrupted", file=sys.stderr)
         return 130

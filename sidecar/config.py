@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from sidecar.policy.retry import ReasonConfigError, ReasonDeclaration, resolve_reasons
+from sidecar.redact import redact_url as redact_url  # re-exported: callers import it here
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
@@ -29,8 +30,10 @@ MIB = 1024 * 1024
 
 
 def _default_socket() -> str:
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/sidecar-{os.getuid()}"
-    return str(Path(runtime) / "sidecar" / "agent.sock")
+    # Never a guessable name in a shared directory such as /tmp: another user could create
+    # it first. /run/sidecar is made by systemd (RuntimeDirectory=) or the k8s volume.
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return str(Path(runtime) / "sidecar" / "agent.sock" if runtime else "/run/sidecar/agent.sock")
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -70,6 +73,11 @@ class AgentConfig(Section):
     max_in_flight: Count = 1000
     max_headers: Count = 64
     max_header_bytes: Count = 64 * 1024
+    # Limits across connections: sessions at once, seconds for the WebSocket upgrade, and
+    # bytes all connections together may hold in partial frames.
+    max_sessions: Count = 256
+    handshake_timeout: Positive = 10.0
+    max_buffered_bytes: Count = 64 * MIB
 
 
 class ReasonRuleConfig(Section):
@@ -239,9 +247,15 @@ def load_config(
     if path is not None:
         source = str(path)
         try:
-            data = tomllib.loads(Path(path).read_text())
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: is a directory, not a config file") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (TOML must be UTF-8)") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     env = env_overrides(os.environ if environ is None else environ)
@@ -453,11 +467,6 @@ def parse_host_port(value: str) -> tuple[str, int] | None:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def redact_url(url: str) -> str:
-    """Drop the password from a URL before it reaches a log."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
-
-
 _SECTION_NOTES: dict[str, str] = {
     "broker": "RabbitMQ: where to connect and which queues this sidecar consumes.",
     "agent": "The local agent connection (Unix socket, WebSocket frames) and its limits.",
@@ -497,6 +506,9 @@ _KEY_NOTES: dict[str, str] = {
     "agent.max_in_flight": "most messages one agent may hold",
     "agent.max_headers": "most headers on a published message",
     "agent.max_header_bytes": "largest encoded headers on a published message",
+    "agent.max_sessions": "most agent connections at once (more are refused and counted)",
+    "agent.handshake_timeout": "seconds a new connection has to finish its WebSocket upgrade",
+    "agent.max_buffered_bytes": "bytes of partial frames held across all agent connections",
     "retry.max_attempts": "attempts before a message is dead-lettered",
     "retry.base_delay": "first retry delay, seconds",
     "retry.max_delay": "longest retry delay, seconds",

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TypeVar
 
+import msgspec
 import trio
 
 from sidecar.store.base import StoreUnavailable
@@ -23,6 +25,29 @@ from sidecar.store.spool import SpoolingStore
 T = TypeVar("T")
 
 log = logging.getLogger("sidecar.dlq")
+
+
+def bare_record(record: DeadLetterRecord, cause: BaseException) -> DeadLetterRecord:
+    """The record reduced to what any store accepts: raw body, reason, bounded numbers,
+    aware times, no free-form documents. Used when a store refuses the full record, so the
+    message is still kept (and then acked) rather than retried forever or crashing."""
+    now = datetime.now(UTC)
+    return msgspec.structs.replace(
+        record,
+        id=str(record.id)[:512] or "unknown",
+        payload=None,
+        rawBody=bytes(record.rawBody),
+        errorMessage=f"{str(record.errorMessage)[:500]} (record refused by the store: "
+        f"{type(cause).__name__})",
+        attemptCount=max(0, min(int(record.attemptCount), 1_000_000)),
+        firstFailureAt=now,
+        lastFailureAt=now,
+        deadLetteredAt=now,
+        headers={},
+        properties={},
+        history=[],
+        reprocessedAt=None,
+    )
 
 
 @dataclass(slots=True)
@@ -89,6 +114,19 @@ class DeadLetterWriter:
                 except StoreUnavailable as exc:
                     self.last_error = str(exc)
                     break
+                except Exception as exc:  # a record the store refuses must not stop the writer
+                    fallback = bare_record(item.record, exc)
+                    log.error(
+                        "dead letter %r refused (%s: %s); storing its raw body alone",
+                        item.record.id,
+                        type(exc).__name__,
+                        str(exc)[:200],
+                    )
+                    try:
+                        done.append((_Pending(fallback, item.on_durable), self.store.put(fallback)))
+                    except StoreUnavailable as unavailable:
+                        self.last_error = str(unavailable)
+                        break
             return done
 
         written = await trio.to_thread.run_sync(write_all, limiter=self.limiter)

@@ -19,7 +19,14 @@ from typing import Any
 import trio
 
 from sidecar import attempts
-from sidecar.adapters.broker import Broker, Inbound, MessageProps, headers_json_safe
+from sidecar.adapters import amqp_decode
+from sidecar.adapters.broker import (
+    UNENCODABLE,
+    Broker,
+    Inbound,
+    MessageProps,
+    headers_json_safe,
+)
 from sidecar.config import Config, reason_declarations
 from sidecar.dlq import DeadLetterWriter
 from sidecar.metrics import BREAKER_STATES, Metrics, set_state
@@ -51,6 +58,8 @@ from sidecar.store.records import DeadLetterRecord, payload_from_body
 log = logging.getLogger("sidecar.engine")
 
 Clock = Callable[[], float]
+# Dead-letter reason for a broker message the sidecar cannot read or carry to an agent.
+MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
 PRESSURE_PAUSE = 0.05  # seconds per pressure level between batches (WARNING 0.05, CRITICAL 0.1)
 
 
@@ -153,6 +162,8 @@ class Engine:
             "crashes": 0,
             "parked": 0,
             "stale": 0,
+            "malformed": 0,
+            "ignored_headers": 0,
         }
         self._ids = itertools.count(1)
         self._per_queue: dict[str, QueueMetrics] = {}
@@ -227,36 +238,85 @@ class Engine:
             if message.generation != generation:
                 inbox.popleft()
                 continue
-            key = self._key_of(message)
-            # Half-open probes of the agent-wide breaker are unkeyed messages: a keyed
-            # message's outcome is recorded on its own key's breaker.
+            key = ""
             probe_of = NOT_A_PROBE
-            if not key and state is BreakerState.HALF_OPEN:
-                if not self.breaker.allow(now):
-                    break
-                probe_of = self.breaker.probe_round
-            inbox.popleft()
-            message_state = attempts.read_state(message.props.headers)
-            if message_state.suspect:
-                if probe_of != NOT_A_PROBE:
-                    self.breaker.release_probe(now, probe_of=probe_of)
-                self.suspects.append(message)
-                continue
-            if key:
-                allowed, probe_of = self._key_allows(message, key, now)
-                if not allowed:
+            try:
+                key = self._key_of(message)
+                # Half-open probes of the agent-wide breaker are unkeyed messages: a keyed
+                # message's outcome is recorded on its own key's breaker.
+                if not key and state is BreakerState.HALF_OPEN:
+                    if not self.breaker.allow(now):
+                        break
+                    probe_of = self.breaker.probe_round
+                inbox.popleft()
+                message_state = self._read_state(message)
+                if message_state.suspect:
+                    if probe_of != NOT_A_PROBE:
+                        self.breaker.release_probe(now, probe_of=probe_of)
+                    self.suspects.append(message)
                     continue
-            out.append(
-                self._hand_out(session, info, message, now, message_state, probe_of=probe_of)
-            )
+                if key:
+                    allowed, probe_of = self._key_allows(message, key, now)
+                    if not allowed:
+                        continue
+                out.append(
+                    self._hand_out(session, info, message, now, message_state, probe_of=probe_of)
+                )
+            except Exception as exc:  # the error boundary of one message
+                if probe_of != NOT_A_PROBE:
+                    # Its probe slot is free again: the message never reached the agent.
+                    breaker = self.keyed.get(key) if key else self.breaker
+                    breaker.release_probe(now, probe_of=probe_of)
+                if inbox and inbox[0] is message:
+                    inbox.popleft()
+                self._malformed(message, exc)
         self.metrics.buffered.set(len(inbox))
+        if repaired := amqp_decode.take_repairs():
+            self.metrics.malformed.labels("amqp_value").inc(repaired)
+            self.counts["ignored_headers"] += repaired
         return out
+
+    def _read_state(self, message: Inbound) -> attempts.AttemptState:
+        state = attempts.read_state(message.props.headers)
+        for name in state.ignored:
+            self.counts["ignored_headers"] += 1
+            self.metrics.malformed.labels(name).inc()
+        return state
+
+    def _malformed(self, message: Inbound, exc: BaseException) -> None:
+        """A message whose bytes, headers or properties we cannot handle: dead-lettered
+        with what can be read of it (raw body, readable headers), acked once durable. It
+        must never reach the supervisor, or every restart would crash on it again."""
+        log.warning(
+            "malformed message on %s dead-lettered: %s: %s",
+            message.queue,
+            type(exc).__name__,
+            str(exc)[:200],
+        )
+        self.counts["malformed"] += 1
+        self.metrics.malformed.labels("message").inc()
+        try:
+            self._write_dead_letter(
+                message,
+                reason=MALFORMED_MESSAGE,
+                error=f"{type(exc).__name__}: {str(exc)[:500]}",
+                attempt=1,
+                first_failure_at=None,
+                agent="",
+                agent_version="",
+            )
+        except Exception:  # last resort: requeueing would loop
+            log.exception("malformed message on %s could not be recorded", message.queue)
 
     def _key_of(self, message: Inbound) -> str:
         """The breaker key (for example the target host) a message carries, if keyed."""
         if not self.key_header:
             return ""
-        return str(message.props.headers.get(self.key_header, ""))
+        value = message.props.headers.get(self.key_header, "")
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        # Only plain scalars key a breaker; anything else (a table, a list) is unkeyed.
+        return value[:255] if isinstance(value, str) else str(value) if type(value) is int else ""
 
     def _breaker_for(self, held: InFlight) -> CircuitBreaker:
         return self.keyed.get(held.key) if held.key else self.breaker
@@ -286,8 +346,25 @@ class Engine:
         probe_of: int = NOT_A_PROBE,
     ) -> Delivery:
         if state is None:
-            state = attempts.read_state(message.props.headers)
+            state = self._read_state(message)
         delivery_id = next(self._ids)
+        # Built before anything is registered: a header that cannot be carried to the agent
+        # raises here and the message is dead-lettered, with no in-flight entry left behind.
+        delivery = Delivery(
+            id=delivery_id,
+            queue=message.queue,
+            body=message.body,
+            attempt=state.attempt,
+            deadline=self.config.agent.deadline,
+            routing_key=message.routing_key,
+            exchange=message.exchange,
+            headers=headers_json_safe(attempts.agent_headers(message.props.headers)),
+            message_id=message.props.message_id,
+            content_type=message.props.content_type,
+            priority=message.props.priority,
+            redelivered=message.redelivered,
+            reduced_scope=state.reduced_scope,
+        )
         deadline = now + self.config.agent.deadline
         key = self._key_of(message)
         self.in_flight[delivery_id] = InFlight(
@@ -307,21 +384,7 @@ class Engine:
         self.counts["delivered"] += 1
         self._queue_metrics(message.queue).delivered.inc()
         self.metrics.in_flight.set(len(self.in_flight))
-        return Delivery(
-            id=delivery_id,
-            queue=message.queue,
-            body=message.body,
-            attempt=state.attempt,
-            deadline=self.config.agent.deadline,
-            routing_key=message.routing_key,
-            exchange=message.exchange,
-            headers=headers_json_safe(attempts.agent_headers(message.props.headers)),
-            message_id=message.props.message_id,
-            content_type=message.props.content_type,
-            priority=message.props.priority,
-            redelivered=message.redelivered,
-            reduced_scope=state.reduced_scope,
-        )
+        return delivery
 
     def _queue_metrics(self, queue: str) -> QueueMetrics:
         """Labelled children looked up once per queue, not once per message."""
@@ -449,10 +512,13 @@ class Engine:
         decision = decide(
             reason, error, held.state.attempt, retry_after, self.policy, self.rng.random()
         )
-        if isinstance(decision, Retry):
-            self._retry(message, held.state, reason, error, decision, held.agent_version)
-        else:
-            self._dead_letter(held, reason, error, decision)
+        try:
+            if isinstance(decision, Retry):
+                self._retry(message, held.state, reason, error, decision, held.agent_version)
+            else:
+                self._dead_letter(held, reason, error, decision)
+        except Exception as exc:  # the error boundary of one message
+            self._malformed(message, exc)
         return True
 
     def _retry(
@@ -474,7 +540,7 @@ class Engine:
             reduced_scope=decision.reduced_scope,
         )
         headers = attempts.with_failures(
-            headers, self._failures(message, state, reason, error, now, agent_version)
+            headers, self._failures(message, state.attempt, reason, error, now, agent_version)
         )
         self.counts["retried"] += 1
         self.metrics.retries.labels(message.queue, f"{decision.tier:g}s").inc()
@@ -508,8 +574,14 @@ class Engine:
         def confirmed(error: str | None) -> None:
             if error is None:
                 self._settle(message)
+            elif error.startswith(UNENCODABLE):
+                # It would fail the same way every time: keep it in the DLQ instead.
+                self._malformed(message, ValueError(error))
             else:
-                log.warning("retry publish for %s failed: %s", message.queue, error)
+                # Back to the queue, uncharged: left unacked it would sit with this
+                # connection until the next reconnect.
+                log.warning("retry publish for %s failed: %s; requeued", message.queue, error)
+                self._settle(message, requeue=True)
 
         self.broker.publish_nowait(
             message.body,
@@ -522,7 +594,7 @@ class Engine:
     def _failures(
         self,
         message: Inbound,
-        state: attempts.AttemptState,
+        attempt: int,
         reason: str,
         error: str,
         now: datetime,
@@ -530,7 +602,7 @@ class Engine:
     ) -> list[dict[str, Any]]:
         """The message's failure history with this failure added."""
         entry = attempts.failure_entry(
-            attempt=state.attempt,
+            attempt=attempt,
             reason=reason,
             error=error,
             at=now,
@@ -540,7 +612,29 @@ class Engine:
         return attempts.append_failure(attempts.read_failures(message.props.headers), entry)
 
     def _dead_letter(self, held: InFlight, reason: str, error: str, decision: DeadLetter) -> None:
-        message, state = held.message, held.state
+        self._write_dead_letter(
+            held.message,
+            reason=reason,
+            error=error or decision.why,
+            attempt=held.state.attempt,
+            first_failure_at=held.state.first_failure_at,
+            agent=held.agent,
+            agent_version=held.agent_version,
+            signature_error=error,
+        )
+
+    def _write_dead_letter(
+        self,
+        message: Inbound,
+        *,
+        reason: str,
+        error: str,
+        attempt: int,
+        first_failure_at: datetime | None,
+        agent: str,
+        agent_version: str,
+        signature_error: str | None = None,
+    ) -> None:
         now = datetime.now(UTC)
         record = DeadLetterRecord(
             id=attempts.stable_id(
@@ -554,26 +648,26 @@ class Engine:
             payload=payload_from_body(message.body),
             rawBody=message.body,
             failureReason=reason,
-            errorMessage=error or decision.why,
-            attemptCount=state.attempt,
-            firstFailureAt=state.first_failure_at or now,
+            errorMessage=error,
+            attemptCount=attempt,
+            firstFailureAt=first_failure_at or now,
             lastFailureAt=now,
             processingHost=self.config.identity.host,
-            agentVersion=held.agent_version,
-            agentName=held.agent,
+            agentVersion=agent_version,
+            agentName=agent,
             routingKey=message.routing_key,
             exchange=message.exchange,
-            headers=headers_json_safe(attempts.agent_headers(message.props.headers)),
+            headers=headers_json_safe(attempts.agent_headers(message.props.headers), lenient=True),
             properties=message.props.as_dict(),
-            signature=error_signature(reason, error),
-            deadLetteredAt=now,
-            failures=self._failures(
-                message, state, reason, error or decision.why, now, held.agent_version
+            signature=error_signature(
+                reason, error if signature_error is None else signature_error
             ),
+            deadLetteredAt=now,
+            failures=self._failures(message, attempt, reason, error, now, agent_version),
         )
         self.counts["dead_lettered"] += 1
         self.metrics.dead_lettered.labels(message.queue, reason).inc()
-        self.metrics.retry_attempt.labels("dead_letter").observe(state.attempt)
+        self.metrics.retry_attempt.labels("dead_letter").observe(attempt)
         # The ack happens only after the record is durable (store or local spool).
         self.dlq.submit(record, on_durable=lambda: self._settle(message))
 

@@ -209,6 +209,20 @@ class Metrics:
         self.alerts = Counter(
             "sidecar_alerts_total", "Alerts raised", ["alert", "severity"], registry=r
         )
+        self.connections_refused = Counter(
+            "sidecar_agent_connections_refused_total",
+            "Agent connections refused or cut: too many sessions, no WebSocket upgrade in "
+            "time, partial frames over the shared budget, accept failures (EMFILE)",
+            ["why"],
+            registry=r,
+        )
+        self.malformed = Counter(
+            "sidecar_malformed_inputs_total",
+            "Broker messages dead-lettered as malformed, header values ignored or clamped, "
+            "and other hostile input absorbed, by what",
+            ["what"],
+            registry=r,
+        )
         # Every state series exists from the start, so "== 1" queries never see a gap.
         set_state(self.breaker_state, BREAKER_STATES, "closed", "agent")
         set_state(self.pressure_state, LEVELS, "normal")

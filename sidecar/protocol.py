@@ -13,9 +13,12 @@ from typing import Annotated, Any
 
 import msgspec
 
+from sidecar import limits
 from sidecar.policy.failure import DEFAULT_REASONS
 
 PROTOCOL_VERSION = 1
+# Deepest nesting of a frame (the frame object itself is level 1); deeper is ``malformed``.
+MAX_DEPTH = limits.MAX_NESTING
 
 # Ids must fit MessagePack's integers (JSON's are unbounded) so any answer can be encoded.
 Id = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -233,18 +236,30 @@ class Codec:
 
     def _decode(self, data: bytes | str, json_dec: Any, mp_dec: Any, kinds: frozenset[str]) -> Any:
         binary = isinstance(data, bytes)
+        # Nesting is bounded before decoding: msgspec recurses per level, and a 2 KB frame
+        # of brackets would otherwise exhaust the interpreter's stack.
+        if not binary and limits.json_nesting_exceeds(data):
+            raise ProtocolError("malformed", f"frame nested deeper than {MAX_DEPTH} levels")
         try:
-            return mp_dec.decode(data) if binary else json_dec.decode(data)
+            frame = mp_dec.decode(data) if binary else json_dec.decode(data)
+        except RecursionError:
+            raise ProtocolError(
+                "malformed", f"frame nested deeper than {MAX_DEPTH} levels"
+            ) from None
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             kind = self._peek_kind(data, binary)
             if kind is not None and kind not in kinds:
                 raise ProtocolError("unknown_kind", f"unknown frame kind {kind!r}") from None
             raise ProtocolError("malformed", f"malformed frame: {exc}") from None
+        if isinstance(frame, Publish) and limits.nesting_exceeds(frame.headers, MAX_DEPTH - 1):
+            # MessagePack frames are not pre-scanned; their free-form values are checked here.
+            raise ProtocolError("malformed", f"frame nested deeper than {MAX_DEPTH} levels")
+        return frame
 
     def _peek_kind(self, data: bytes | str, binary: bool) -> str | None:
         try:
             decoder: Any = self._mp_kind if binary else self._json_kind
             kind = decoder.decode(data).kind
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
             return None
         return kind if isinstance(kind, str) else None

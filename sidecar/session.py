@@ -22,6 +22,7 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from sidecar import limits
 from sidecar import protocol as p
 from sidecar.adapters.broker import MessageProps
 from sidecar.backpressure import HELD_RETRY_AFTER, PublishGate
@@ -128,7 +129,14 @@ class Session:
         try:
             async with self._out_recv:
                 async for frame in self._out_recv:
-                    await self.ws.send_message(self.codec.encode(frame, binary=self.binary))
+                    try:
+                        data = self.codec.encode(frame, binary=self.binary)
+                    except (TypeError, ValueError, OverflowError) as exc:
+                        # One frame that cannot be encoded must not end the session.
+                        log.error("agent session %d: frame not sent: %s", self.id, exc)
+                        self.metrics.protocol_errors.labels("unencodable").inc()
+                        continue
+                    await self.ws.send_message(data)
         except ConnectionClosed:
             pass
 
@@ -287,7 +295,11 @@ class Session:
             raise p.ProtocolError(
                 "invalid_fail", "retry_after must be a finite number >= 0", ref=frame.id
             )
-        if not self.engine.fail(self.id, frame.id, reason, frame.error, frame.retry_after):
+        # Cut at the edge: nothing downstream (signatures, headers, the store) sees more.
+        error, dropped = limits.truncate(frame.error)
+        if dropped:
+            self.metrics.protocol_errors.labels("error_truncated").inc()
+        if not self.engine.fail(self.id, frame.id, reason, error, frame.retry_after):
             raise p.ProtocolError(
                 "unknown_delivery",
                 f"not held by this session: {frame.id}",
@@ -430,6 +442,9 @@ class Session:
             return "exchange and routing_key are at most 255 bytes"
         if len(frame.headers) > a.max_headers:
             return f"{len(frame.headers)} headers exceed max_headers {a.max_headers}"
+        # Checked first, iteratively: the size check below encodes, which recurses.
+        if (problem := limits.amqp_header_problem(frame.headers)) is not None:
+            return problem
         if len(msgspec.msgpack.encode(frame.headers)) > a.max_header_bytes:
             return f"headers exceed max_header_bytes {a.max_header_bytes}"
         if frame.priority is not None and not 0 <= frame.priority <= 255:

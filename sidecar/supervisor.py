@@ -117,6 +117,7 @@ class Sidecar:
     def ready(self) -> tuple[bool, dict[str, Any]]:
         checks = {
             "broker_connected": self.broker.is_connected,
+            "publish_path": self.broker.publish_ok,
             "store_writable": self.dlq.healthy,
             "not_draining": not self.engine.draining,
         }
@@ -125,6 +126,8 @@ class Sidecar:
             detail["broker_error"] = self.broker.last_error
         if not self.dlq.healthy:
             detail["store_error"] = self.dlq.last_error
+        if not self.broker.publish_ok:
+            detail["publish_error"] = self.broker.publish_error
         return detail["ready"], detail
 
     # --- running -------------------------------------------------------------------------
@@ -144,6 +147,10 @@ class Sidecar:
             socket_mode=c.agent.socket_mode,
             tcp=parse_host_port(c.agent.tcp) if c.agent.tcp else None,
             max_frame_bytes=c.agent.max_frame_bytes,
+            max_sessions=c.agent.max_sessions,
+            handshake_timeout=c.agent.handshake_timeout,
+            max_buffered_bytes=c.agent.max_buffered_bytes,
+            on_refused=lambda why: self.metrics.connections_refused.labels(why).inc(),
         )
         self.agent_server = agents
         try:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import struct
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,10 +37,15 @@ import trio
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
+from sidecar import limits
+from sidecar.adapters import amqp_decode
 from sidecar.adapters.aio_loop import make_bridge
-from sidecar.config import redact_url
+from sidecar.redact import redact_url, scrub
 
 log = logging.getLogger("sidecar.broker")
+
+# Values pamqp cannot represent must not kill the connection (see amqp_decode).
+amqp_decode.install()
 
 PublishCallback = Callable[[str | None], None]
 """Called (in trio) with None when the broker confirmed a publish, else the error text."""
@@ -102,20 +108,30 @@ class Inbound:
     redelivered: bool
 
 
+def _text(value: Any) -> str | None:
+    """A short-string property as plain text: a placeholder for an undecodable one
+    (amqp_decode.Unreadable, a str subclass) would not encode in a frame to the agent."""
+    return None if value is None else str.__str__(value) if isinstance(value, str) else None
+
+
 def _props_from_aiormq(p: spec.Basic.Properties) -> MessageProps:
+    timestamp = p.timestamp
+    if isinstance(timestamp, amqp_decode.Unreadable) or not isinstance(timestamp, datetime):
+        timestamp = None  # unreadable on the wire (see amqp_decode): dropped, not fatal
+    priority, mode = p.priority, p.delivery_mode
     return MessageProps(
         headers=dict(p.headers or {}),
-        message_id=p.message_id,
-        content_type=p.content_type,
-        content_encoding=p.content_encoding,
-        correlation_id=p.correlation_id,
-        reply_to=p.reply_to,
-        priority=p.priority,
-        delivery_mode=p.delivery_mode,
-        timestamp=p.timestamp,
-        type=p.message_type,
-        app_id=p.app_id,
-        expiration=p.expiration,
+        message_id=_text(p.message_id),
+        content_type=_text(p.content_type),
+        content_encoding=_text(p.content_encoding),
+        correlation_id=_text(p.correlation_id),
+        reply_to=_text(p.reply_to),
+        priority=priority if type(priority) is int else None,
+        delivery_mode=mode if type(mode) is int else None,
+        timestamp=timestamp,
+        type=_text(p.message_type),
+        app_id=_text(p.app_id),
+        expiration=_text(p.expiration),
     )
 
 
@@ -155,6 +171,14 @@ class BrokerUnavailable(Exception):
     """No connection to the broker right now."""
 
 
+class PublishRefused(Exception):
+    """A publish refused before it reached the broker (its target does not exist, or the
+    message cannot be encoded: then the error starts with UNENCODABLE)."""
+
+
+UNENCODABLE = "message cannot be encoded in AMQP: "
+
+
 class QueueNotFound(Exception):
     """The queue does not exist and the sidecar is not allowed to declare it."""
 
@@ -179,6 +203,8 @@ class _Generation:
         self.settle_requests: deque[tuple[int, bool]] = deque()
         self.writer_signalled = False
         self.writer_passed: asyncio.Event | None = None  # set after each writer pass
+        self.exchanges: set[str] = set()  # exchanges seen to exist on this connection
+        self.publish_lock: asyncio.Lock | None = None  # (loop) one channel reopen at a time
 
 
 T = TypeVar("T")
@@ -247,6 +273,9 @@ class Broker:
         self.stale_acks = 0
         self.reconnects = 0
         self.last_error = ""
+        self.publish_channel_reopens = 0
+        # Set while the publishing channel cannot be reopened on a live connection.
+        self.publish_error = ""
         self._gen = _Generation(0)
         self._lost = trio.Event()
         self.bridge = make_bridge(hop)
@@ -268,6 +297,11 @@ class Broker:
         return self.connected.is_set()
 
     @property
+    def publish_ok(self) -> bool:
+        """False while publishing cannot work on a connection that is up (for /readyz)."""
+        return not self.publish_error
+
+    @property
     def publish_blocked(self) -> bool:
         """True while the broker has blocked the publishing connection (resource alarm)."""
         conn = self._gen.publish_conn
@@ -287,7 +321,8 @@ class Broker:
                     await self._serve_generation()
                     delay = self.reconnect_min
                 except _BROKER_ERRORS as exc:
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    # Driver messages may echo the URL: never let its password through.
+                    self.last_error = scrub(f"{type(exc).__name__}: {exc}", self.url)
                     log.warning("broker %s: %s", redact_url(self.url), self.last_error)
                 finally:
                     await self._end_generation()
@@ -309,6 +344,7 @@ class Broker:
             gen.consume_conn.channel, publisher_confirms=False
         )
         gen.publish_channel = await self.bridge.call(gen.publish_conn.channel)
+        self.publish_error = ""
         lost = self._lost
 
         def on_lost(_f: object) -> None:
@@ -397,8 +433,8 @@ class Broker:
                 queue=queue,
                 body=message.body,
                 props=_props_from_aiormq(message.header.properties),
-                routing_key=d.routing_key or "",
-                exchange=d.exchange or "",
+                routing_key=_text(d.routing_key) or "",
+                exchange=_text(d.exchange) or "",
                 redelivered=bool(d.redelivered),
             )
         )
@@ -547,15 +583,73 @@ class Broker:
         while requests:
             gen, body, exchange, routing_key, props, on_done = requests.popleft()
             task = self.bridge.create_task(
-                gen.publish_channel.basic_publish(
+                self._publish_one(gen, body, exchange, routing_key, props)
+            )
+            task.add_done_callback(partial(self._publish_done, on_done))
+
+    async def _publish_one(
+        self, gen: _Generation, body: bytes, exchange: str, routing_key: str, props: MessageProps
+    ) -> Any:
+        """(loop) Publish on the generation's channel without letting one bad publish break
+        the others. A publish to a missing exchange makes the broker close the channel
+        (404), and every later publish on it failed for good: unknown exchanges are
+        checked first on a throwaway channel, and a channel the broker closed anyway
+        (an exchange deleted meanwhile, a 406) is reopened, with one more try for a
+        publish that was only caught in the close."""
+        if exchange and exchange not in gen.exchanges:
+            if not await self._exchange_exists(gen, exchange):
+                raise PublishRefused(f"exchange {exchange!r} does not exist (404)")
+            gen.exchanges.add(exchange)
+        for attempt in (1, 2):
+            channel = await self._publish_channel(gen)
+            try:
+                return await channel.basic_publish(
                     body,
                     exchange=exchange,
                     routing_key=routing_key,
                     properties=_props_to_aiormq(props),
                     mandatory=True,
                 )
-            )
-            task.add_done_callback(partial(self._publish_done, on_done))
+            except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.ChannelClosed):
+                if attempt == 2 or gen.publish_conn.is_closed:
+                    raise
+                gen.exchanges.discard(exchange)
+            except (TypeError, ValueError, OverflowError, struct.error) as exc:
+                # Raised while marshalling, before anything was sent: the message itself.
+                raise PublishRefused(f"{UNENCODABLE}{exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _publish_channel(self, gen: _Generation) -> Any:
+        """(loop) The generation's publishing channel, reopened if the broker closed it."""
+        if not gen.publish_channel.is_closed:
+            return gen.publish_channel
+        if gen.publish_lock is None:
+            gen.publish_lock = asyncio.Lock()
+        async with gen.publish_lock:
+            if gen.publish_channel.is_closed:
+                try:
+                    gen.publish_channel = await gen.publish_conn.channel()
+                except _BROKER_ERRORS as exc:
+                    self.publish_error = f"publishing channel cannot be reopened: {exc}"
+                    # No way to publish on this connection: start a fresh one.
+                    self.bridge.to_trio(self._lost.set)
+                    raise
+                self.publish_error = ""
+                self.publish_channel_reopens += 1
+                log.info("publishing channel reopened (generation %d)", gen.number)
+        return gen.publish_channel
+
+    async def _exchange_exists(self, gen: _Generation, exchange: str) -> bool:
+        """(loop) A passive declare on a throwaway channel: a 404 closes only that one."""
+        channel = await gen.publish_conn.channel(publisher_confirms=False)
+        try:
+            await channel.exchange_declare(exchange, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+        return True
 
     def _publish_done(self, on_done: PublishCallback, task: asyncio.Task[Any]) -> None:
         """(loop) Hand the outcome back to trio, batched with any others."""
@@ -615,14 +709,16 @@ class Broker:
             return
         if not self.declare_queues:
             raise QueueNotFound(f"queue {queue!r} does not exist (and declare_queues is off)")
-        await self.bridge.call(gen.publish_channel.queue_declare, queue, durable=True)
+        channel = await self.bridge.call(self._publish_channel, gen)
+        await self.bridge.call(channel.queue_declare, queue, durable=True)
 
     async def _declare_tiers(self, gen: _Generation, queue: str) -> None:
         """Fixed-TTL delay queues that dead-letter back to ``queue``. Quorum queues with
         at-least-once dead-lettering, because classic-queue DLX may drop a message."""
         for ttl in self.tiers:
+            channel = await self.bridge.call(self._publish_channel, gen)
             await self.bridge.call(
-                gen.publish_channel.queue_declare,
+                channel.queue_declare,
                 tier_queue_name(self.tier_prefix, queue, ttl),
                 durable=True,
                 arguments={
@@ -650,24 +746,15 @@ def _confirm_error(future: asyncio.Future[Any]) -> str | None:
         return None
     if isinstance(exc, aiormq.exceptions.PublishError):
         return f"unroutable: no queue is bound for this exchange and routing key ({exc})"
+    if isinstance(exc, PublishRefused):
+        return str(exc)
+    if isinstance(exc, aiormq.exceptions.ChannelClosed):
+        return f"refused by the broker: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
 
-def headers_json_safe(headers: Mapping[str, Any]) -> dict[str, Any]:
-    """AMQP header values as JSON-friendly values (datetimes and bytes become text)."""
-    out: dict[str, Any] = {}
-    for key, value in headers.items():
-        out[key] = _json_safe(value)
-    return out
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, bytes | bytearray):
-        return value.decode("utf-8", "replace")
-    if isinstance(value, dict):
-        return headers_json_safe(value)
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
+def headers_json_safe(headers: Mapping[str, Any], *, lenient: bool = False) -> dict[str, Any]:
+    """AMQP header values as JSON-friendly values (datetimes and bytes become text). Values
+    nested deeper than ``limits.MAX_NESTING`` raise ``limits.TooDeep``, or with ``lenient``
+    are replaced by a placeholder (for dead letters: keep what can be read)."""
+    return {str(k): limits.json_safe(v, lenient=lenient, _depth=1) for k, v in headers.items()}

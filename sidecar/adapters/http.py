@@ -21,6 +21,8 @@ from prometheus_client.exposition import choose_encoder
 
 log = logging.getLogger("sidecar.http")
 
+HTTP_IDLE_TIMEOUT = 5.0
+
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -198,4 +200,12 @@ async def serve_http(
     config.accesslog = None
     config.errorlog = logging.getLogger("sidecar.http.server")
     config.graceful_timeout = 1.0
+    # hypercorn accepts through trio.serve_listeners, which waits out EMFILE on its own.
+    # Limits for clients that connect and stall: a connection that sends no complete
+    # request within keep_alive_timeout is closed (from the moment it connects, not only
+    # between requests), request heads are bounded, and the dashboard's live socket takes
+    # no large messages (the browser only listens).
+    config.keep_alive_timeout = HTTP_IDLE_TIMEOUT
+    config.h11_max_incomplete_size = 16 * 1024
+    config.websocket_max_message_size = 64 * 1024
     await serve(HttpApp(providers), config, task_status=task_status, mode="asgi")  # type: ignore[arg-type]  # hypercorn types only its own ASGI app class

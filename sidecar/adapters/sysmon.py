@@ -3,6 +3,7 @@ cgroup when it sets a limit, the sidecar itself and the machine. psutil does the
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,9 @@ class MemorySample:
     agent_rss: int
     sidecar_rss: int
     cpu_ratio: float  # the sidecar's own CPU time per second of wall time (1.0 = one core)
+
+
+log = logging.getLogger("sidecar.sysmon")
 
 
 def cgroup_memory(root: Path = CGROUP_ROOT) -> tuple[int, int] | None:
@@ -49,6 +53,7 @@ class SystemMonitor:
         self.agent_limit_bytes = agent_limit_bytes
         self._me = psutil.Process(os.getpid())
         self._agents: dict[int, psutil.Process] = {}
+        self._last: MemorySample | None = None
         self._me.cpu_percent(None)  # the first reading is meaningless; prime it
 
     def _agent_rss(self, pids: list[int]) -> int:
@@ -59,11 +64,23 @@ class SystemMonitor:
                 if proc is None:
                     proc = self._agents[pid] = psutil.Process(pid)
                 total += proc.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+            except (psutil.Error, OSError, ValueError, OverflowError):
+                # A pid from an agent's hello is only a claim: gone, foreign or nonsense.
                 self._agents.pop(pid, None)
         return total
 
     def sample(self, agent_pids: list[int]) -> MemorySample:
+        """A reading; while the system refuses one (out of descriptors: EMFILE opening
+        /proc), the previous reading stands in rather than stopping the monitor."""
+        try:
+            self._last = self._sample(agent_pids)
+        except (psutil.Error, OSError) as exc:
+            if self._last is None:
+                raise
+            log.warning("memory reading failed (%s); using the previous one", exc)
+        return self._last
+
+    def _sample(self, agent_pids: list[int]) -> MemorySample:
         agent_rss = self._agent_rss(agent_pids)
         sidecar_rss = self._me.memory_info().rss
         cpu = self._me.cpu_percent(None) / 100

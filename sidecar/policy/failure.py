@@ -135,13 +135,26 @@ DEFAULT_REASONS = ReasonBook()
 
 
 SIGNATURE_MAX_CHARS = 200
+# Only the head of an error is normalised: the signature keeps 200 characters anyway, and
+# every rule below is linear, so the cost per failure is bounded whatever the agent sent.
+SIGNATURE_INPUT_CHARS = 1024
 
+# Every repetition that can start at many positions is bounded ({1,64} rather than +), so
+# a long run that almost matches costs a constant per position, not a rescan of the rest.
 # Order matters: structured tokens (URLs, emails, quoted text, UUIDs, IPs) are replaced before
 # the bare hex and number rules could chew them into pieces. Placeholders contain no digits,
 # so later rules never rewrite them.
 _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"[a-z][a-z0-9+.\-]*://[^\s'\"<>()\[\]{}]*[^\s'\"<>()\[\]{}.,;:!?]"), "<url>"),
-    (re.compile(r"[a-z0-9._%+\-]+@[a-z0-9\-]+(?:\.[a-z0-9\-]+)*\.[a-z]{2,}"), "<email>"),
+    (
+        re.compile(r"[a-z][a-z0-9+.\-]{0,31}://[^\s'\"<>()\[\]{}]*[^\s'\"<>()\[\]{}.,;:!?]"),
+        "<url>",
+    ),
+    (
+        re.compile(
+            r"[a-z0-9._%+\-]{1,64}@[a-z0-9\-]{1,63}(?:\.[a-z0-9\-]{1,63}){0,8}\.[a-z]{2,24}"
+        ),
+        "<email>",
+    ),
     (re.compile(r"(?<!\w)'[^']*'(?!\w)"), "<str>"),
     (re.compile(r'"[^"]*"'), "<str>"),
     (re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b"), "<uuid>"),
@@ -157,7 +170,7 @@ _RULES: tuple[tuple[re.Pattern[str], str], ...] = (
 
 def error_signature(reason: str, error_message: str) -> str:
     """Normalise an error so messages differing only in variable parts share one signature."""
-    text = error_message.lower()
+    text = error_message[:SIGNATURE_INPUT_CHARS].lower()
     for pattern, replacement in _RULES:
         text = pattern.sub(replacement, text)
     return f"{reason}:{text.strip()[:SIGNATURE_MAX_CHARS]}"

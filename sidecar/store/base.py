@@ -6,14 +6,13 @@ with a limiter of one per store, and both backends' drivers are blocking.
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
-from urllib.parse import unquote, urlsplit
 
 import msgspec
 
+from sidecar.redact import redact_url, scrub
 from sidecar.store.records import (
     DeadLetterRecord,
     MetricSnapshot,
@@ -190,31 +189,7 @@ def apply_reprocess(
     )
 
 
-# --- URLs and credentials
-
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
-
-
-def redact_url(url: str) -> str:
-    """The URL without ``user:password@`` and without query options (they can hold secrets)."""
-    url = _USERINFO.sub(lambda m: m.group("scheme"), url, count=1)
-    return url.split("?", 1)[0]
-
-
-def scrub(text: str, url: str) -> str:
-    """Remove any credential of ``url`` that a driver message might echo back."""
-    secrets: set[str] = {url}
-    netloc = urlsplit(url).netloc if "://" in url else ""
-    if "@" in netloc:
-        userinfo = netloc.rpartition("@")[0]
-        user, _, password = userinfo.partition(":")
-        for secret in (userinfo, user, password):
-            if secret:
-                secrets.update({secret, unquote(secret)})
-    for secret in sorted(secrets, key=len, reverse=True):
-        if len(secret) >= 3:  # a 1-2 character "secret" would mangle every message
-            text = text.replace(secret, "***")
-    return text
+# --- URLs and credentials (redact_url lives in sidecar.redact, shared with the config)
 
 
 def _sqlite_path(url: str) -> str:
@@ -231,14 +206,9 @@ def _sqlite_path(url: str) -> str:
     return path
 
 
-def open_store(url: str, **options: Any) -> DeadLetterStore:
-    """Open the store a configuration URL names.
-
-    ``sqlite:///rel.db``, ``sqlite:////abs.db`` or a plain path -> SQLite (the default,
-    embedded); ``mongodb://`` or ``mongodb+srv://`` -> MongoDB (database from the URI
-    path, default "sidecar"); ``postgresql://`` or ``postgres://`` -> PostgreSQL, shared by
-    a fleet (libpq URL; tables in the URL's search_path). ``options`` go to the backend's constructor.
-    """
+def parse_store_url(url: str) -> tuple[Literal["sqlite", "mongodb", "postgresql"], str]:
+    """(backend, SQLite path or server URL) for a configuration URL, or ValueError naming
+    what is wrong. No I/O: ``config check`` calls it so a URL that passes also opens."""
     url = url.strip()
     if not url:
         raise ValueError("empty dead-letter store URL")
@@ -246,24 +216,44 @@ def open_store(url: str, **options: Any) -> DeadLetterStore:
     if not sep:
         if url.lower().startswith("sqlite:"):
             raise ValueError(f"bad SQLite URL {url!r}: expected sqlite:///path.db")
-        from sidecar.store.sqlite import SqliteStore
-
-        return SqliteStore(Path(url).expanduser(), **options)
+        if ":" in url.split("/", 1)[0] and not url.startswith((".", "/", "~")):
+            # "postgres:x" or "c:..." reads as a scheme, not a file name: say so.
+            raise ValueError(
+                f"bad dead-letter store URL {redact_url(url)!r}: use sqlite:///path.db, "
+                "a plain file path, mongodb://, mongodb+srv:// or postgresql://"
+            )
+        return "sqlite", url
     scheme = scheme.lower()
     if scheme == "sqlite":
-        from sidecar.store.sqlite import SqliteStore
-
-        path = _sqlite_path("sqlite:" + url[len("sqlite:") :])
-        return SqliteStore(path if path == ":memory:" else Path(path).expanduser(), **options)
+        return "sqlite", _sqlite_path("sqlite:" + url[len("sqlite:") :])
     if scheme in ("mongodb", "mongodb+srv"):
-        from sidecar.store.mongo import MongoStore
-
-        return MongoStore(url, **options)
+        return "mongodb", url
     if scheme in ("postgresql", "postgres"):
-        from sidecar.store.postgres import PostgresStore
-
-        return PostgresStore(url, **options)
+        return "postgresql", url
     raise ValueError(
         f"unknown dead-letter store scheme {scheme!r} in {redact_url(url)!r}: use "
         "sqlite:///path.db, a plain file path, mongodb://, mongodb+srv:// or postgresql://"
     )
+
+
+def open_store(url: str, **options: Any) -> DeadLetterStore:
+    """Open the store a configuration URL names.
+
+    ``sqlite:///rel.db``, ``sqlite:////abs.db`` or a plain path -> SQLite (the default,
+    embedded); ``mongodb://`` or ``mongodb+srv://`` -> MongoDB (database from the URI
+    path, default "sidecar"); ``postgresql://`` or ``postgres://`` -> PostgreSQL, shared by
+    a fleet (libpq URL; tables in the URL's search_path). ``options`` go to the backend's
+    constructor.
+    """
+    kind, target = parse_store_url(url)
+    if kind == "sqlite":
+        from sidecar.store.sqlite import SqliteStore
+
+        return SqliteStore(target if target == ":memory:" else Path(target).expanduser(), **options)
+    if kind == "postgresql":
+        from sidecar.store.postgres import PostgresStore
+
+        return PostgresStore(target, **options)
+    from sidecar.store.mongo import MongoStore
+
+    return MongoStore(target, **options)

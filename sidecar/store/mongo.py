@@ -46,9 +46,11 @@ from sidecar.store.records import (
     MetricSnapshot,
     PatternRow,
     RecordFilter,
+    distinct_id,
     normalise_filter,
     normalise_metric,
     normalise_record,
+    same_message,
     utc_ms,
 )
 
@@ -259,6 +261,16 @@ class MongoStore:
                 return True
             except DuplicateKeyError:
                 pass  # known id (or a retried insert that had already landed)
+            found = self._records.find_one({"_id": new.id})
+            if found is not None and not same_message(record_from_doc(found), new):
+                # Another message holds this id: keep both (records.distinct_id).
+                new = msgspec.structs.replace(new, id=distinct_id(new))
+                doc = record_to_doc(new)
+                try:
+                    self._records.insert_one(doc)
+                    return True
+                except DuplicateKeyError:
+                    pass  # this message was stored under its distinct id before
             self._records.update_one(
                 {"_id": new.id, "lastFailureAt": {"$lt": new.lastFailureAt}},
                 {"$set": {**{k: doc[k] for k in _UPDATED_ON_REFAIL}, "reprocessed": False}},

@@ -46,9 +46,11 @@ from sidecar.store.records import (
     MetricSnapshot,
     PatternRow,
     RecordFilter,
+    distinct_id,
     normalise_filter,
     normalise_metric,
     normalise_record,
+    same_message,
     utc_ms,
 )
 
@@ -417,6 +419,35 @@ class PostgresStore:
 
     # --- the contract
 
+    def _insert(
+        self, cur: psycopg.Cursor[Any], new: DeadLetterRecord, doc: str, exact: bytes | None
+    ) -> bool:
+        """Insert ``new`` unless its id is taken; whether it was inserted."""
+        cur.execute(
+            "INSERT INTO dead_letter (id, original_queue, failure_reason, error_message,"
+            " signature, processing_host, attempt_count, first_failure_at,"
+            " last_failure_at, dead_lettered_at, reprocessed, retry_token, doc, doc_exact)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
+            " ON CONFLICT (id) DO NOTHING RETURNING id",
+            (
+                _text(new.id),
+                _text(new.originalQueue),
+                _text(new.failureReason),
+                _text(new.errorMessage),
+                _text(new.signature),
+                _text(new.processingHost),
+                _bigint(new.attemptCount),
+                new.firstFailureAt,
+                new.lastFailureAt,
+                new.deadLetteredAt,
+                new.reprocessed,
+                None if new.retryToken is None else _text(new.retryToken),
+                doc,
+                exact,
+            ),
+        )
+        return cur.fetchone() is not None
+
     def put(self, record: DeadLetterRecord) -> bool:
         new = normalise_record(record)
         doc, exact = _doc_columns(new)  # before the transaction: a bad record fails alone
@@ -424,39 +455,23 @@ class PostgresStore:
         def run(cur: psycopg.Cursor[Any]) -> bool:
             # Insert first: of several sidecars putting one id at once, exactly one wins
             # and the others wait for its commit, then merge under the row lock below.
-            cur.execute(
-                "INSERT INTO dead_letter (id, original_queue, failure_reason, error_message,"
-                " signature, processing_host, attempt_count, first_failure_at,"
-                " last_failure_at, dead_lettered_at, reprocessed, retry_token, doc, doc_exact)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s)"
-                " ON CONFLICT (id) DO NOTHING RETURNING id",
-                (
-                    _text(new.id),
-                    _text(new.originalQueue),
-                    _text(new.failureReason),
-                    _text(new.errorMessage),
-                    _text(new.signature),
-                    _text(new.processingHost),
-                    _bigint(new.attemptCount),
-                    new.firstFailureAt,
-                    new.lastFailureAt,
-                    new.deadLetteredAt,
-                    new.reprocessed,
-                    None if new.retryToken is None else _text(new.retryToken),
-                    doc,
-                    exact,
-                ),
-            )
-            if cur.fetchone() is not None:
-                return True
-            existing = self._load(cur, new.id, lock=True)
-            if existing is None:  # deleted between the two statements: store it again
-                self._write(cur, new)
-                return True
-            merged = apply_put(existing, new)
-            if merged is not None:
-                self._write(cur, merged)
-            return False
+            candidate, columns = new, (doc, exact)
+            while True:
+                if self._insert(cur, candidate, *columns):
+                    return True
+                existing = self._load(cur, candidate.id, lock=True)
+                if existing is None:  # deleted between the two statements: store it again
+                    self._write(cur, candidate)
+                    return True
+                if candidate is new and not same_message(existing, new):
+                    # Another message holds this id: keep both (records.distinct_id).
+                    candidate = msgspec.structs.replace(new, id=distinct_id(new))
+                    columns = _doc_columns(candidate)
+                    continue
+                merged = apply_put(existing, candidate)
+                if merged is not None:
+                    self._write(cur, merged)
+                return False
 
         return self._call("put", run)
 

@@ -6,11 +6,14 @@ MongoDB) so that a record in SQLite, in MongoDB and on the wire has one vocabula
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+
+from sidecar import limits
 
 __all__ = [
     "REQUIRED_FIELDS",
@@ -18,11 +21,13 @@ __all__ = [
     "MetricSnapshot",
     "PatternRow",
     "RecordFilter",
+    "distinct_id",
     "missing_fields",
     "normalise_filter",
     "normalise_metric",
     "normalise_record",
     "payload_from_body",
+    "same_message",
     "utc_ms",
 ]
 
@@ -118,15 +123,19 @@ _NULLABLE: frozenset[str] = frozenset({"payload"})
 def payload_from_body(body: bytes) -> Any:
     """Decode a body for humans and queries; ``rawBody`` keeps the exact bytes anyway.
 
-    JSON value when the body is valid UTF-8 JSON, else the UTF-8 text, else None.
+    JSON value when the body is valid UTF-8 JSON nested at most ``limits.MAX_NESTING``
+    levels, else the UTF-8 text, else None. The depth is checked before decoding: a deep body
+    would exhaust the stack of the decoder and of every store that re-encodes it.
     """
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return None
+    if limits.json_nesting_exceeds(text):
+        return text
     try:
         return msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return text
 
 
@@ -153,6 +162,33 @@ def missing_fields(record: DeadLetterRecord | Mapping[str, Any]) -> list[str]:
         if not present or _unusable(name, value):
             missing.append(name)
     return missing
+
+
+def same_message(a: DeadLetterRecord, b: DeadLetterRecord) -> bool:
+    """Whether two records (normalised) are the same dead-lettered message: same queue,
+    same bytes, same publisher headers. Failure details may differ (a later failure)."""
+    return (
+        a.originalQueue == b.originalQueue
+        and bytes(a.rawBody) == bytes(b.rawBody)
+        and a.headers == b.headers
+    )
+
+
+def distinct_id(record: DeadLetterRecord) -> str:
+    """The id under which a record is kept when its id is already taken by a different
+    message (``same_message`` false): the id plus a digest of queue, headers and body, so a
+    repeat of this message lands on the same record again.
+
+    The DLQ identity rule every backend follows: one record per dead-lettered message. A
+    put of a known id merges into it only when it is the same message; a different message
+    under that id is stored under ``distinct_id`` and never overwrites the first."""
+    digest = hashlib.sha256()
+    digest.update(record.originalQueue.encode("utf-8", "surrogatepass"))
+    digest.update(b"\0")
+    digest.update(msgspec.json.encode(record.headers, order="sorted"))
+    digest.update(b"\0")
+    digest.update(bytes(record.rawBody))
+    return f"{record.id}~{digest.hexdigest()[:16]}"
 
 
 def utc_ms(value: datetime) -> datetime:

@@ -31,9 +31,11 @@ from sidecar.store.records import (
     MetricSnapshot,
     PatternRow,
     RecordFilter,
+    distinct_id,
     normalise_filter,
     normalise_metric,
     normalise_record,
+    same_message,
     utc_ms,
 )
 
@@ -311,6 +313,10 @@ class SqliteStore:
         new = normalise_record(record)
         with self._tx("put") as conn:
             existing = self._load(conn, new.id)
+            if existing is not None and not same_message(existing, new):
+                # Another message holds this id: keep both (records.distinct_id).
+                new = msgspec.structs.replace(new, id=distinct_id(new))
+                existing = self._load(conn, new.id)
             if existing is None:
                 self._write(conn, new)
                 return True

@@ -67,7 +67,8 @@ async def test_chaos_every_message_is_processed_or_dead_lettered(tmp_path, uniqu
             def settled() -> set[str]:
                 if switch.down:
                     return set()
-                dead = {r.id for r in sidecar.store.find(RecordFilter(queue=queue), limit=N * 2)}
+                found = sidecar.store.find(RecordFilter(queue=queue), limit=N * 2)
+                dead = {r.properties.get("message_id", "") for r in found}
                 return processed | dead
 
             broker_dropped = store_outage_done = False
@@ -110,7 +111,8 @@ async def test_chaos_every_message_is_processed_or_dead_lettered(tmp_path, uniqu
             counts = dict(sidecar.engine.counts)
             spooled = sidecar.store.spooled()
 
-    dead_ids = {r.id for r in dead}
+    # Record ids cover the body and headers, not only the message_id (see PROTOCOL.md).
+    dead_ids = {r.properties.get("message_id", "") for r in dead}
     everything = {f"c{i}" for i in range(N)}
     assert processed | dead_ids == everything  # processed + dead-lettered = all N: none lost
     for record in dead:

@@ -134,6 +134,7 @@ async def test_readyz_is_503_while_draining(tmp_path, unique_queue):
     assert json.loads(body) == {
         "ready": False,
         "broker_connected": True,
+        "publish_path": True,
         "store_writable": True,
         "not_draining": False,
     }

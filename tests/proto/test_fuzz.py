@@ -405,3 +405,98 @@ def test_a_late_frame_to_a_closing_session_is_dropped_not_raised() -> None:
     session._out_recv.close()  # the writer has finished; the session is closing
     session.send(p.Error(code="deadline_expired", message="late", ref=7))
     session.send(p.Heartbeat())
+
+
+# --- nesting depth and sizes -------------------------------------------------------------
+# Frames nested far past the documented limit (protocol.MAX_DEPTH) anywhere, in known and
+# unknown fields, in both encodings: refused as malformed, never a RecursionError. And the
+# session answers every such frame with an encodable error, headers included.
+
+
+def nested(depth: int, shape: str) -> Any:
+    value: Any = 1
+    for level in range(depth):
+        as_list = shape == "list" or (shape == "mixed" and level % 2)
+        value = [value] if as_list else {"k": value}
+    return value
+
+
+@settings(max_examples=300, **FAST)
+@given(
+    kind=st.sampled_from(sorted(p.AGENT_KINDS)),
+    field=st.sampled_from([*FIELDS, "unknown_field"]),
+    depth=st.integers(min_value=1, max_value=3000) | st.integers(min_value=28, max_value=36),
+    shape=st.sampled_from(["list", "map", "mixed"]),
+    binary=st.booleans(),
+)
+def test_any_nesting_depth_is_decoded_or_malformed(
+    kind: str, field: str, depth: int, shape: str, binary: bool
+) -> None:
+    # Written out here, not drawn or encoded: both would recurse on a deep value.
+    levels = [shape == "list" or (shape == "mixed" and i % 2) for i in range(depth)]
+    data: bytes | str
+    if binary:
+        head = b"\x82" + msgspec.msgpack.encode("kind") + msgspec.msgpack.encode(kind)
+        opened = b"".join(b"\x91" if as_list else b"\x81\xa1k" for as_list in levels)
+        data = head + msgspec.msgpack.encode(field) + opened + b"\x01"
+    else:
+        opened_text = "".join("[" if as_list else '{"k":' for as_list in levels)
+        closed = "".join("]" if as_list else "}" for as_list in reversed(levels))
+        data = f'{{"kind":"{kind}","{field}":{opened_text}1{closed}}}'
+    frame = check_decode(data)
+    if frame is not None:
+        assert depth + 1 <= p.MAX_DEPTH or binary  # JSON deeper than the limit never decodes
+    # The session answers it too, encodably, without raising.
+    session = make_session()
+    session._dispatch(data)
+    for answer in answers(session):
+        CODEC.encode(answer, binary=True)
+        CODEC.encode(answer, binary=False)
+
+
+@settings(max_examples=200, **FAST)
+@given(
+    depth=st.integers(min_value=1, max_value=200),
+    binary=st.booleans(),
+)
+def test_publish_headers_deeper_than_the_limit_are_refused(depth: int, binary: bool) -> None:
+    obj = {
+        "kind": "publish",
+        "ref": 1,
+        "body": b"" if binary else "",
+        "queue": "q",
+        "headers": {"h": nested(depth, "list")},
+    }
+    data = msgspec.msgpack.encode(obj) if binary else msgspec.json.encode(obj).decode()
+    session = make_session()
+    session._dispatch(data)
+    (answer,) = answers(session)
+    frame_depth = depth + 2  # the frame, then headers, then the lists
+    if frame_depth <= p.MAX_DEPTH:
+        assert isinstance(answer, p.Published), answer
+    else:
+        assert isinstance(answer, p.Error) and answer.code in ("malformed", "invalid_publish")
+
+
+@settings(max_examples=40, **FAST)
+@given(
+    size=st.integers(min_value=0, max_value=2 * 1024 * 1024),
+    filler=st.sampled_from(["a", "[", "{", '"', "\\", "\u00e9", "a@", "'"]),
+    binary=st.booleans(),
+)
+def test_large_frames_of_hostile_characters(size: int, filler: str, binary: bool) -> None:
+    """Big frames made of what the depth scan and the error signature rules look at:
+    decoded or malformed, in one pass (a quadratic scan would time out the suite)."""
+    text = filler * (size // len(filler.encode()) or 1)
+    for obj in (
+        {"kind": "fail", "id": 1, "reason": "TIMEOUT", "error": text},
+        {"kind": "publish", "ref": 1, "body": b"", "queue": "q", "routing_key": text[:300]},
+    ):
+        data = msgspec.msgpack.encode(obj) if binary else msgspec.json.encode(obj).decode()
+        check_decode(data)
+        session = make_session()
+        session._dispatch(data)
+        for answer in answers(session):
+            CODEC.encode(answer, binary=binary)
+    raw = text if not binary else text.encode()
+    check_decode(raw)

@@ -1,4 +1,12 @@
-"""Helpers shared by the store tests (not collected: no ``test_`` prefix)."""
+"""Helpers shared by the store tests (not collected: no ``test_`` prefix).
+
+The identity rule every backend follows (tested in test_contract.py): one record per
+dead-lettered message. A put whose id is known merges into that record only when it is
+the same message (``records.same_message``: same originalQueue, rawBody and headers); a
+different message under a taken id is stored under ``records.distinct_id`` and never
+changes the first. The engine's ids (``attempts.stable_id``) already differ for different
+messages; the store rule keeps that true for any writer.
+"""
 
 from __future__ import annotations
 

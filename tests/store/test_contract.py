@@ -13,6 +13,7 @@ from sidecar.store.records import (
     MetricSnapshot,
     PatternRow,
     RecordFilter,
+    distinct_id,
     missing_fields,
     normalise_record,
 )
@@ -146,6 +147,52 @@ def test_later_failure_of_known_id_updates_it(store: DeadLetterStore) -> None:
     assert got.processingHost == "scraper-agent-1"
     assert store.count(RecordFilter(reason="TIMEOUT_HARD")) == 1
     assert store.count(RecordFilter(reason="TIMEOUT")) == 0
+
+
+# --- identity: one record per dead-lettered message (see tests/store/contract.py)
+
+
+def test_different_messages_sharing_an_id_are_two_records(store: DeadLetterStore) -> None:
+    """Regression: producers reuse message_ids; c2's body used to vanish into c1's record."""
+    c1 = make_record("same-1", rawBody=b'{"id":"c1"}', errorMessage="e1", lastFailureAt=at(1))
+    c2 = make_record("same-1", rawBody=b'{"id":"c2"}', errorMessage="e2", lastFailureAt=at(2))
+    assert store.put(c1) is True
+    assert store.put(c2) is True
+    assert store.count() == 2
+    first = store.get("same-1")
+    assert first is not None
+    assert (first.rawBody, first.errorMessage, first.lastFailureAt) == (b'{"id":"c1"}', "e1", at(1))
+    second = store.get(distinct_id(normalise_record(c2)))
+    assert second is not None
+    assert (second.rawBody, second.errorMessage) == (b'{"id":"c2"}', "e2")
+    assert second.payload == {"id": "c2"}
+
+
+def test_other_headers_or_queue_make_another_message(store: DeadLetterStore) -> None:
+    base = make_record("m", headers={"tenant": "a"})
+    assert store.put(base) is True
+    assert store.put(make_record("m", headers={"tenant": "b"})) is True
+    assert store.put(make_record("m", headers={"tenant": "a"}, originalQueue="other")) is True
+    assert store.count() == 3
+
+
+def test_the_same_message_dead_lettered_twice_stays_one_record(store: DeadLetterStore) -> None:
+    c1 = make_record("same-1", rawBody=b'{"id":"c1"}', lastFailureAt=at(1))
+    c2 = make_record("same-1", rawBody=b'{"id":"c2"}', lastFailureAt=at(2))
+    store.put(c1)
+    store.put(c2)
+    # A redelivery after a crash writes each again; a later failure updates its own record.
+    assert store.put(c1) is False
+    assert store.put(c2) is False
+    c2_later = make_record(
+        "same-1", rawBody=b'{"id":"c2"}', lastFailureAt=at(9), errorMessage="again"
+    )
+    assert store.put(c2_later) is False
+    assert store.count() == 2
+    got = store.get(distinct_id(normalise_record(c2)))
+    assert got is not None and got.errorMessage == "again"
+    first = store.get("same-1")
+    assert first is not None and first.rawBody == b'{"id":"c1"}'
 
 
 def test_older_or_equal_failure_changes_nothing(store: DeadLetterStore) -> None:
