@@ -4,7 +4,6 @@ the headers that travel with a message. Pure functions, no broker."""
 from __future__ import annotations
 
 import re
-
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
