@@ -62,7 +62,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_buildable(config)
     # Checked before anything starts, so an unsafe directory is one clear line, exit 3.
-    prepare_socket_path(Path(config.agent.socket))
+    prepare_socket_path(Path(config.agent.socket), config.agent.socket_mode)
     _setup_logging(args.verbose)
     soft, hard = raise_fd_limit()
     logging.getLogger("sidecar").info("open-files limit %d (hard %d)", soft, hard)

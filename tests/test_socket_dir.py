@@ -42,6 +42,19 @@ def test_directories_the_sidecar_creates_are_0700_whatever_the_umask(tmp_path: P
         assert info.st_uid == os.geteuid()
 
 
+def test_a_group_socket_gets_a_directory_its_group_can_enter(tmp_path: Path) -> None:
+    # A pod's emptyDir: writable by every container, group-sticky for the pod's fsGroup.
+    shared = tmp_path / "run-sidecar"
+    shared.mkdir()
+    os.chmod(shared, 0o2777)
+    prepare_socket_path(shared / "sock" / "agent.sock", socket_mode=0o660)
+    mode = stat.S_IMODE(os.lstat(shared / "sock").st_mode)
+    assert mode & 0o777 == 0o750  # the group may enter, nobody else may write
+    # The shared directory itself is refused for the socket: others may write to it.
+    with pytest.raises(SocketPathError, match="others may write"):
+        prepare_socket_path(shared / "agent.sock", socket_mode=0o660)
+
+
 @needs_root
 @pytest.mark.parametrize("squatter_mode", [0o777, 0o755])
 def test_a_directory_someone_else_made_first_is_refused(tmp_path: Path, squatter_mode: int) -> None:

@@ -105,14 +105,18 @@ class SocketPathError(RuntimeError):
     """The socket path is unsafe to use (a symlink, or a directory owned by someone else)."""
 
 
-def prepare_socket_path(path: Path) -> None:
+def prepare_socket_path(path: Path, socket_mode: int = 0o600) -> None:
     """Create the socket's directory (owned by us, not writable by anyone else) and remove a
     stale socket. Refuses a directory that someone else could have made or can still
     change: a symlink anywhere on the path, a directory not owned by this user, or one whose
     parents another user may write to (they could rename ours away and put their own in its
-    place, then read every agent's hello and token)."""
+    place, then read every agent's hello and token).
+
+    A directory the sidecar creates lets in (read and traverse, never write) the classes
+    ``socket_mode`` lets connect: with 0660, an agent running as another user of the same
+    group (a pod's fsGroup) can reach the socket."""
     directory = path.parent
-    _make_private_dirs(directory)
+    _make_private_dirs(directory, _directory_mode(socket_mode))
     _check_chain(directory)
     try:
         info = os.lstat(path)
@@ -130,8 +134,15 @@ def prepare_socket_path(path: Path) -> None:
     path.unlink()
 
 
-def _make_private_dirs(directory: Path) -> None:
-    """Create what is missing of ``directory``, each level mode 0700 whatever the umask."""
+def _directory_mode(socket_mode: int) -> int:
+    group = 0o050 if socket_mode & 0o060 else 0
+    others = 0o005 if socket_mode & 0o006 else 0
+    return 0o700 | group | others
+
+
+def _make_private_dirs(directory: Path, mode: int = 0o700) -> None:
+    """Create what is missing of ``directory``, each level ``mode`` (never writable by
+    others than us) whatever the umask."""
     missing: list[Path] = []
     current = directory
     while not os.path.lexists(current):
@@ -141,7 +152,7 @@ def _make_private_dirs(directory: Path) -> None:
         current = current.parent
     for level in reversed(missing):
         try:
-            os.mkdir(level, 0o700)
+            os.mkdir(level, mode)
         except FileExistsError:
             pass  # made meanwhile: the ownership checks below decide whether it is usable
         except OSError as exc:
@@ -150,7 +161,7 @@ def _make_private_dirs(directory: Path) -> None:
                 "agent.socket (or XDG_RUNTIME_DIR) to a directory this user owns"
             ) from None
         else:
-            os.chmod(level, 0o700)
+            os.chmod(level, mode)
 
 
 def _check_chain(directory: Path) -> None:
@@ -177,7 +188,8 @@ def _check_chain(directory: Path) -> None:
             if mode & 0o022:
                 raise SocketPathError(
                     f"socket directory {level} has mode {mode:04o}: others may write to it; "
-                    "expected at most 0750 (0700 when the sidecar creates it)"
+                    "expected at most 0755 (the sidecar creates it 0700, or 0750 for a "
+                    "group socket)"
                 )
             continue
         if info.st_uid not in (me, 0):
@@ -195,7 +207,7 @@ def _check_chain(directory: Path) -> None:
 
 
 async def open_unix_listener(path: Path, mode: int) -> trio.SocketListener:
-    prepare_socket_path(path)
+    prepare_socket_path(path, mode)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)
     try:

@@ -14,6 +14,7 @@ import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import msgspec
 import pytest
 
 import sidecar.policy.alerts
@@ -350,8 +351,12 @@ def test_configmap_agrees_with_deploy_toml(tmp_path: Path) -> None:
     """The ConfigMap differs from deploy/sidecar.toml only where k8s needs it to: the URLs
     come from the mounted Secret."""
     a, b = configmap_config(tmp_path), deploy_toml()
-    for section in ("agent", "http", "drain", "scaling", "retry"):
+    for section in ("http", "drain", "scaling", "retry"):
         assert getattr(a, section) == getattr(b, section), section
+    # The socket sits one directory deeper on k8s: inside the shared emptyDir, in a
+    # directory the sidecar makes (test_socket_path_agrees).
+    assert msgspec.structs.replace(a.agent, socket=b.agent.socket) == b.agent
+    assert PurePosixPath(a.agent.socket).name == PurePosixPath(b.agent.socket).name
     assert a.broker.queues == b.broker.queues and a.broker.prefetch == b.broker.prefetch
     assert a.store.spool == b.store.spool
 
@@ -507,20 +512,23 @@ def test_podmonitor_selects_the_pods() -> None:
 
 def test_socket_path_agrees(tmp_path: Path) -> None:
     socket = PurePosixPath(configmap_config(tmp_path).agent.socket)
+    # The emptyDir is writable by both containers, so the sidecar puts its socket in a
+    # directory of its own inside it (it refuses a directory others may write to).
+    shared = socket.parent.parent
     volumes = {v["name"]: v for v in pod_spec()["volumes"]}
     for name in ("agent", "sidecar"):
         mounts = [
             m
             for m in container(name)["volumeMounts"]
-            if "emptyDir" in volumes[m["name"]] and PurePosixPath(m["mountPath"]) == socket.parent
+            if "emptyDir" in volumes[m["name"]] and PurePosixPath(m["mountPath"]) == shared
         ]
-        assert mounts, f"{name}: no emptyDir mounted at {socket.parent}"
+        assert mounts, f"{name}: no emptyDir mounted at {shared}"
         assert not mounts[0].get("readOnly"), name
     (agent_mount,) = [
-        m for m in container("agent")["volumeMounts"] if m["mountPath"] == str(socket.parent)
+        m for m in container("agent")["volumeMounts"] if m["mountPath"] == str(shared)
     ]
     (sidecar_mount,) = [
-        m for m in container("sidecar")["volumeMounts"] if m["mountPath"] == str(socket.parent)
+        m for m in container("sidecar")["volumeMounts"] if m["mountPath"] == str(shared)
     ]
     assert agent_mount["name"] == sidecar_mount["name"], "the two containers must share it"
     assert container_env(container("agent"))["SIDECAR_AGENT_SOCKET"] == str(socket)
