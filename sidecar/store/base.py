@@ -169,12 +169,16 @@ def apply_reprocess(
     target_queue: str,
     at: datetime,
     tool: str,
-) -> DeadLetterRecord | None:
-    """The record after ``mark_reprocessed``, or None when this token was already recorded."""
+) -> tuple[DeadLetterRecord | None, bool]:
+    """What ``mark_reprocessed`` writes (None: nothing) and whether it recorded a reprocess.
+    A token already recorded records nothing, but still releases its claim if a crash left
+    the claim behind."""
     if token is not None and any(h.get("token") == token for h in existing.history):
-        return None
+        if existing.retryToken == token:
+            return msgspec.structs.replace(existing, retryToken=None), False
+        return None, False
     at = utc_ms(at)
-    return msgspec.structs.replace(
+    updated = msgspec.structs.replace(
         existing,
         reprocessed=True,
         reprocessedAt=at,
@@ -187,6 +191,7 @@ def apply_reprocess(
         # Only our own claim is released; another operator's in-flight claim stays.
         retryToken=None if existing.retryToken == token else existing.retryToken,
     )
+    return updated, True
 
 
 # --- URLs and credentials (redact_url lives in sidecar.redact, shared with the config)

@@ -565,16 +565,12 @@ class PostgresStore:
             existing = self._load(cur, id, lock=True)
             if existing is None:
                 return False
-            updated = apply_reprocess(
+            updated, recorded = apply_reprocess(
                 existing, token=token, target_queue=target_queue, at=at, tool=tool
             )
-            if updated is None:
-                # Already recorded; still release our claim if a crash left it behind.
-                if token is not None and existing.retryToken == token:
-                    self._write(cur, msgspec.structs.replace(existing, retryToken=None))
-                return False
-            self._write(cur, updated)
-            return True
+            if updated is not None:
+                self._write(cur, updated)
+            return recorded
 
         return self._call("mark_reprocessed", run)
 

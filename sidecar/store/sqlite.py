@@ -425,16 +425,12 @@ class SqliteStore:
             existing = self._load(conn, id)
             if existing is None:
                 return False
-            updated = apply_reprocess(
+            updated, recorded = apply_reprocess(
                 existing, token=token, target_queue=target_queue, at=at, tool=tool
             )
-            if updated is None:
-                # Already recorded; still release our claim if a crash left it behind.
-                if token is not None and existing.retryToken == token:
-                    self._write(conn, msgspec.structs.replace(existing, retryToken=None))
-                return False
-            self._write(conn, updated)
-            return True
+            if updated is not None:
+                self._write(conn, updated)
+            return recorded
 
     def in_flight_retries(self) -> list[DeadLetterRecord]:
         with self._guard("in_flight_retries") as conn:
