@@ -14,7 +14,6 @@ import secrets
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
-import aiormq.exceptions
 import msgspec
 import trio
 
@@ -184,7 +183,7 @@ class DlqBrowser:
         return dict(data)
 
     async def act(self, action: str, body: bytes) -> dict[str, Any]:
-        from sidecar.tools.amqp import BrokerUnavailable
+        from sidecar.tools.amqp import BROKER_LOST, BrokerUnavailable
         from sidecar.tools.common import ToolError
         from sidecar.tools.dlq import RecordNotFound, send_one
 
@@ -227,12 +226,7 @@ class DlqBrowser:
                 raise ApiError(409, str(exc)) from None
             except (StoreUnavailable, BrokerUnavailable) as exc:
                 raise ApiError(503, str(exc)) from None
-            except (
-                aiormq.exceptions.AMQPError,
-                aiormq.exceptions.ChannelInvalidStateError,
-                ConnectionError,
-                TimeoutError,
-            ) as exc:
+            except BROKER_LOST as exc:
                 raise ApiError(
                     503, f"broker connection lost: {exc or type(exc).__name__}"
                 ) from None

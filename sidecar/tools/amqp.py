@@ -40,6 +40,15 @@ class BrokerUnavailable(Exception):
     """The broker cannot be reached (connection refused, bad credentials, timeout)."""
 
 
+# What the broker going away in the middle of a tool's work raises.
+BROKER_LOST: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
 class QueueMissing(Exception):
     def __init__(self, queue: str) -> None:
         super().__init__(f"queue {queue!r} does not exist")

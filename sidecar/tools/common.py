@@ -66,9 +66,8 @@ def tool(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespac
 
     @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
-        import aiormq.exceptions
 
-        from sidecar.tools.amqp import BrokerUnavailable
+        from sidecar.tools.amqp import BROKER_LOST, BrokerUnavailable
 
         try:
             return fn(args)
@@ -80,12 +79,7 @@ def tool(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespac
             return _fail(args, f"dead-letter store unavailable: {exc}", EXIT_UNREACHABLE)
         except BrokerUnavailable as exc:
             return _fail(args, f"broker unavailable: {exc}", EXIT_UNREACHABLE)
-        except (
-            aiormq.exceptions.AMQPError,
-            aiormq.exceptions.ChannelInvalidStateError,
-            ConnectionError,
-            TimeoutError,
-        ) as exc:
+        except BROKER_LOST as exc:
             # The broker went away mid-run; the ledger makes a rerun safe.
             detail = str(exc) or type(exc).__name__
             return _fail(
