@@ -58,7 +58,9 @@ async def demo(
             "broker": {"url": broker, "queues": [queue], "prefetch": 50},
             "agent": {"socket": str(workdir / "agent.sock"), "deadline": 2.0, "batch_size": 10},
             "retry": {"tiers": [1.0, 2.0, 4.0], "base_delay": 1.0, "max_delay": 4.0},
-            "throttle": {"rate": 40.0, "burst": 20.0},
+            # A small publish queue, so the burst below shows both kinds of backpressure:
+            # publishes held and paced in the sidecar, and "throttled" answers beyond it.
+            "throttle": {"rate": 40.0, "burst": 20.0, "queue": 50},
             "store": {
                 "url": f"sqlite:///{workdir / 'dlq.sqlite3'}",
                 "spool": str(workdir / "spool.sqlite3"),
@@ -76,12 +78,16 @@ async def demo(
     started = time.monotonic()
 
     async def publisher() -> None:
+        """A producer far faster than the 40/s allowed: 100 publishes in flight at once."""
         nonlocal throttled, published
-        async with open_agent(config.agent.socket, agent="demo-publisher", queues=[]) as agent:
-            for job_id, outcome in plan.items():
+        window = trio.Semaphore(100)
+
+        async def publish_one(agent: Any, job_id: str, outcome: str) -> None:
+            nonlocal throttled, published
+            body = f'{{"jobId": "{job_id}", "url": "https://example.com/{job_id}", "demo": "{outcome}"}}'
+            try:
                 while True:
-                    body = f'{{"jobId": "{job_id}", "url": "https://example.com/{job_id}", "demo": "{outcome}"}}'
-                    result = await agent.publish(
+                    result = await agent.publish_once(
                         body.encode(),
                         queue=queue,
                         message_id=job_id,
@@ -90,9 +96,19 @@ async def demo(
                     if not result.throttled:
                         assert result.ok, result.error
                         published += 1
-                        break
+                        return
                     throttled += 1
                     await trio.sleep(result.retry_after or 0.05)
+            finally:
+                window.release()
+
+        async with (
+            open_agent(config.agent.socket, agent="demo-publisher", queues=[]) as agent,
+            trio.open_nursery() as nursery,
+        ):
+            for job_id, outcome in plan.items():
+                await window.acquire()
+                nursery.start_soon(publish_one, agent, job_id, outcome)
 
     async def demo_agent() -> None:
         async with open_agent(
@@ -231,7 +247,9 @@ def tally(
         line += f"; lost {lost}"
     print(line)
     print(
-        f"producer throttled {throttled} times (rate {config.throttle.rate:g}/s, burst {config.throttle.burst:g})",
+        f"producer held to {config.throttle.rate:g}/s (burst {config.throttle.burst:g}):"
+        f" up to {config.throttle.queue} publishes waited in the sidecar, and {throttled}"
+        " more were answered throttled and sent again after retry_after",
         flush=True,
     )
 
