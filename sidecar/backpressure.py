@@ -192,7 +192,7 @@ class BackpressureMonitor:
             await self.broker.set_prefetch(prefetch)
         except Exception as exc:  # the broker may be away; the next connection uses it
             log.warning("could not apply prefetch %d now: %s", prefetch, exc)
-        self.broker.inbox_changed.set()
+        self.broker.wake()
 
     # --- depth -----------------------------------------------------------------------------
 

@@ -1,82 +1,58 @@
-"""The consume and publish paths: where the policies meet the adapters.
-
-Every message taken from the broker ends in exactly one of: acked after the agent's success,
-republished to a delay tier (confirmed) before its ack, or written durably to the DLQ store
-before its ack. A crash at any point therefore duplicates at worst, never drops.
+"""The engine: drives the delivery ledger (``sidecar.core.ledger``) with the broker and
+the DLQ writer. It feeds the ledger events (pulls, answers, deadline ticks, breaker changes,
+publish confirms, durable dead letters) and carries out the commands that come back; the
+decisions themselves live in the ledger and the policies.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import trio
 
-from sidecar import attempts
 from sidecar.adapters import amqp_decode
-from sidecar.adapters.broker import (
-    UNENCODABLE,
-    Broker,
-    Inbound,
-    MessageProps,
-    headers_json_safe,
-)
 from sidecar.config import Config, reason_declarations
+from sidecar.core.ledger import (
+    MALFORMED_MESSAGE,
+    BreakerChanged,
+    Command,
+    InFlight,
+    Ledger,
+    LedgerSettings,
+    Moment,
+    NotifyTimeout,
+    Republish,
+    SessionInfo,
+    Settle,
+    WriteDeadLetter,
+)
+from sidecar.core.messages import Inbound
+from sidecar.core.port import UNENCODABLE, BrokerPort
 from sidecar.dlq import DeadLetterWriter
 from sidecar.metrics import BREAKER_STATES, Metrics, set_state
-from sidecar.policy.breaker import (
-    NOT_A_PROBE,
-    BreakerConfig,
-    BreakerState,
-    CircuitBreaker,
-    KeyedBreakers,
-)
-from sidecar.policy.failure import FailureReason, ReasonBook, error_signature
-from sidecar.policy.pressure import (
-    PressureLevel,
-    adjust_batch_size,
-    batch_allowed,
-    degradation_actions,
-)
-from sidecar.policy.retry import (
-    DeadLetter,
-    Retry,
-    RetryPolicy,
-    choose_tier,
-    decide,
-    resolve_reasons,
-)
+from sidecar.policy.breaker import BreakerConfig, BreakerState, CircuitBreaker, KeyedBreakers
+from sidecar.policy.failure import ReasonBook
+from sidecar.policy.pressure import PressureLevel, batch_allowed, degradation_actions
+from sidecar.policy.retry import RetryPolicy, resolve_reasons
 from sidecar.protocol import Delivery
-from sidecar.store.records import DeadLetterRecord, payload_from_body
 
 log = logging.getLogger("sidecar.engine")
 
 Clock = Callable[[], float]
-# Dead-letter reason for a broker message the sidecar cannot read or carry to an agent.
-MALFORMED_MESSAGE = "MALFORMED_MESSAGE"
+WallClock = Callable[[], datetime]
+TimeoutNotice = Callable[[int, int, bool], None]
 PRESSURE_PAUSE = 0.05  # seconds per pressure level between batches (WARNING 0.05, CRITICAL 0.1)
 
+__all__ = ["MALFORMED_MESSAGE", "Engine", "InFlight", "SessionInfo"]
 
-@dataclass(slots=True)
-class InFlight:
-    """A delivery held by an agent session."""
 
-    id: int
-    message: Inbound
-    session: int
-    state: attempts.AttemptState
-    handed_at: float
-    deadline: float
-    key: str = ""
-    agent: str = ""
-    agent_version: str = ""
-    probe_of: int = NOT_A_PROBE  # the breaker's probe round when handed out as a probe
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass(slots=True, frozen=True)
@@ -86,12 +62,65 @@ class QueueMetrics:
     ack_seconds: Any
 
 
-@dataclass(slots=True)
-class SessionInfo:
-    agent: str
-    version: str
-    pid: int | None
-    in_flight: set[int] = field(default_factory=set)
+class MetricsMeter:
+    """The ledger's counts as Prometheus metrics; labelled children looked up once per
+    queue, not once per message."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+        self._per_queue: dict[str, QueueMetrics] = {}
+
+    def _queue(self, queue: str) -> QueueMetrics:
+        found = self._per_queue.get(queue)
+        if found is None:
+            m = self.m
+            found = self._per_queue[queue] = QueueMetrics(
+                m.delivered.labels(queue),
+                m.acked.labels(queue),
+                m.processing_seconds.labels(queue, "ack"),
+            )
+        return found
+
+    def agents(self, count: int) -> None:
+        self.m.agents.set(count)
+
+    def in_flight(self, count: int) -> None:
+        self.m.in_flight.set(count)
+
+    def buffered(self, count: int) -> None:
+        self.m.buffered.set(count)
+
+    def delivered(self, queue: str) -> None:
+        self._queue(queue).delivered.inc()
+
+    def acked(self, queue: str, seconds: float) -> None:
+        per_queue = self._queue(queue)
+        per_queue.acked.inc()
+        per_queue.ack_seconds.observe(seconds)
+
+    def failed(self, queue: str, reason: str, seconds: float) -> None:
+        self.m.failures.labels(queue, reason).inc()
+        self.m.processing_seconds.labels(queue, "fail").observe(seconds)
+
+    def retried(self, queue: str, tier: float, attempt: int) -> None:
+        self.m.retries.labels(queue, f"{tier:g}s").inc()
+        self.m.retry_attempt.labels("retry").observe(attempt)
+
+    def parked(self, queue: str, why: str) -> None:
+        self.m.parked.labels(queue, why).inc()
+
+    def dead_lettered(self, queue: str, reason: str, attempt: int) -> None:
+        self.m.dead_lettered.labels(queue, reason).inc()
+        self.m.retry_attempt.labels("dead_letter").observe(attempt)
+
+    def malformed(self, what: str, count: int = 1) -> None:
+        self.m.malformed.labels(what).inc(count)
+
+    def stale(self) -> None:
+        self.m.stale_acks.inc()
+
+    def breaker_tripped(self) -> None:
+        self.m.breaker_trips.inc()
 
 
 def retry_policy_from(config: Config) -> RetryPolicy:
@@ -126,67 +155,160 @@ def breaker_config_from(config: Config) -> BreakerConfig:
 
 
 class Engine:
+    """Drives the ledger: one instance per daemon, its watchers started by the supervisor."""
+
     def __init__(
         self,
         config: Config,
-        broker: Broker,
+        broker: BrokerPort,
         dlq: DeadLetterWriter,
         metrics: Metrics,
         *,
         clock: Clock = trio.current_time,
+        wall_clock: WallClock = _utc_now,
         rng: random.Random | None = None,
+        on_timeout: TimeoutNotice | None = None,
     ) -> None:
-        self.config = config
         self.broker = broker
         self.dlq = dlq
         self.metrics = metrics
         self.clock = clock
+        self.wall_clock = wall_clock
         self.rng = rng or random.Random()
-        self.policy = retry_policy_from(config)
-        self.reasons: ReasonBook = self.policy.reasons
-        self.breaker = CircuitBreaker(breaker_config_from(config))
-        self.keyed = KeyedBreakers(breaker_config_from(config))
-        self.key_header = config.breaker.key_header
-        self.pressure = PressureLevel.NORMAL
-        self.draining = False
-        self.in_flight: dict[int, InFlight] = {}
-        self.sessions: dict[int, SessionInfo] = {}
-        self.suspects: list[Inbound] = []
-        self.counts: dict[str, int] = {
-            "delivered": 0,
-            "acked": 0,
-            "failed": 0,
-            "retried": 0,
-            "dead_lettered": 0,
-            "timeouts": 0,
-            "crashes": 0,
-            "parked": 0,
-            "stale": 0,
-            "malformed": 0,
-            "ignored_headers": 0,
-        }
-        self._ids = itertools.count(1)
-        self._per_queue: dict[str, QueueMetrics] = {}
-        self._deadlines: list[tuple[float, int]] = []
+        a = config.agent
+        breakers = breaker_config_from(config)
+        self.ledger = Ledger(
+            LedgerSettings(
+                deadline=a.deadline,
+                max_deadline=a.max_deadline,
+                max_in_flight=a.max_in_flight,
+                batch_size=a.batch_size,
+                key_header=config.breaker.key_header,
+                host=config.identity.host,
+            ),
+            retry_policy_from(config),
+            CircuitBreaker(breakers),
+            KeyedBreakers(breakers),
+            random=self.rng.random,
+            meter=MetricsMeter(metrics),
+        )
         self._deadline_changed = trio.Event()
         self._settled = trio.Event()
         self._breaker_changed = trio.Event()
         # (session, delivery id, charged): charged is False when the expiry was parked.
-        self.on_timeout: Callable[[int, int, bool], None] = lambda session, delivery_id, c: None
+        self.on_timeout: TimeoutNotice = on_timeout or (lambda session, delivery_id, c: None)
+
+    # --- views the rest of the daemon reads ------------------------------------------------
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return self.ledger.policy
+
+    @property
+    def reasons(self) -> ReasonBook:
+        return self.ledger.reasons
+
+    @property
+    def breaker(self) -> CircuitBreaker:
+        return self.ledger.breaker
+
+    @property
+    def keyed(self) -> KeyedBreakers:
+        return self.ledger.keyed
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return self.ledger.counts
+
+    @property
+    def sessions(self) -> dict[int, SessionInfo]:
+        return self.ledger.sessions
+
+    @property
+    def in_flight(self) -> dict[int, InFlight]:
+        return self.ledger.in_flight
+
+    @property
+    def draining(self) -> bool:
+        return self.ledger.draining
+
+    @property
+    def pressure(self) -> PressureLevel:
+        return self.ledger.pressure
+
+    @pressure.setter
+    def pressure(self, level: PressureLevel) -> None:
+        self.ledger.pressure = level
+
+    @property
+    def batch_size(self) -> int:
+        return self.ledger.batch_size
+
+    def _moment(self) -> Moment:
+        live = self.broker.generation if self.broker.is_connected else None
+        return Moment(self.clock(), self.wall_clock(), live)
+
+    # --- carrying out commands -------------------------------------------------------------
+
+    def _run(self, commands: list[Command]) -> None:
+        for command in commands:
+            if isinstance(command, Settle):
+                self._settle(command.message, requeue=command.requeue)
+            elif isinstance(command, Republish):
+                self._republish(command)
+            elif isinstance(command, WriteDeadLetter):
+                self._write_dead_letter(command)
+            elif isinstance(command, NotifyTimeout):
+                self.on_timeout(command.session, command.delivery_id, command.charged)
+            elif isinstance(command, BreakerChanged):
+                self._breaker_changed.set()
+        if not self.ledger.in_flight:
+            self._settled.set()
+        if self.ledger.deadline_moved:
+            self.ledger.deadline_moved = False
+            self._deadline_changed.set()
+
+    def _settle(self, message: Inbound, *, requeue: bool = False) -> None:
+        if not self.broker.settle(message.generation, message.tag, requeue=requeue):
+            self.ledger.settle_refused()
+
+    def _republish(self, command: Republish) -> None:
+        """Republish to the tier with confirms; the ledger acks the original only once the
+        copy is confirmed."""
+        message = command.message
+
+        def confirmed(error: str | None) -> None:
+            if error is not None and not error.startswith(UNENCODABLE):
+                log.warning("retry publish for %s failed: %s; requeued", message.queue, error)
+            self._run(self.ledger.confirmed(message, error, at=self._moment()))
+
+        self.broker.publish_nowait(
+            message.body,
+            exchange="",
+            routing_key=self.broker.tier_for(message.queue, command.tier),
+            props=command.props,
+            on_done=confirmed,
+        )
+
+    def _write_dead_letter(self, command: WriteDeadLetter) -> None:
+        message, record = command.message, command.record
+        if record.failureReason == MALFORMED_MESSAGE:
+            log.warning(
+                "malformed message on %s dead-lettered: %s",
+                message.queue,
+                record.errorMessage[:200],
+            )
+        # The ack happens only after the record is durable (store or local spool).
+        self.dlq.submit(record, on_durable=lambda: self._run(self.ledger.durable(message)))
 
     # --- the agent's view ------------------------------------------------------------------
 
     def open_session(self, session: int, agent: str, version: str, pid: int | None) -> None:
-        self.sessions[session] = SessionInfo(agent=agent, version=version, pid=pid)
-        self.metrics.agents.set(len(self.sessions))
-
-    @property
-    def batch_size(self) -> int:
-        return adjust_batch_size(self.pressure, self.config.agent.batch_size)
+        self.ledger.open_session(session, agent, version, pid)
 
     def accepting_work(self) -> bool:
         return (
-            not self.draining
+            not self.ledger.draining
             and batch_allowed(self.pressure)
             and self.dlq.healthy
             and self.broker.is_connected
@@ -207,247 +329,27 @@ class Engine:
         return []
 
     def _take(self, session: int, want: int) -> list[Delivery]:
-        info = self.sessions.get(session)
-        if info is None or not self.accepting_work():
+        if not self.accepting_work():
             return []
-        now = self.clock()
-        limit = min(
-            want,
-            self.batch_size,
-            self.config.agent.max_in_flight - len(info.in_flight),
-        )
-        if limit <= 0:
-            return []
-        state = self.breaker.state(now)
-        if state is BreakerState.OPEN:
-            return []
-        out: list[Delivery] = []
-        # A suspect (held by an agent that crashed with several messages) goes alone, to
-        # an agent holding nothing else: if it is the poison, only it gets charged.
-        if self.suspects and not info.in_flight:
-            probe_of = NOT_A_PROBE
-            if state is BreakerState.HALF_OPEN:
-                if not self.breaker.allow(now):
-                    return []
-                probe_of = self.breaker.probe_round
-            return [self._hand_out(session, info, self.suspects.pop(0), now, probe_of=probe_of)]
-        inbox = self.broker.inbox
-        generation = self.broker.generation
-        while inbox and len(out) < limit:
-            message = inbox[0]
-            if message.generation != generation:
-                inbox.popleft()
-                continue
-            key = ""
-            probe_of = NOT_A_PROBE
-            try:
-                key = self._key_of(message)
-                # Half-open probes of the agent-wide breaker are unkeyed messages: a keyed
-                # message's outcome is recorded on its own key's breaker.
-                if not key and state is BreakerState.HALF_OPEN:
-                    if not self.breaker.allow(now):
-                        break
-                    probe_of = self.breaker.probe_round
-                inbox.popleft()
-                message_state = self._read_state(message)
-                if message_state.suspect:
-                    if probe_of != NOT_A_PROBE:
-                        self.breaker.release_probe(now, probe_of=probe_of)
-                    self.suspects.append(message)
-                    continue
-                if key:
-                    allowed, probe_of = self._key_allows(message, key, now)
-                    if not allowed:
-                        continue
-                out.append(
-                    self._hand_out(session, info, message, now, message_state, probe_of=probe_of)
-                )
-            except Exception as exc:  # the error boundary of one message
-                if probe_of != NOT_A_PROBE:
-                    # Its probe slot is free again: the message never reached the agent.
-                    breaker = self.keyed.get(key) if key else self.breaker
-                    breaker.release_probe(now, probe_of=probe_of)
-                if inbox and inbox[0] is message:
-                    inbox.popleft()
-                self._malformed(message, exc)
-        self.metrics.buffered.set(len(inbox))
+        pulled = self.ledger.pull(session, want, self.broker.inbox, at=self._moment())
         if repaired := amqp_decode.take_repairs():
-            self.metrics.malformed.labels("amqp_value").inc(repaired)
-            self.counts["ignored_headers"] += repaired
-        return out
-
-    def _read_state(self, message: Inbound) -> attempts.AttemptState:
-        state = attempts.read_state(message.props.headers)
-        for name in state.ignored:
-            self.counts["ignored_headers"] += 1
-            self.metrics.malformed.labels(name).inc()
-        return state
-
-    def _malformed(self, message: Inbound, exc: BaseException) -> None:
-        """A message whose bytes, headers or properties we cannot handle: dead-lettered
-        with what can be read of it (raw body, readable headers), acked once durable. It
-        must never reach the supervisor, or every restart would crash on it again."""
-        log.warning(
-            "malformed message on %s dead-lettered: %s: %s",
-            message.queue,
-            type(exc).__name__,
-            str(exc)[:200],
-        )
-        self.counts["malformed"] += 1
-        self.metrics.malformed.labels("message").inc()
-        try:
-            self._write_dead_letter(
-                message,
-                reason=MALFORMED_MESSAGE,
-                error=f"{type(exc).__name__}: {str(exc)[:500]}",
-                attempt=1,
-                first_failure_at=None,
-                agent="",
-                agent_version="",
-            )
-        except Exception:  # last resort: requeueing would loop
-            log.exception("malformed message on %s could not be recorded", message.queue)
-
-    def _key_of(self, message: Inbound) -> str:
-        """The breaker key (for example the target host) a message carries, if keyed."""
-        if not self.key_header:
-            return ""
-        value = message.props.headers.get(self.key_header, "")
-        if isinstance(value, bytes):
-            value = value.decode("utf-8", "replace")
-        # Only plain scalars key a breaker; anything else (a table, a list) is unkeyed.
-        return value[:255] if isinstance(value, str) else str(value) if type(value) is int else ""
-
-    def _breaker_for(self, held: InFlight) -> CircuitBreaker:
-        return self.keyed.get(held.key) if held.key else self.breaker
-
-    def _key_allows(self, message: Inbound, key: str, now: float) -> tuple[bool, int]:
-        """A keyed breaker pauses only its own messages: they wait out the open time in a
-        delay tier, uncharged, while other keys keep flowing. Returns (allowed, probe_of)."""
-        breaker = self.keyed.get(key)
-        state = breaker.state(now)
-        if state is BreakerState.CLOSED:
-            return True, NOT_A_PROBE
-        if state is BreakerState.HALF_OPEN and breaker.allow(now):
-            return True, breaker.probe_round
-        self._park(
-            message, max(breaker.retry_in(now), self.policy.tiers[0]), why="key_circuit_open"
-        )
-        return False, NOT_A_PROBE
-
-    def _hand_out(
-        self,
-        session: int,
-        info: SessionInfo,
-        message: Inbound,
-        now: float,
-        state: attempts.AttemptState | None = None,
-        *,
-        probe_of: int = NOT_A_PROBE,
-    ) -> Delivery:
-        if state is None:
-            state = self._read_state(message)
-        delivery_id = next(self._ids)
-        # Built before anything is registered: a header that cannot be carried to the agent
-        # raises here and the message is dead-lettered, with no in-flight entry left behind.
-        delivery = Delivery(
-            id=delivery_id,
-            queue=message.queue,
-            body=message.body,
-            attempt=state.attempt,
-            deadline=self.config.agent.deadline,
-            routing_key=message.routing_key,
-            exchange=message.exchange,
-            headers=headers_json_safe(attempts.agent_headers(message.props.headers)),
-            message_id=message.props.message_id,
-            content_type=message.props.content_type,
-            priority=message.props.priority,
-            redelivered=message.redelivered,
-            reduced_scope=state.reduced_scope,
-        )
-        deadline = now + self.config.agent.deadline
-        key = self._key_of(message)
-        self.in_flight[delivery_id] = InFlight(
-            delivery_id,
-            message,
-            session,
-            state,
-            now,
-            deadline,
-            key,
-            info.agent,
-            info.version,
-            probe_of,
-        )
-        info.in_flight.add(delivery_id)
-        self._push_deadline(deadline, delivery_id)
-        self.counts["delivered"] += 1
-        self._queue_metrics(message.queue).delivered.inc()
-        self.metrics.in_flight.set(len(self.in_flight))
-        return delivery
-
-    def _queue_metrics(self, queue: str) -> QueueMetrics:
-        """Labelled children looked up once per queue, not once per message."""
-        found = self._per_queue.get(queue)
-        if found is None:
-            m = self.metrics
-            found = self._per_queue[queue] = QueueMetrics(
-                m.delivered.labels(queue),
-                m.acked.labels(queue),
-                m.processing_seconds.labels(queue, "ack"),
-            )
-        return found
-
-    def _release(self, delivery_id: int) -> InFlight | None:
-        held = self.in_flight.pop(delivery_id, None)
-        if held is None:
-            return None
-        info = self.sessions.get(held.session)
-        if info is not None:
-            info.in_flight.discard(delivery_id)
-        self.metrics.in_flight.set(len(self.in_flight))
-        if not self.in_flight:
-            self._settled.set()
-        return held
+            self.ledger.headers_repaired(repaired)
+        self._run(pulled.commands)
+        return pulled.deliveries
 
     def owned_by(self, session: int, delivery_id: int) -> bool:
-        held = self.in_flight.get(delivery_id)
-        return held is not None and held.session == session
+        return self.ledger.owned_by(session, delivery_id)
 
     def ack(self, session: int, ids: list[int]) -> list[int]:
         """Settle successes; returns the ids that were not held by this session (late
         answers after a timeout, or never handed out)."""
-        unknown = []
-        now = self.clock()
-        for delivery_id in ids:
-            if not self.owned_by(session, delivery_id):
-                unknown.append(delivery_id)
-                continue
-            held = self._release(delivery_id)
-            assert held is not None
-            self._settle(held.message)
-            self.counts["acked"] += 1
-            per_queue = self._queue_metrics(held.message.queue)
-            per_queue.acked.inc()
-            per_queue.ack_seconds.observe(now - held.handed_at)
-            self._breaker_for(held).record_success(now, probe_of=held.probe_of)
+        unknown, commands = self.ledger.ack(session, ids, now=self.clock())
+        self._run(commands)
         return unknown
 
-    def _settle(self, message: Inbound, *, requeue: bool = False) -> None:
-        if not self.broker.settle(message.generation, message.tag, requeue=requeue):
-            self.counts["stale"] += 1
-            self.metrics.stale_acks.inc()
-
     def extend(self, session: int, ids: list[int], seconds: float) -> list[int]:
-        unknown = []
-        seconds = min(seconds, self.config.agent.max_deadline)
-        for delivery_id in ids:
-            if not self.owned_by(session, delivery_id):
-                unknown.append(delivery_id)
-                continue
-            held = self.in_flight[delivery_id]
-            held.deadline = self.clock() + seconds
-            self._push_deadline(held.deadline, delivery_id)
+        unknown = self.ledger.extend(session, ids, seconds, now=self.clock())
+        self._run([])
         return unknown
 
     def fail(
@@ -458,260 +360,30 @@ class Engine:
         error: str,
         retry_after: float | None,
     ) -> bool:
-        if not self.owned_by(session, delivery_id):
+        """A failure the session has checked (``reason`` accepted, in canonical form)."""
+        commands = self.ledger.fail(
+            session,
+            delivery_id,
+            reason,
+            error,
+            retry_after,
+            at=self._moment(),
+        )
+        if commands is None:
             return False
-        held = self._release(delivery_id)
-        assert held is not None
-        self._charge(held, reason.upper(), error, retry_after)
+        self._run(commands)
         return True
-
-    def _charge(self, held: InFlight, reason: str, error: str, retry_after: float | None) -> bool:
-        """One failed attempt: breaker bookkeeping, then retry, park or dead-letter. Returns
-        whether the attempt was charged (False: requeued by a drain, or parked)."""
-        now = self.clock()
-        message = held.message
-        breaker = self._breaker_for(held)
-        if self.draining:
-            # Shutdown never dead-letters and never burns an attempt.
-            breaker.release_probe(now, probe_of=held.probe_of)
-            self._settle(message, requeue=True)
-            return False
-        if message.generation != self.broker.generation or not self.broker.is_connected:
-            # The connection that delivered it is gone and the broker has requeued it: a
-            # retry copy would duplicate it, and a lost connection says nothing about the
-            # agent, so neither the attempt nor the breaker is charged.
-            breaker.release_probe(now, probe_of=held.probe_of)
-            self.counts["stale"] += 1
-            self.metrics.stale_acks.inc()
-            return False
-        self.counts["failed"] += 1
-        self.metrics.failures.labels(message.queue, reason).inc()
-        self.metrics.processing_seconds.labels(message.queue, "fail").observe(now - held.handed_at)
-        systemic = self.reasons.counts_for_breaker(reason)
-        if (
-            systemic
-            and held.probe_of == NOT_A_PROBE
-            and breaker.state(now) is BreakerState.OPEN
-            and _parked_this_attempt(message) == 0
-        ):
-            # The breaker tripped while this one was in flight: its failure is likely the
-            # outage's, so it waits out the open time uncharged, once per attempt. A message
-            # that fails again the same way is charged, however often the breaker trips.
-            self._park(message, breaker.retry_in(now), why="circuit_open")
-            return False
-        if systemic:
-            trips = breaker.trips
-            breaker.record_failure(now, probe_of=held.probe_of)
-            if breaker.trips != trips:
-                self.metrics.breaker_trips.inc()
-                self._breaker_changed.set()
-        else:
-            # Bad input says nothing about downstream health: neither a failure nor a
-            # success for the breaker, but a probe's slot is free again.
-            breaker.release_probe(now, probe_of=held.probe_of)
-        decision = decide(
-            reason, error, held.state.attempt, retry_after, self.policy, self.rng.random()
-        )
-        try:
-            if isinstance(decision, Retry):
-                self._retry(message, held.state, reason, error, decision, held.agent_version)
-            else:
-                self._dead_letter(held, reason, error, decision)
-        except Exception as exc:  # the error boundary of one message
-            self._malformed(message, exc)
-        return True
-
-    def _retry(
-        self,
-        message: Inbound,
-        state: attempts.AttemptState,
-        reason: str,
-        error: str,
-        decision: Retry,
-        agent_version: str = "",
-    ) -> None:
-        now = datetime.now(UTC)
-        headers = attempts.after_failure(
-            message.props.headers,
-            state,
-            reason=reason,
-            error=error,
-            now=now,
-            reduced_scope=decision.reduced_scope,
-        )
-        headers = attempts.with_failures(
-            headers, self._failures(message, state.attempt, reason, error, now, agent_version)
-        )
-        self.counts["retried"] += 1
-        self.metrics.retries.labels(message.queue, f"{decision.tier:g}s").inc()
-        self.metrics.retry_attempt.labels("retry").observe(state.attempt)
-        self._republish(message, headers, decision.tier, decision.delay)
-
-    def _park(self, message: Inbound, wait: float, *, why: str, suspect: bool = False) -> None:
-        """Send back through a delay tier without charging an attempt."""
-        tier = choose_tier(max(wait, 0.001), self.policy.tiers)
-        headers = attempts.uncharged(message.props.headers, suspect=suspect, parked=not suspect)
-        delay = min(tier, max(wait, self.policy.tiers[0])) * (
-            1 - self.policy.jitter * self.rng.random()
-        )
-        self.counts["parked"] += 1
-        self.metrics.parked.labels(message.queue, why).inc()
-        self._republish(message, headers, tier, delay)
-
-    def _republish(
-        self, message: Inbound, headers: dict[str, Any], tier: float, delay: float
-    ) -> None:
-        """Republish to the tier with confirms; ack the original only once confirmed. If the
-        publish fails the original stays unacked and comes back (a duplicate, not a loss)."""
-        props = MessageProps(**{**_props_kwargs(message.props), "headers": headers})
-        props.message_id = message.props.message_id or attempts.stable_id(
-            message.queue, None, message.routing_key, message.body, message.props.headers
-        )
-        props.expiration = str(max(1, round(delay * 1000)))
-        if props.delivery_mode is None:
-            props.delivery_mode = 2
-
-        def confirmed(error: str | None) -> None:
-            if error is None:
-                self._settle(message)
-            elif error.startswith(UNENCODABLE):
-                # It would fail the same way every time: keep it in the DLQ instead.
-                self._malformed(message, ValueError(error))
-            else:
-                # Back to the queue, uncharged: left unacked it would sit with this
-                # connection until the next reconnect.
-                log.warning("retry publish for %s failed: %s; requeued", message.queue, error)
-                self._settle(message, requeue=True)
-
-        self.broker.publish_nowait(
-            message.body,
-            exchange="",
-            routing_key=self.broker.tier_for(message.queue, tier),
-            props=props,
-            on_done=confirmed,
-        )
-
-    def _failures(
-        self,
-        message: Inbound,
-        attempt: int,
-        reason: str,
-        error: str,
-        now: datetime,
-        agent_version: str,
-    ) -> list[dict[str, Any]]:
-        """The message's failure history with this failure added."""
-        entry = attempts.failure_entry(
-            attempt=attempt,
-            reason=reason,
-            error=error,
-            at=now,
-            host=self.config.identity.host,
-            agent_version=agent_version,
-        )
-        return attempts.append_failure(attempts.read_failures(message.props.headers), entry)
-
-    def _dead_letter(self, held: InFlight, reason: str, error: str, decision: DeadLetter) -> None:
-        self._write_dead_letter(
-            held.message,
-            reason=reason,
-            error=error or decision.why,
-            attempt=held.state.attempt,
-            first_failure_at=held.state.first_failure_at,
-            agent=held.agent,
-            agent_version=held.agent_version,
-            signature_error=error,
-        )
-
-    def _write_dead_letter(
-        self,
-        message: Inbound,
-        *,
-        reason: str,
-        error: str,
-        attempt: int,
-        first_failure_at: datetime | None,
-        agent: str,
-        agent_version: str,
-        signature_error: str | None = None,
-    ) -> None:
-        now = datetime.now(UTC)
-        record = DeadLetterRecord(
-            id=attempts.stable_id(
-                message.queue,
-                message.props.message_id,
-                message.routing_key,
-                message.body,
-                message.props.headers,
-            ),
-            originalQueue=message.queue,
-            payload=payload_from_body(message.body),
-            rawBody=message.body,
-            failureReason=reason,
-            errorMessage=error,
-            attemptCount=attempt,
-            firstFailureAt=first_failure_at or now,
-            lastFailureAt=now,
-            processingHost=self.config.identity.host,
-            agentVersion=agent_version,
-            agentName=agent,
-            routingKey=message.routing_key,
-            exchange=message.exchange,
-            headers=headers_json_safe(attempts.agent_headers(message.props.headers), lenient=True),
-            properties=message.props.as_dict(),
-            signature=error_signature(
-                reason, error if signature_error is None else signature_error
-            ),
-            deadLetteredAt=now,
-            failures=self._failures(message, attempt, reason, error, now, agent_version),
-        )
-        self.counts["dead_lettered"] += 1
-        self.metrics.dead_lettered.labels(message.queue, reason).inc()
-        self.metrics.retry_attempt.labels("dead_letter").observe(attempt)
-        # The ack happens only after the record is durable (store or local spool).
-        self.dlq.submit(record, on_durable=lambda: self._settle(message))
 
     def close_session(self, session: int, *, crashed: bool) -> None:
-        """The agent went away. What it held is charged AGENT_CRASH when it held one message;
-        when it held several, none is charged (the healthy ones must not pay for the poison)
-        and each comes back as a suspect, handed out alone next time."""
-        info = self.sessions.pop(session, None)
-        self.metrics.agents.set(len(self.sessions))
-        if info is None:
-            return
-        held = [h for h in map(self._release, sorted(info.in_flight)) if h is not None]
-        if not held:
-            return
-        now = self.clock()
-        if self.draining or not crashed:
-            for h in held:
-                self._breaker_for(h).release_probe(now, probe_of=h.probe_of)
-                self._settle(h.message, requeue=True)
-            return
-        self.counts["crashes"] += 1
-        if len(held) == 1:
-            self._charge(
-                held[0],
-                FailureReason.AGENT_CRASH,
-                "agent disconnected while holding the message",
-                None,
+        self._run(
+            self.ledger.close_session(
+                session,
+                crashed=crashed,
+                at=self._moment(),
             )
-            return
-        for h in held:
-            self._breaker_for(h).release_probe(now, probe_of=h.probe_of)
-            self._park(h.message, self.policy.tiers[0], why="agent_crash", suspect=True)
+        )
 
     # --- deadlines -------------------------------------------------------------------------
-
-    def _push_deadline(self, deadline: float, delivery_id: int) -> None:
-        heapq.heappush(self._deadlines, (deadline, delivery_id))
-        if len(self._deadlines) > 2 * len(self.in_flight) + 1024:
-            # Answered deliveries leave their entry behind until its deadline; rebuild from
-            # what is really in flight so the heap stays proportional to it (amortised O(1)).
-            self._deadlines = [(h.deadline, i) for i, h in self.in_flight.items()]
-            heapq.heapify(self._deadlines)
-        if self._deadlines[0][1] == delivery_id:
-            self._deadline_changed.set()
 
     async def watch_deadlines(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -720,27 +392,14 @@ class Engine:
         task_status.started()
         while True:
             self._deadline_changed = trio.Event()
-            if not self._deadlines:
+            self.ledger.deadline_moved = False
+            due = self.ledger.next_deadline()
+            if due is None:
                 await self._deadline_changed.wait()
                 continue
-            with trio.move_on_at(self._deadlines[0][0]):
+            with trio.move_on_at(due):
                 await self._deadline_changed.wait()
-            now = self.clock()
-            while self._deadlines and self._deadlines[0][0] <= now:
-                _, delivery_id = heapq.heappop(self._deadlines)
-                held = self.in_flight.get(delivery_id)
-                if held is None or held.deadline > now:
-                    continue  # answered, or extended (a newer heap entry exists)
-                self._release(delivery_id)
-                self.counts["timeouts"] += 1
-                charged = self._charge(
-                    held,
-                    FailureReason.TIMEOUT,
-                    f"no answer within {self.config.agent.deadline:g}s",
-                    None,
-                )
-                # Told after the decision, so the notice can say truthfully what happened.
-                self.on_timeout(held.session, delivery_id, charged)
+            self._run(self.ledger.tick(at=self._moment()))
 
     # --- breaker ---------------------------------------------------------------------------
 
@@ -761,7 +420,7 @@ class Engine:
             elif state is not BreakerState.OPEN and self.broker.paused and not self.draining:
                 log.info("circuit %s: resuming consumption", state.value)
                 await self.broker.resume()
-                self.broker.inbox_changed.set()
+                self.broker.wake()
             self._breaker_changed = trio.Event()
             with trio.move_on_after(
                 self.breaker.retry_in(now) if state is BreakerState.OPEN else 1.0
@@ -773,27 +432,22 @@ class Engine:
     async def drain(self, grace: float) -> None:
         """Stop handing out work, let in-flight work finish within ``grace``, requeue the
         rest. Never dead-letters."""
-        self.draining = True
-        self.broker.inbox_changed.set()
+        suspects = self.ledger.start_drain()
+        self.broker.wake()
         await self.broker.pause()
-        for message in self.suspects:
-            self._settle(message, requeue=True)
-        self.suspects.clear()
+        self._run(suspects)
         with trio.move_on_after(grace):
-            while self.in_flight:
+            while self.ledger.in_flight:
                 self._settled = trio.Event()
                 await self._settled.wait()
-        for delivery_id in list(self.in_flight):
-            held = self._release(delivery_id)
-            if held is not None:
-                self._settle(held.message, requeue=True)
+        self._run(self.ledger.finish_drain())
         await self.dlq.flush()
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
         return {
             "counts": dict(self.counts),
-            "in_flight": len(self.in_flight),
+            "in_flight": len(self.ledger.in_flight),
             "buffered": len(self.broker.inbox),
             "sessions": [
                 {
@@ -813,18 +467,3 @@ class Engine:
             "draining": self.draining,
             "batch_size": self.batch_size,
         }
-
-
-def _parked_this_attempt(message: Inbound) -> int:
-    """Uncharged parks since the last charged failure (a charge clears the header)."""
-    value = message.props.headers.get(attempts.PARKED)
-    if not isinstance(value, int | str | bytes):
-        return 0
-    try:
-        return max(0, int(value))
-    except (TypeError, ValueError, OverflowError):
-        return 0
-
-
-def _props_kwargs(p: MessageProps) -> dict[str, Any]:
-    return {name: getattr(p, name) for name in MessageProps.__slots__}

@@ -54,7 +54,9 @@ class Sidecar:
         )
         self.obs = Observability(config, self.metrics, self.store)
         self.dlq = DeadLetterWriter(self.store, on_written=self.obs.on_dead_letter)
-        self.engine = Engine(config, self.broker, self.dlq, self.metrics)
+        self.engine = Engine(
+            config, self.broker, self.dlq, self.metrics, on_timeout=self._notify_timeout
+        )
         self.gate = PublishGate(
             config, clock=trio.current_time, blocked=lambda: self.broker.publish_blocked
         )
@@ -72,7 +74,6 @@ class Sidecar:
         )
         self.obs.bind(self.engine, self.monitor, self.broker, self.dlq)
         self.sessions: dict[int, Session] = {}
-        self.engine.on_timeout = self._notify_timeout
         self.http_port: int | None = None
         self.started = trio.Event()
         self.stopping = trio.Event()
@@ -102,6 +103,7 @@ class Sidecar:
             ws,
             config=self.config,
             engine=self.engine,
+            broker=self.broker,
             gate=self.gate,
             metrics=self.metrics,
             codec=self.codec,

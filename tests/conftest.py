@@ -24,8 +24,8 @@ import aiormq
 import pytest
 import trio
 
-from sidecar.adapters.broker import tier_queue_name
 from sidecar.config import Config, load_config
+from sidecar.core.messages import tier_queue_name
 from sidecar.supervisor import Sidecar
 
 BROKER_URL = os.environ.get("SIDECAR_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")

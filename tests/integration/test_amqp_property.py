@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from sidecar import attempts
-from sidecar.adapters.broker import tier_queue_name
 from sidecar.client import open_agent
+from sidecar.core.messages import tier_queue_name
 from sidecar.store.records import RecordFilter
 from tests.conftest import (
     TEST_TIERS,

@@ -161,14 +161,14 @@ async def test_an_unhandable_message_is_dead_lettered_as_malformed(tmp_path, uni
     config = make_config(tmp_path, [queue])
     with trio.fail_after(60):
         async with running_sidecar(config) as sidecar:
-            original = sidecar.engine._hand_out
+            original = sidecar.engine.ledger._hand_out
 
-            def hand_out(session: int, info: Any, message: Any, *args: Any) -> Any:
+            def hand_out(session: int, info: Any, message: Any, *args: Any, **kw: Any) -> Any:
                 if message.body == b"poison":
                     raise OverflowError("cannot carry this message")
-                return original(session, info, message, *args)
+                return original(session, info, message, *args, **kw)
 
-            sidecar.engine._hand_out = hand_out  # type: ignore[method-assign]
+            sidecar.engine.ledger._hand_out = hand_out  # type: ignore[method-assign]
             await publish_raw(
                 queue, [(b"poison", {"headers": {"h": "v"}}), (b"fine", {"headers": {}})]
             )

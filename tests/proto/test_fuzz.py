@@ -224,10 +224,12 @@ CONFIG = load_config(environ={}, overrides={"throttle": {"queue": 1}})
 
 
 def make_session(*, over_tcp: bool = False) -> Session:
+    engine = FakeEngine()
     session = Session(
         None,  # type: ignore[arg-type]  # never touched by _dispatch
         config=CONFIG,
-        engine=FakeEngine(),  # type: ignore[arg-type]
+        engine=engine,  # type: ignore[arg-type]
+        broker=engine.broker,  # type: ignore[arg-type]
         gate=FakeGate(),  # type: ignore[arg-type]
         metrics=Metrics(),
         codec=CODEC,

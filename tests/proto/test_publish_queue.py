@@ -44,10 +44,12 @@ def make(rate: float, burst: float, queue: int, queue_bytes: int = 1 << 20) -> S
         },
     )
     gate = PublishGate(config, clock=trio.current_time, blocked=lambda: False)
+    engine = Engine()
     return Session(
         None,  # type: ignore[arg-type]  # _dispatch and _pump never touch the socket
         config=config,
-        engine=Engine(),  # type: ignore[arg-type]
+        engine=engine,  # type: ignore[arg-type]
+        broker=engine.broker,  # type: ignore[arg-type]
         gate=gate,
         metrics=Metrics(),
         codec=CODEC,
