@@ -32,8 +32,7 @@ from sidecar.core.ledger import (
     WriteDeadLetter,
 )
 from sidecar.core.messages import Inbound
-from sidecar.core.port import UNENCODABLE, BrokerPort
-from sidecar.dlq import DeadLetterWriter
+from sidecar.core.port import UNENCODABLE, BrokerPort, DeadLetterSink
 from sidecar.metrics import BREAKER_STATES, Metrics, set_state
 from sidecar.policy.breaker import BreakerConfig, BreakerState, CircuitBreaker, KeyedBreakers
 from sidecar.policy.failure import ReasonBook
@@ -161,7 +160,7 @@ class Engine:
         self,
         config: Config,
         broker: BrokerPort,
-        dlq: DeadLetterWriter,
+        dlq: DeadLetterSink,
         metrics: Metrics,
         *,
         clock: Clock = trio.current_time,

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from sidecar.core.messages import Inbox, MessageProps
+from sidecar.store.records import DeadLetterRecord
 
 PublishCallback = Callable[[str | None], None]
 """Called with None when the broker confirmed a publish, else the error text."""
@@ -68,3 +69,20 @@ class BrokerPort(Protocol):
         ...
 
     async def resume(self) -> None: ...
+
+
+class DeadLetterSink(Protocol):
+    """Where dead letters go: durably, before the original is acked."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while records cannot be written (work is not accepted then)."""
+        ...
+
+    def submit(self, record: DeadLetterRecord, *, on_durable: Callable[[], None]) -> None:
+        """Write ``record``; call ``on_durable`` once it is in the store or the spool."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once everything submitted is durable."""
+        ...
