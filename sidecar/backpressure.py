@@ -15,9 +15,9 @@ from typing import Any
 
 import trio
 
-from sidecar.adapters.broker import Broker, BrokerUnavailable
 from sidecar.adapters.sysmon import SystemMonitor
 from sidecar.config import Config
+from sidecar.core.port import BrokerUnavailable, QueueWatch
 from sidecar.engine import Engine
 from sidecar.metrics import LEVELS, Metrics, set_state
 from sidecar.policy.depth import DepthLevel, DepthThresholds, depth_actions, depth_level
@@ -102,7 +102,7 @@ class BackpressureMonitor:
         self,
         config: Config,
         *,
-        broker: Broker,
+        broker: QueueWatch,
         engine: Engine,
         gate: PublishGate,
         metrics: Metrics,

@@ -44,7 +44,7 @@ from sidecar.core.messages import (
     MessageProps,
     tier_queue_name,
 )
-from sidecar.core.port import UNENCODABLE, PublishCallback
+from sidecar.core.port import UNENCODABLE, BrokerUnavailable, PublishCallback
 from sidecar.redact import redact_url, scrub
 
 log = logging.getLogger("sidecar.broker")
@@ -115,10 +115,6 @@ def connection_url(url: str, name: str, heartbeat: int) -> str:
         extra["heartbeat"] = str(heartbeat)
     query = "&".join(q for q in (parts.query, urlencode(extra)) if q)
     return urlunsplit(parts._replace(query=query))
-
-
-class BrokerUnavailable(Exception):
-    """No connection to the broker right now."""
 
 
 class PublishRefused(Exception):

@@ -6,7 +6,7 @@ bookkeeping; a fake implementing this protocol serves unit tests.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from sidecar.core.messages import Inbox, MessageProps
@@ -17,6 +17,10 @@ PublishCallback = Callable[[str | None], None]
 
 # The start of a publish error that would repeat on every try: retrying cannot help.
 UNENCODABLE = "message cannot be encoded in AMQP: "
+
+
+class BrokerUnavailable(Exception):
+    """No connection to the broker right now."""
 
 
 class BrokerPort(Protocol):
@@ -85,4 +89,27 @@ class DeadLetterSink(Protocol):
 
     async def flush(self) -> None:
         """Return once everything submitted is durable."""
+        ...
+
+
+class QueueWatch(Protocol):
+    """What the backpressure monitor needs from the broker: queue depths and prefetch."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def queues(self) -> Sequence[str]:
+        """The queues consumed."""
+        ...
+
+    async def queue_depth(self, queue: str) -> tuple[int, int] | None:
+        """(messages, consumers) of ``queue``, None when it does not exist. Raises
+        ``BrokerUnavailable`` while disconnected."""
+        ...
+
+    async def set_prefetch(self, prefetch: int) -> None: ...
+
+    def wake(self) -> None:
+        """Wake whoever waits for deliveries: what they may take has changed."""
         ...

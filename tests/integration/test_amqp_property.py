@@ -202,7 +202,7 @@ async def test_any_amqp_message_ends_acked_or_dead_lettered(tmp_path_factory, ra
                 assert not acked & dead
                 assert sidecar.broker.reconnects == 0, sidecar.broker.last_error
                 assert sidecar.broker.is_connected
-                while sidecar.broker._gen.outstanding:
+                while sidecar.broker.unsettled:
                     await trio.sleep(0.05)
         assert await queue_count(queue) == 0
     finally:

@@ -46,7 +46,7 @@ async def test_asyncio_agent_consumes_acks_and_publishes(tmp_path, unique_queue)
                 seen, published = await trio.to_thread.run_sync(
                     run_asyncio_agent, config.agent.socket, queue, n
                 )
-                while sidecar.broker._gen.outstanding:
+                while sidecar.broker.unsettled:
                     await trio.sleep(0.05)
         assert sorted(seen) == sorted(f"{i}".encode() for i in range(n))
         assert published

@@ -196,7 +196,7 @@ async def test_dead_lettered_message_retried_succeeds_and_shows_reprocessed(tmp_
                 (m,) = batch
                 assert m.attempt == 1  # a fresh start after an operator's retry
                 await agent.ack([m.id])
-                while sidecar.broker._gen.outstanding:
+                while sidecar.broker.unsettled:
                     await trio.sleep(0.05)
             record = sidecar.store.get(record_id)
     assert record is not None and record.reprocessed and record.reprocessCount == 1

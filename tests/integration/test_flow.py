@@ -29,7 +29,7 @@ async def test_thousand_messages_flow_through_in_batches(tmp_path, unique_queue)
                     seen += [m.body for m in batch]
                     await agent.ack([m.id for m in batch])
                 # Acks are asynchronous: wait until the broker has them all.
-                while sidecar.broker._gen.outstanding:
+                while sidecar.broker.unsettled:
                     await trio.sleep(0.05)
             counts = dict(sidecar.engine.counts)
     assert sorted(seen) == sorted(f"job-{i}".encode() for i in range(n))
@@ -95,7 +95,7 @@ async def test_broker_connection_drop_mid_stream_loses_nothing(tmp_path, unique_
                         dropped = True
                     processed |= {m.body for m in batch}
                     await agent.ack([m.id for m in batch])
-                while sidecar.broker._gen.outstanding:
+                while sidecar.broker.unsettled:
                     await trio.sleep(0.05)
             stale = sidecar.engine.counts["stale"]
             reconnects = sidecar.broker.reconnects

@@ -102,7 +102,7 @@ async def test_broker_down_at_start_then_up_then_restarting_mid_stream(tmp_path,
                         proxy.stop()  # the broker "restarts": every connection is cut
                         await trio.sleep(1.0)
                         proxy.start()
-                while sidecar.broker._gen.outstanding or not sidecar.broker.is_connected:
+                while sidecar.broker.unsettled or not sidecar.broker.is_connected:
                     await trio.sleep(0.05)
             reconnects = sidecar.broker.reconnects
             await sidecar.obs.refresh()
@@ -141,7 +141,7 @@ async def test_full_disk_stops_taking_work_instead_of_losing_it(tmp_path, unique
                 ready, detail = sidecar.ready()
                 assert not ready and detail["store_writable"] is False
                 assert await agent.pull(5, wait=0.5) == []  # no new work while unwritable
-                assert sidecar.broker._gen.outstanding  # the failed message is not acked
+                assert sidecar.broker.unsettled  # the failed message is not acked
                 # The disk frees up and the store returns: the record lands, work resumes.
                 sidecar.store._append = spool_append
                 switch.down = False
@@ -152,7 +152,7 @@ async def test_full_disk_stops_taking_work_instead_of_losing_it(tmp_path, unique
                     batch = await agent.pull(5, wait=1)
                     rest += batch
                     await agent.ack([x.id for x in batch])
-                while sidecar.broker._gen.outstanding:
+                while sidecar.broker.unsettled:
                     await trio.sleep(0.05)
             dead = sidecar.store.find(RecordFilter(queue=queue))
     assert [r.rawBody for r in dead] == [m.body]
@@ -241,7 +241,7 @@ async def test_slow_agent_extends_its_deadline_and_is_not_charged(tmp_path, uniq
                     await agent.extend([m.id], 0.5)
                     await trio.sleep(0.3)
                 await agent.ack([m.id])
-                while sidecar.broker._gen.outstanding:
+                while sidecar.broker.unsettled:
                     await trio.sleep(0.05)
             counts = dict(sidecar.engine.counts)
     assert counts["timeouts"] == 0 and counts["acked"] == 1 and counts["failed"] == 0

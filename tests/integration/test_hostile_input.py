@@ -91,7 +91,7 @@ async def test_a_timestamp_of_2_63_does_not_loop_the_connection(tmp_path, unique
             assert sidecar.engine.counts["acked"] == 5
             assert sidecar.broker.reconnects == 0
             assert sidecar.broker.is_connected
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await wait_for(lambda: not sidecar.broker.unsettled, "acks flushed")
     assert await queue_count(queue) == 0
 
 
@@ -149,7 +149,7 @@ async def test_poison_headers_and_bodies_never_crash_the_daemon(tmp_path, unique
             deep = next(r for r in records if r.headers["case"] == "deep json body")
             assert deep.rawBody == POISON[4][2]
             assert sidecar.broker.reconnects == 0
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await wait_for(lambda: not sidecar.broker.unsettled, "acks flushed")
     assert await queue_count(queue) == 0
 
 
@@ -178,7 +178,7 @@ async def test_an_unhandable_message_is_dead_lettered_as_malformed(tmp_path, uni
             assert record.rawBody == b"poison" and record.headers == {"h": "v"}
             assert "OverflowError" in record.errorMessage
             assert sidecar.engine.counts["acked"] == 1
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await wait_for(lambda: not sidecar.broker.unsettled, "acks flushed")
     assert await queue_count(queue) == 0
 
 
@@ -204,7 +204,7 @@ async def test_a_publish_header_amqp_cannot_carry_is_refused(tmp_path, unique_qu
                     assert agent.errors[-1].ref == 7
                 ok = await agent.publish(b"fine", queue=target, headers={"h": 1.5})
                 assert ok.ok
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await wait_for(lambda: not sidecar.broker.unsettled, "acks flushed")
             assert sidecar.broker.reconnects == 0
     assert await queue_count(queue) == 0
     assert await queue_count(target) == 1
@@ -246,7 +246,7 @@ async def test_a_publish_to_a_missing_exchange_breaks_nothing_else(tmp_path, uni
             ready, detail = sidecar.ready()
             assert ready and detail["publish_path"] is True
             assert sidecar.broker.reconnects == 0
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await wait_for(lambda: not sidecar.broker.unsettled, "acks flushed")
     assert await queue_count(target) == 6
     assert await queue_count(queue) == 0
 
@@ -267,7 +267,7 @@ async def test_a_long_error_string_is_cut_at_the_edge(tmp_path, unique_queue):
                 await wait_for(lambda: sidecar.store.count() == 1, "dead letter")
             (record,) = sidecar.store.find(RecordFilter(queue=queue))
             assert len(record.errorMessage) == 1024
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await wait_for(lambda: not sidecar.broker.unsettled, "acks flushed")
 
 
 def test_deep_frames_are_refused_over_the_wire_vectors() -> None:

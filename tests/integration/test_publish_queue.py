@@ -64,7 +64,7 @@ async def test_an_agent_flooding_at_100_times_the_rate_sends_under_two_frames_pe
                 for i in range(n):
                     nursery.start_soon(one, i)
                     await trio.sleep(1 / (100 * rate))  # 100x what the bucket allows
-            while sidecar.broker._gen.outstanding:
+            while sidecar.broker.unsettled:
                 await trio.sleep(0.05)
     assert len(results) == n and all(r.ok for r in results)
     assert throttled, "the flood must overflow the queue for this test to mean anything"

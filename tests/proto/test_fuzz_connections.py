@@ -130,5 +130,5 @@ async def test_many_concurrent_hostile_connections(tmp_path, unique_queue):
                 assert got[0].body == b"still-serving"
                 await agent.ack([got[0].id])
             assert sidecar.broker.reconnects == 0
-            while sidecar.broker._gen.outstanding:
+            while sidecar.broker.unsettled:
                 await trio.sleep(0.05)
