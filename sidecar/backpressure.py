@@ -20,17 +20,17 @@ from sidecar.config import Config
 from sidecar.core.port import BrokerUnavailable, QueueWatch
 from sidecar.engine import Engine
 from sidecar.metrics import LEVELS, Metrics, set_state
-from sidecar.policy.depth import DepthLevel, DepthThresholds, depth_actions, depth_level
+from sidecar.policies import depth_thresholds_from, pressure_thresholds_from, scaling_policy_from
+from sidecar.policy.depth import DepthLevel, depth_actions, depth_level
 from sidecar.policy.pressure import (
     PressureLevel,
-    PressureThresholds,
     PressureTracker,
     adjust_batch_size,
     degradation_actions,
     memory_ratio,
     prefetch_for,
 )
-from sidecar.policy.scaling import ScalingPolicy, recommended_consumers, scaling_event
+from sidecar.policy.scaling import recommended_consumers, scaling_event
 from sidecar.policy.throttle import TokenBucket, publish_rate
 
 log = logging.getLogger("sidecar.backpressure")
@@ -43,11 +43,7 @@ class PublishGate:
     def __init__(self, config: Config, *, clock: Callable[[], float], blocked: Callable[[], bool]):
         self.base_rate = config.throttle.rate
         self.burst = config.throttle.burst
-        self.thresholds = DepthThresholds(
-            warning=config.depth.warning,
-            critical=config.depth.critical,
-            emergency=config.depth.emergency,
-        )
+        self.thresholds = depth_thresholds_from(config)
         self.clock = clock
         self.blocked = blocked
         self.buckets: dict[str, TokenBucket] = {}
@@ -120,15 +116,8 @@ class BackpressureMonitor:
         self.on_pressure = on_pressure
         self.raise_alerts = raise_alerts
         self.clock = clock
-        p = config.pressure
-        self.tracker = PressureTracker(
-            PressureThresholds(p.warning, p.critical, p.emergency, p.hysteresis)
-        )
-        self.scaling = ScalingPolicy(
-            config.scaling.messages_per_consumer,
-            config.scaling.min_consumers,
-            config.scaling.max_consumers,
-        )
+        self.tracker = PressureTracker(pressure_thresholds_from(config))
+        self.scaling = scaling_policy_from(config)
         self.queues: dict[str, QueueView] = {}
         self.memory: dict[str, Any] = {}
         self._consumed_before: dict[str, tuple[float, int]] = {}

@@ -184,7 +184,7 @@ class DlqBrowser:
         return dict(data)
 
     async def act(self, action: str, body: bytes) -> dict[str, Any]:
-        from sidecar.tools.amqp import BrokerUnavailable
+        from sidecar.core.port import BrokerUnavailable
         from sidecar.tools.common import ToolError
         from sidecar.tools.dlq import RecordNotFound, send_one
 

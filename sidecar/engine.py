@@ -7,7 +7,6 @@ decisions themselves live in the ledger and the policies.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -16,14 +15,12 @@ from typing import Any
 import trio
 
 from sidecar.adapters import amqp_decode
-from sidecar.config import Config, reason_declarations
 from sidecar.core.ledger import (
     MALFORMED_MESSAGE,
     BreakerChanged,
     Command,
     InFlight,
     Ledger,
-    LedgerSettings,
     Moment,
     NotifyTimeout,
     Republish,
@@ -34,10 +31,10 @@ from sidecar.core.ledger import (
 from sidecar.core.messages import Inbound
 from sidecar.core.port import UNENCODABLE, BrokerPort, DeadLetterSink
 from sidecar.metrics import BREAKER_STATES, Metrics, set_state
-from sidecar.policy.breaker import BreakerConfig, BreakerState, CircuitBreaker, KeyedBreakers
+from sidecar.policy.breaker import BreakerState, CircuitBreaker, KeyedBreakers
 from sidecar.policy.failure import ReasonBook
 from sidecar.policy.pressure import PressureLevel, batch_allowed, degradation_actions
-from sidecar.policy.retry import RetryPolicy, resolve_reasons
+from sidecar.policy.retry import RetryPolicy
 from sidecar.protocol import Delivery
 
 log = logging.getLogger("sidecar.engine")
@@ -122,75 +119,28 @@ class MetricsMeter:
         self.m.breaker_trips.inc()
 
 
-def retry_policy_from(config: Config) -> RetryPolicy:
-    r = config.retry
-    reasons, rules = resolve_reasons(reason_declarations(config))
-    return RetryPolicy(
-        max_attempts=r.max_attempts,
-        base_delay=r.base_delay,
-        max_delay=r.max_delay,
-        multiplier=r.multiplier,
-        jitter=r.jitter,
-        rate_limit_default_delay=r.rate_limit_default_delay,
-        tiers=tuple(r.tiers),
-        rules=rules,
-        reasons=reasons,
-    )
-
-
-def breaker_config_from(config: Config) -> BreakerConfig:
-    b = config.breaker
-    return BreakerConfig(
-        failure_threshold=b.failure_threshold,
-        open_timeout=b.open_timeout,
-        max_open_timeout=b.max_open_timeout,
-        backoff_multiplier=b.backoff_multiplier,
-        window=b.window,
-        min_calls_in_window=b.min_calls_in_window,
-        failure_ratio=b.failure_ratio,
-        half_open_probes=b.half_open_probes,
-        half_open_successes=b.half_open_successes,
-    )
-
-
 class Engine:
     """Drives the ledger: one instance per daemon, its watchers started by the supervisor."""
 
     def __init__(
         self,
-        config: Config,
+        ledger: Ledger,
         broker: BrokerPort,
         dlq: DeadLetterSink,
         metrics: Metrics,
         *,
         clock: Clock = trio.current_time,
         wall_clock: WallClock = _utc_now,
-        rng: random.Random | None = None,
         on_timeout: TimeoutNotice | None = None,
     ) -> None:
+        """``ledger`` is built once from the configuration (``policies.ledger_from``), with
+        a ``MetricsMeter`` on the same ``metrics`` to count what it decides."""
+        self.ledger = ledger
         self.broker = broker
         self.dlq = dlq
         self.metrics = metrics
         self.clock = clock
         self.wall_clock = wall_clock
-        self.rng = rng or random.Random()
-        a = config.agent
-        breakers = breaker_config_from(config)
-        self.ledger = Ledger(
-            LedgerSettings(
-                deadline=a.deadline,
-                max_deadline=a.max_deadline,
-                max_in_flight=a.max_in_flight,
-                batch_size=a.batch_size,
-                key_header=config.breaker.key_header,
-                host=config.identity.host,
-            ),
-            retry_policy_from(config),
-            CircuitBreaker(breakers),
-            KeyedBreakers(breakers),
-            random=self.rng.random,
-            meter=MetricsMeter(metrics),
-        )
         self._deadline_changed = trio.Event()
         self._settled = trio.Event()
         self._breaker_changed = trio.Event()

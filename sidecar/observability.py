@@ -18,7 +18,8 @@ import trio
 
 from sidecar.config import Config
 from sidecar.metrics import Metrics
-from sidecar.policy.alerts import Alert, AlertConfig, AlertRules
+from sidecar.policies import alert_config_from
+from sidecar.policy.alerts import Alert, AlertRules
 from sidecar.policy.breaker import BreakerState
 from sidecar.policy.pressure import PressureLevel
 from sidecar.store.base import DeadLetterStore, StoreUnavailable
@@ -77,12 +78,7 @@ class Observability:
         self.config = config
         self.metrics = metrics
         self.store = store
-        self.rules = AlertRules(
-            AlertConfig(
-                growth_per_minute=config.alerts.growth_per_minute,
-                cooldown=config.alerts.cooldown,
-            )
-        )
+        self.rules = AlertRules(alert_config_from(config))
         self.recent_alerts: list[dict[str, Any]] = []
         self.dlq: dict[str, Any] = {"size": 0, "top_failures": [], "oldest": None, "newest": None}
         self.history: list[dict[str, Any]] = []

@@ -5,6 +5,7 @@ period, requeue the rest)."""
 from __future__ import annotations
 
 import logging
+import random
 import signal
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ from sidecar.backpressure import BackpressureMonitor, PublishGate
 from sidecar.config import Config, parse_host_port, redact_url
 from sidecar.dlq import DeadLetterWriter
 from sidecar.dlq_browser import DlqBrowser
-from sidecar.engine import Engine
+from sidecar.engine import Engine, MetricsMeter
 from sidecar.metrics import Metrics
 from sidecar.observability import Observability
+from sidecar.policies import ledger_from
 from sidecar.policy.pressure import PressureLevel
 from sidecar.session import Session
 from sidecar.store.base import open_store
@@ -54,8 +56,11 @@ class Sidecar:
         )
         self.obs = Observability(config, self.metrics, self.store)
         self.dlq = DeadLetterWriter(self.store, on_written=self.obs.on_dead_letter)
+        ledger = ledger_from(
+            config, random=random.Random().random, meter=MetricsMeter(self.metrics)
+        )
         self.engine = Engine(
-            config, self.broker, self.dlq, self.metrics, on_timeout=self._notify_timeout
+            ledger, self.broker, self.dlq, self.metrics, on_timeout=self._notify_timeout
         )
         self.gate = PublishGate(
             config, clock=trio.current_time, blocked=lambda: self.broker.publish_blocked

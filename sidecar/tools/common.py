@@ -68,7 +68,7 @@ def tool(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespac
     def run(args: argparse.Namespace) -> int:
         import aiormq.exceptions
 
-        from sidecar.tools.amqp import BrokerUnavailable
+        from sidecar.core.port import BrokerUnavailable
 
         try:
             return fn(args)

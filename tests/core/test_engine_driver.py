@@ -10,8 +10,9 @@ import trio
 from sidecar import attempts
 from sidecar.config import load_config
 from sidecar.core.messages import Inbound, MessageProps
-from sidecar.engine import Engine
+from sidecar.engine import Engine, MetricsMeter
 from sidecar.metrics import Metrics
+from sidecar.policies import ledger_from
 from tests.helpers.fake_broker import FakeBroker, FakeDeadLetters
 
 DEADLINE = 5.0
@@ -26,12 +27,13 @@ def make_engine(
 ) -> tuple[Engine, FakeBroker]:
     config = load_config(environ={}, overrides={"agent": {"deadline": DEADLINE}})
     broker = FakeBroker()
+    metrics = Metrics()
+    ledger = ledger_from(config, random=random.Random(7).random, meter=MetricsMeter(metrics))
     engine = Engine(
-        config,
+        ledger,
         broker,
         FakeDeadLetters(),
-        Metrics(),
-        rng=random.Random(7),
+        metrics,
         on_timeout=lambda *notice: (notices.append(notice), noticed is None or noticed.set()),
     )
     return engine, broker

@@ -23,8 +23,8 @@ from sidecar.core.ledger import (
 )
 from sidecar.core.messages import Inbound, Inbox, MessageProps
 from sidecar.core.port import UNENCODABLE
-from sidecar.engine import breaker_config_from, retry_policy_from
 from sidecar.limits import MAX_NESTING
+from sidecar.policies import breaker_config_from, retry_policy_from
 from sidecar.policy.breaker import BreakerState, CircuitBreaker, KeyedBreakers
 
 WALL = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
