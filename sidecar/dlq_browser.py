@@ -23,7 +23,7 @@ from sidecar.store.base import StoreUnavailable
 from sidecar.store.records import DeadLetterRecord, RecordFilter
 
 if TYPE_CHECKING:
-    from sidecar.dlq import DeadLetterWriter
+    from sidecar.runtime.dlq import DeadLetterWriter
     from sidecar.store.spool import SpoolingStore
 
 PAGE_MAX = 200

@@ -18,16 +18,16 @@ from sidecar.adapters.agent_socket import AgentServer
 from sidecar.adapters.broker import Broker
 from sidecar.adapters.http import HttpProviders, serve_http
 from sidecar.adapters.sysmon import SystemMonitor
-from sidecar.backpressure import BackpressureMonitor, PublishGate
 from sidecar.config import Config, parse_host_port, redact_url
-from sidecar.dlq import DeadLetterWriter
 from sidecar.dlq_browser import DlqBrowser
-from sidecar.engine import Engine, MetricsMeter
 from sidecar.metrics import Metrics
-from sidecar.observability import Observability
 from sidecar.policies import ledger_from
 from sidecar.policy.pressure import PressureLevel
-from sidecar.session import Session
+from sidecar.runtime.backpressure import BackpressureMonitor, PublishGate
+from sidecar.runtime.dlq import DeadLetterWriter
+from sidecar.runtime.engine import Engine, MetricsMeter
+from sidecar.runtime.observability import Observability
+from sidecar.runtime.session import Session
 from sidecar.store.base import open_store
 from sidecar.store.spool import SpoolingStore
 
@@ -166,8 +166,7 @@ class Sidecar:
                 for queue in c.broker.queues:
                     await self.broker.consume(queue)
                 await nursery.start(self.dlq.run)
-                await nursery.start(self.engine.watch_deadlines)
-                await nursery.start(self.engine.watch_breaker)
+                await nursery.start(self.engine.run)
                 await nursery.start(self.monitor.run)
                 await nursery.start(self.obs.run)
                 binds = await nursery.start(

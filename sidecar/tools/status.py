@@ -14,7 +14,7 @@ import urllib.request
 from typing import Any
 
 from sidecar.config import parse_host_port
-from sidecar.observability import dlq_health
+from sidecar.runtime.observability import dlq_health
 from sidecar.tools.common import (
     EXIT_OK,
     EXIT_UNREACHABLE,

@@ -10,9 +10,9 @@ import trio
 from sidecar import attempts
 from sidecar.config import load_config
 from sidecar.core.messages import Inbound, MessageProps
-from sidecar.engine import Engine, MetricsMeter
 from sidecar.metrics import Metrics
 from sidecar.policies import ledger_from
+from sidecar.runtime.engine import Engine, MetricsMeter
 from tests.helpers.fake_broker import FakeBroker, FakeDeadLetters
 
 DEADLINE = 5.0
@@ -45,7 +45,7 @@ async def test_a_timeout_is_republished_then_acked_when_confirmed(autojump_clock
     engine, broker = make_engine(notices, noticed)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            await nursery.start(engine.watch_deadlines)
+            await nursery.start(engine.run)
             engine.open_session(1, "a", "1.0", None)
             broker.deliver(message(1))
             (delivery,) = await engine.pull(1, 5, wait=1.0)

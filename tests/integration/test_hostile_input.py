@@ -16,7 +16,7 @@ import trio
 from sidecar import attempts
 from sidecar import protocol as p
 from sidecar.client import open_agent
-from sidecar.engine import MALFORMED_MESSAGE
+from sidecar.runtime.engine import MALFORMED_MESSAGE
 from sidecar.store.records import RecordFilter
 from sidecar.supervisor import Sidecar
 from tests.conftest import amqp, make_config, queue_count, running_sidecar

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import trio
 
-from sidecar.dlq import DeadLetterWriter
 from sidecar.metrics import Metrics
-from sidecar.observability import DLQ_REFRESH, Observability
 from sidecar.policy.breaker import BreakerConfig, BreakerState, KeyedBreakers
 from sidecar.policy.failure import error_signature
 from sidecar.policy.pressure import PressureLevel
+from sidecar.runtime.dlq import DeadLetterWriter
+from sidecar.runtime.observability import DLQ_REFRESH, Observability
 from sidecar.store.base import open_store
 from sidecar.store.records import PatternRow
 from sidecar.store.spool import SpoolingStore

@@ -108,14 +108,18 @@ def test_core_reaches_no_io_even_through_what_it_imports():
         todo += modules
     # The core leans on the policies and the message helpers, not on drivers or adapters.
     for name in seen:
-        assert not name.startswith(("sidecar.adapters", "sidecar.engine", "sidecar.session")), name
+        assert not name.startswith(("sidecar.adapters", "sidecar.runtime")), name
 
 
 def test_the_layers_point_down():
     """Adapters and the store never import the drivers; core and policy never import
-    adapters, the store backends or the drivers."""
-    drivers = ("sidecar.engine", "sidecar.session", "sidecar.supervisor", "sidecar.backpressure")
+    adapters, the store backends or the drivers; drivers never import the commands; the
+    agent libraries need nothing of the daemon but the protocol."""
+    drivers = ("sidecar.runtime", "sidecar.supervisor")
+    commands = ("sidecar.cli", "sidecar.tools", "sidecar.demo")
     for layer, forbidden in (
+        ("runtime", (*commands, "sidecar.supervisor")),
+        ("agent", (*drivers, *commands, "sidecar.adapters", "sidecar.store", "sidecar.core")),
         ("adapters", drivers),
         ("store", (*drivers, "sidecar.adapters")),
         ("core", (*drivers, "sidecar.adapters", "sidecar.config", "sidecar.store.base")),

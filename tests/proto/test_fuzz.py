@@ -33,7 +33,7 @@ from sidecar import protocol as p
 from sidecar.config import load_config
 from sidecar.metrics import Metrics
 from sidecar.policy.failure import DEFAULT_REASONS
-from sidecar.session import Session
+from sidecar.runtime.session import Session
 from tests.proto._util import PROTO
 
 CODEC = p.Codec()

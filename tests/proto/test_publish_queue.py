@@ -10,11 +10,11 @@ from typing import Any
 import trio
 
 from sidecar import protocol as p
-from sidecar.backpressure import PublishGate
 from sidecar.config import load_config
 from sidecar.metrics import Metrics
 from sidecar.policy.failure import DEFAULT_REASONS
-from sidecar.session import MIN_RETRY_AFTER, Session
+from sidecar.runtime.backpressure import PublishGate
+from sidecar.runtime.session import MIN_RETRY_AFTER, Session
 
 CODEC = p.Codec()
 

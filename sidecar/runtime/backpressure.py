@@ -18,7 +18,6 @@ import trio
 from sidecar.adapters.sysmon import SystemMonitor
 from sidecar.config import Config
 from sidecar.core.port import BrokerUnavailable, QueueWatch
-from sidecar.engine import Engine
 from sidecar.metrics import LEVELS, Metrics, set_state
 from sidecar.policies import depth_thresholds_from, pressure_thresholds_from, scaling_policy_from
 from sidecar.policy.depth import DepthLevel, depth_actions, depth_level
@@ -32,6 +31,7 @@ from sidecar.policy.pressure import (
 )
 from sidecar.policy.scaling import recommended_consumers, scaling_event
 from sidecar.policy.throttle import TokenBucket, publish_rate
+from sidecar.runtime.engine import Engine
 
 log = logging.getLogger("sidecar.backpressure")
 

@@ -24,12 +24,12 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sidecar import limits
 from sidecar import protocol as p
-from sidecar.backpressure import HELD_RETRY_AFTER, PublishGate
 from sidecar.config import Config
 from sidecar.core.messages import MessageProps
 from sidecar.core.port import BrokerPort
-from sidecar.engine import Engine
 from sidecar.metrics import Metrics
+from sidecar.runtime.backpressure import HELD_RETRY_AFTER, PublishGate
+from sidecar.runtime.engine import Engine
 
 log = logging.getLogger("sidecar.session")
 

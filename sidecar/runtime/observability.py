@@ -27,9 +27,9 @@ from sidecar.store.records import DeadLetterRecord, MetricSnapshot
 
 if TYPE_CHECKING:
     from sidecar.adapters.broker import Broker
-    from sidecar.backpressure import BackpressureMonitor
-    from sidecar.dlq import DeadLetterWriter
-    from sidecar.engine import Engine
+    from sidecar.runtime.backpressure import BackpressureMonitor
+    from sidecar.runtime.dlq import DeadLetterWriter
+    from sidecar.runtime.engine import Engine
     from sidecar.store.spool import SpoolingStore
 
 log = logging.getLogger("sidecar.alerts")

@@ -332,6 +332,13 @@ class Engine:
             )
         )
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The engine's timers: deadlines, and consumption paused while the circuit is open."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.watch_deadlines)
+            await nursery.start(self.watch_breaker)
+            task_status.started()
+
     # --- deadlines -------------------------------------------------------------------------
 
     async def watch_deadlines(
