@@ -28,7 +28,7 @@ from sidecar.runtime.dlq import DeadLetterWriter
 from sidecar.runtime.engine import Engine, MetricsMeter
 from sidecar.runtime.observability import Observability
 from sidecar.runtime.session import Session
-from sidecar.store.base import open_store
+from sidecar.store.opening import open_store
 from sidecar.store.spool import SpoolingStore
 
 log = logging.getLogger("sidecar")

@@ -22,9 +22,9 @@ from sidecar.store.base import (
     DeadLetterStore,
     PatternKey,
     StoreUnavailable,
-    open_store,
     redact_url,
 )
+from sidecar.store.opening import open_store
 from sidecar.store.records import RecordFilter
 
 EXIT_OK = 0

@@ -450,7 +450,7 @@ def send_one(
     same lock, ledger and exactly-once marking as ``dlq retry``/``dlq move``. Blocking: it
     runs its own asyncio loop and store connection (the dashboard calls it in a thread).
     Raises ToolError (refused or not found), StoreUnavailable or BrokerUnavailable."""
-    from sidecar.store.base import open_store
+    from sidecar.store.opening import open_store
 
     store = open_store(store_url)
     try:

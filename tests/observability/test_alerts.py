@@ -25,7 +25,7 @@ from sidecar.policy.failure import error_signature
 from sidecar.policy.pressure import PressureLevel
 from sidecar.runtime.dlq import DeadLetterWriter
 from sidecar.runtime.observability import DLQ_REFRESH, Observability
-from sidecar.store.base import open_store
+from sidecar.store.opening import open_store
 from sidecar.store.records import PatternRow
 from sidecar.store.spool import SpoolingStore
 from tests.conftest import make_config

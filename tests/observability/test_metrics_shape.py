@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from sidecar.client import open_agent
-from sidecar.store.base import open_store
+from sidecar.store.opening import open_store
 from sidecar.store.records import RecordFilter
 from tests.conftest import make_config, publish_many, running_sidecar
 from tests.observability._http import http

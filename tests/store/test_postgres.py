@@ -22,7 +22,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from sidecar.store.base import StoreUnavailable, open_store
+from sidecar.store.base import StoreUnavailable
+from sidecar.store.opening import open_store
 from sidecar.store.postgres import PostgresStore
 from sidecar.store.records import DeadLetterRecord, RecordFilter, normalise_record
 from sidecar.store.spool import SpoolingStore
