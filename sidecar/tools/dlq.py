@@ -11,14 +11,11 @@ from typing import Any
 
 import msgspec
 
+from sidecar.commands import EXIT_OK, EXIT_PARTIAL, EXIT_REFUSED, EXIT_USAGE
 from sidecar.store.base import DeadLetterStore, PatternKey
 from sidecar.store.records import DeadLetterRecord, PatternRow
 from sidecar.tools.amqp import Amqp, QueueMissing
 from sidecar.tools.common import (
-    EXIT_OK,
-    EXIT_PARTIAL,
-    EXIT_REFUSED,
-    EXIT_USAGE,
     WHEN_HELP,
     Progress,
     ToolError,

@@ -27,11 +27,12 @@ import aiormq
 import aiormq.exceptions
 
 from sidecar.attempts import BROKER_HEADERS, PREFIX, REPROCESSED_FROM, with_failures
+from sidecar.commands import EXIT_REFUSED
 from sidecar.policy.throttle import TokenBucket
 from sidecar.store.base import DeadLetterStore
 from sidecar.store.records import DeadLetterRecord
 from sidecar.tools.amqp import Amqp, QueueLocked, QueueMissing, properties_from_record
-from sidecar.tools.common import CRASH_AFTER_ENV, EXIT_REFUSED, ToolError
+from sidecar.tools.common import CRASH_AFTER_ENV, ToolError
 
 LEDGER_QUEUE = "sidecar.dlq.ledger"
 LOCK_QUEUE = "sidecar.dlq.lock"
