@@ -75,7 +75,7 @@ class Sidecar:
                 source=config.pressure.source, agent_limit_bytes=config.pressure.agent_limit_bytes
             ),
             on_pressure=self._broadcast_pressure,
-            raise_alerts=self.obs.observe,
+            alerts=self.obs,
         )
         self.obs.bind(self.engine, self.monitor, self.broker, self.dlq)
         self.sessions: dict[int, Session] = {}

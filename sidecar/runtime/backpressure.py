@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -37,6 +37,13 @@ log = logging.getLogger("sidecar.backpressure")
 
 MAX_TARGETS = 256  # publish targets tracked; bounded so label cardinality stays bounded
 HELD_RETRY_AFTER = 1.0
+
+
+class AlertSink(Protocol):
+    """Where the monitor reports level changes that may raise alerts."""
+
+    def pressure_changed(self, level: PressureLevel) -> None: ...
+    def depth_changed(self, queue: str, level: DepthLevel) -> None: ...
 
 
 class PublishGate:
@@ -104,7 +111,7 @@ class BackpressureMonitor:
         metrics: Metrics,
         sysmon: SystemMonitor,
         on_pressure: Callable[[PressureLevel, int, float], None],
-        raise_alerts: Callable[[str, Any], None],
+        alerts: AlertSink,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.config = config
@@ -114,7 +121,7 @@ class BackpressureMonitor:
         self.metrics = metrics
         self.sysmon = sysmon
         self.on_pressure = on_pressure
-        self.raise_alerts = raise_alerts
+        self.alerts = alerts
         self.clock = clock
         self.tracker = PressureTracker(pressure_thresholds_from(config))
         self.scaling = scaling_policy_from(config)
@@ -176,7 +183,7 @@ class BackpressureMonitor:
             logging.ERROR if "log_level_error" in degradation_actions(level) else logging.INFO
         )
         self.on_pressure(level, batch, ratio)
-        self.raise_alerts("pressure", level)
+        self.alerts.pressure_changed(level)
         try:
             await self.broker.set_prefetch(prefetch)
         except Exception as exc:  # the broker may be away; the next connection uses it
@@ -234,7 +241,7 @@ class BackpressureMonitor:
             else min(self.gate.current_rate(t) for t in self.gate.buckets)
         )
         if level > DepthLevel.NORMAL:
-            self.raise_alerts("depth", (queue, level))
+            self.alerts.depth_changed(queue, level)
 
     def _producer_consumer_ratio(
         self, queue: str, view: QueueView, depth: int, now: float

@@ -26,7 +26,7 @@ from typing import Any
 import aiormq
 import aiormq.exceptions
 
-from sidecar.attempts import BROKER_HEADERS, PREFIX, REPROCESSED_FROM, with_failures
+from sidecar.attempts import REPROCESSED_FROM, agent_headers, with_failures
 from sidecar.commands import EXIT_REFUSED
 from sidecar.policy.throttle import TokenBucket
 from sidecar.store.base import DeadLetterStore
@@ -45,11 +45,7 @@ def new_token(kind: str) -> str:
 def republish_headers(record: DeadLetterRecord) -> dict[str, Any]:
     """The original headers, attempt state reset (no x-sidecar-*), plus the provenance and
     the failure history, so a record dead-lettered again still shows its earlier failures."""
-    headers = {
-        k: v
-        for k, v in record.headers.items()
-        if not k.startswith(PREFIX) and k not in BROKER_HEADERS
-    }
+    headers = agent_headers(record.headers)
     headers[REPROCESSED_FROM] = record.id
     return with_failures(headers, record.failures) if record.failures else headers
 
