@@ -28,8 +28,7 @@ from sidecar.runtime.observability import DLQ_REFRESH, Observability
 from sidecar.store.opening import open_store
 from sidecar.store.records import PatternRow
 from sidecar.store.spool import SpoolingStore
-from tests.conftest import make_config
-from tests.observability._wait import until
+from tests.helpers import make_config, until
 from tests.store.contract import make_record
 
 # --- stand-ins ---------------------------------------------------------------------------

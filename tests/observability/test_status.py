@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from sidecar.client import open_agent
-from tests.conftest import amqp, make_config, publish_many, queue_count, running_sidecar
+from tests.helpers import amqp, make_config, publish_many, queue_count, running_sidecar
 from tests.observability._http import get_json, http
 
 pytestmark = pytest.mark.integration

@@ -15,6 +15,7 @@ from sidecar.metrics import Metrics
 from sidecar.policy.failure import DEFAULT_REASONS
 from sidecar.runtime.backpressure import PublishGate
 from sidecar.runtime.session import MIN_RETRY_AFTER, Session
+from tests.helpers import until
 
 CODEC = p.Codec()
 
@@ -88,8 +89,7 @@ async def test_publishes_wait_behind_the_bucket_and_only_overflow_is_throttled(a
     assert all(a.error == "rate_limited" for a in throttled)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session._pump)
-        while len(broker.sent) < 7:
-            await trio.sleep(0.01)
+        await until(lambda: not (len(broker.sent) < 7))
         nursery.cancel_scope.cancel()
     later = answers(session)
     assert [a.ref for a in later] == [3, 4, 5, 6, 7] and all(a.ok for a in later)
@@ -126,8 +126,7 @@ async def test_a_held_target_is_queued_and_its_overflow_names_the_cause(autojump
         await trio.sleep(5)
         assert broker.sent == []  # still held
         session.gate.depths["out"] = 0
-        while not broker.sent:
-            await trio.sleep(0.01)
+        await until(lambda: broker.sent)
         nursery.cancel_scope.cancel()
     assert [a.ref for a in answers(session)] == [1]
 

@@ -14,7 +14,7 @@ import aiormq
 
 from sidecar.store.records import DeadLetterRecord, payload_from_body
 from sidecar.store.sqlite import SqliteStore
-from tests.conftest import BROKER_URL, run_amqp
+from tests.helpers import BROKER_URL, run_amqp
 
 T0 = datetime(2024, 1, 1, 10, 0, tzinfo=UTC)
 CLI = "import sys; from sidecar.cli import main; sys.exit(main(sys.argv[1:]))"

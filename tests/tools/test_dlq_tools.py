@@ -11,7 +11,7 @@ import aiormq
 import pytest
 
 from sidecar.attempts import REPROCESSED_FROM
-from tests.conftest import run_amqp
+from tests.helpers import run_amqp
 from tests.tools.helpers import at, cli, declare, drain, open_store, put, record
 
 pytestmark = pytest.mark.integration
