@@ -34,10 +34,6 @@ from sidecar.store.base import (
 from sidecar.store.opening import open_store
 from sidecar.store.records import RecordFilter
 
-# Test hook: SIDECAR_TOOLS_CRASH_AFTER=k makes a retry/move process os._exit(137) right after
-# the AMQP tx_commit of its k-th record (before marking it), to test crash recovery.
-CRASH_AFTER_ENV = "SIDECAR_TOOLS_CRASH_AFTER"
-
 
 class ToolError(Exception):
     """A clear, expected failure: the message is printed and the code returned."""

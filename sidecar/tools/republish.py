@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from sidecar.policy.throttle import TokenBucket
 from sidecar.store.base import DeadLetterStore
 from sidecar.store.records import DeadLetterRecord
 from sidecar.tools.amqp import Amqp, QueueLocked, QueueMissing, properties_from_record
-from sidecar.tools.common import CRASH_AFTER_ENV, ToolError
+from sidecar.tools.common import ToolError
 
 LEDGER_QUEUE = "sidecar.dlq.ledger"
 LOCK_QUEUE = "sidecar.dlq.lock"
@@ -87,8 +86,6 @@ class Republisher:
         self.tool = tool
         self.token = token
         self.committed = 0
-        crash = os.environ.get(CRASH_AFTER_ENV, "").strip()
-        self.crash_after = int(crash) if crash.isdigit() else None
         self._tx: Any = None
         self._get: Any = None
         self._check: Any = None
@@ -223,8 +220,6 @@ class Republisher:
                 self.store.cancel_retry(record.id, self.token)
             raise
         self.committed += 1
-        if self.crash_after is not None and self.committed >= self.crash_after:
-            os._exit(137)  # test hook: die between the commit and the mark
         self.store.mark_reprocessed(
             record.id,
             token=self.token,
