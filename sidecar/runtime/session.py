@@ -165,7 +165,7 @@ class Session:
     async def _read_frames(self) -> None:
         try:
             while True:
-                self._dispatch(await self.ws.get_message())
+                self.dispatch(await self.ws.get_message())
         except ConnectionClosed as closed:
             reason = closed.reason
             # A clean close (1000/1001) is a goodbye: what the agent held is requeued, not
@@ -227,6 +227,11 @@ class Session:
             return p.ProtocolError("invalid_hello", "hello.agent must name the agent")
         return None
 
+    @property
+    def queued_publishes(self) -> int:
+        """Publishes waiting for their target's token bucket."""
+        return self._queued_count
+
     def _welcome(self) -> p.Welcome:
         a = self.config.agent
         return p.Welcome(
@@ -245,7 +250,8 @@ class Session:
             reasons=self.engine.reasons.agent_reasons(),
         )
 
-    def _dispatch(self, data: bytes | str) -> None:
+    def dispatch(self, data: bytes | str) -> None:
+        """Handle one frame from the agent; answers go to the outbox."""
         try:
             frame = self.codec.decode_agent(data)
             handler = self._handlers[type(frame)]

@@ -85,7 +85,6 @@ class Republisher:
         self.store = store
         self.tool = tool
         self.token = token
-        self.committed = 0
         self._tx: Any = None
         self._get: Any = None
         self._check: Any = None
@@ -219,7 +218,6 @@ class Republisher:
                 await asyncio.shield(self._tx.tx_rollback())
                 self.store.cancel_retry(record.id, self.token)
             raise
-        self.committed += 1
         self.store.mark_reprocessed(
             record.id,
             token=self.token,

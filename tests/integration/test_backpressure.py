@@ -167,9 +167,9 @@ async def test_deep_target_queue_throttles_publishes_and_loses_none(tmp_path, un
 
                 nursery.start_soon(publish_held)
                 (session,) = sidecar.sessions.values()
-                await until(lambda: session._queued_count != 0)
+                await until(lambda: session.queued_publishes != 0)
                 await trio.sleep(0.3)
-                assert held == [] and session._queued_count == 1
+                assert held == [] and session.queued_publishes == 1
                 # Drain the backlog to 100; publishing 60 more keeps it under EMERGENCY while the
                 # adaptive rate stays at or below the base 20/s.
 

@@ -71,7 +71,7 @@ def answers(session: Session) -> list[p.Published]:
 
 
 def publish(session: Session, ref: int, body: bytes = b"x", queue: str = "out") -> None:
-    session._dispatch(CODEC.encode(p.Publish(ref=ref, body=body, queue=queue), binary=True))
+    session.dispatch(CODEC.encode(p.Publish(ref=ref, body=body, queue=queue), binary=True))
 
 
 async def test_publishes_wait_behind_the_bucket_and_only_overflow_is_throttled(autojump_clock):
@@ -99,7 +99,7 @@ async def test_publishes_wait_behind_the_bucket_and_only_overflow_is_throttled(a
     # A throttled publish that comes back when told finds room.
     publish(session, 8, b"m8")
     assert not any(a.throttled for a in answers(session))
-    assert session._queued_count <= 1
+    assert session.queued_publishes <= 1
 
 
 async def test_the_byte_bound_throttles_too_and_never_says_zero(autojump_clock):
