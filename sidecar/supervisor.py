@@ -22,7 +22,7 @@ from sidecar.config import Config, parse_host_port, redact_url
 from sidecar.dlq_browser import DlqBrowser
 from sidecar.metrics import Metrics
 from sidecar.policies import ledger_from
-from sidecar.policy.pressure import PressureLevel
+from sidecar.policy.pressure import PressureLevel, degradation_actions
 from sidecar.runtime.backpressure import BackpressureMonitor, PublishGate
 from sidecar.runtime.dlq import DeadLetterWriter
 from sidecar.runtime.engine import Engine, MetricsMeter
@@ -68,14 +68,15 @@ class Sidecar:
         self.monitor = BackpressureMonitor(
             config,
             broker=self.broker,
-            engine=self.engine,
             gate=self.gate,
             metrics=self.metrics,
             sysmon=SystemMonitor(
                 source=config.pressure.source, agent_limit_bytes=config.pressure.agent_limit_bytes
             ),
-            on_pressure=self._broadcast_pressure,
+            on_pressure=self._apply_pressure,
             alerts=self.obs,
+            agent_pids=lambda: [s.pid for s in self.engine.sessions.values() if s.pid],
+            consumed=lambda: self.engine.counts["acked"] + self.engine.counts["failed"],
         )
         self.obs.bind(self.engine, self.monitor, self.broker, self.dlq)
         self.sessions: dict[int, Session] = {}
@@ -85,7 +86,12 @@ class Sidecar:
 
     # --- wiring ------------------------------------------------------------------------
 
-    def _broadcast_pressure(self, level: PressureLevel, batch: int, ratio: float) -> None:
+    def _apply_pressure(self, level: PressureLevel, batch: int, ratio: float) -> None:
+        """A new memory pressure level: smaller batches, quieter logs, and the agents told."""
+        self.engine.pressure = level
+        logging.getLogger("sidecar").setLevel(
+            logging.ERROR if "log_level_error" in degradation_actions(level) else logging.INFO
+        )
         frame = p.Pressure(level=level.name, batch_size=batch, ratio=round(ratio, 4))
         for session in self.sessions.values():
             session.send(frame)

@@ -1,4 +1,4 @@
-"""Backpressure: the publish gate, and the monitors that feed it and the engine.
+"""Backpressure: the publish gate, and the monitors that feed it and report pressure.
 
 The gate holds one token bucket per publish target, its rate lowered by the target's depth
 (the seed's adaptive formula) and held at zero while the target is at EMERGENCY depth or the
@@ -31,7 +31,6 @@ from sidecar.policy.pressure import (
 )
 from sidecar.policy.scaling import recommended_consumers, scaling_event
 from sidecar.policy.throttle import TokenBucket, publish_rate
-from sidecar.runtime.engine import Engine
 
 log = logging.getLogger("sidecar.backpressure")
 
@@ -99,24 +98,30 @@ class QueueView:
 
 
 class BackpressureMonitor:
-    """Samples depths and memory; applies levels to the engine, gate and broker."""
+    """Samples depths and memory; applies levels to the gate and the broker's prefetch, and
+    reports pressure changes to ``on_pressure``."""
 
     def __init__(
         self,
         config: Config,
         *,
         broker: QueueWatch,
-        engine: Engine,
         gate: PublishGate,
         metrics: Metrics,
         sysmon: SystemMonitor,
         on_pressure: Callable[[PressureLevel, int, float], None],
         alerts: AlertSink,
+        agent_pids: Callable[[], list[int]],
+        consumed: Callable[[], int],
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
+        """``on_pressure`` applies a new level (engine, agents, logging); ``agent_pids`` are
+        the connected agents' processes, ``consumed`` the messages settled so far."""
         self.config = config
         self.broker = broker
-        self.engine = engine
+        self.level = PressureLevel.NORMAL
+        self.agent_pids = agent_pids
+        self.consumed = consumed
         self.gate = gate
         self.metrics = metrics
         self.sysmon = sysmon
@@ -143,7 +148,7 @@ class BackpressureMonitor:
     # --- memory ----------------------------------------------------------------------------
 
     async def sample_pressure(self) -> None:
-        pids = [s.pid for s in self.engine.sessions.values() if s.pid]
+        pids = self.agent_pids()
         sample = await trio.to_thread.run_sync(self.sysmon.sample, pids)
         ratio = memory_ratio(sample.used, sample.limit)
         self.memory = {
@@ -165,7 +170,7 @@ class BackpressureMonitor:
     async def apply_pressure(self, level: PressureLevel, ratio: float) -> None:
         """Shrink (or restore) batches and prefetch, tell the agents, degrade as the seed
         lists."""
-        self.engine.pressure = level
+        self.level = level
         batch = adjust_batch_size(level, self.config.agent.batch_size)
         prefetch = prefetch_for(level, self.config.broker.prefetch, batch)
         log.warning(
@@ -179,9 +184,6 @@ class BackpressureMonitor:
         self.metrics.batch_size.set(batch if level < PressureLevel.EMERGENCY else 0)
         self.metrics.prefetch.set(prefetch)
         set_state(self.metrics.degradation_state, LEVELS, level.name.lower())
-        logging.getLogger("sidecar").setLevel(
-            logging.ERROR if "log_level_error" in degradation_actions(level) else logging.INFO
-        )
         self.on_pressure(level, batch, ratio)
         self.alerts.pressure_changed(level)
         try:
@@ -248,7 +250,7 @@ class BackpressureMonitor:
     ) -> float | None:
         """Inflow / outflow over the last interval. Outflow is what this sidecar settled;
         inflow is that plus the change in depth."""
-        consumed = self.engine.counts["acked"] + self.engine.counts["failed"]
+        consumed = self.consumed()
         before = self._consumed_before.get(queue)
         self._consumed_before[queue] = (now, consumed)
         if before is None or not view.history or queue not in self.broker.queues:
@@ -261,7 +263,7 @@ class BackpressureMonitor:
         return round(max(inflow, 0) / outflow, 3)
 
     def status(self) -> dict[str, Any]:
-        level = self.engine.pressure
+        level = self.level
         return {
             "queues": {
                 name: {
