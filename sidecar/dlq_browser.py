@@ -18,6 +18,7 @@ import aiormq.exceptions
 import msgspec
 import trio
 
+from sidecar.adapters.http import ApiError
 from sidecar.config import Config
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.records import DeadLetterRecord, RecordFilter
@@ -32,12 +33,6 @@ ID_MAX_CHARS = 512
 QUEUE_MAX_CHARS = 255
 BODY_TEXT_MAX = 64 * 1024
 BODY_HEX_MAX = 4096
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _one(query: dict[str, list[str]], name: str, limit: int = FILTER_MAX_CHARS) -> str | None:
