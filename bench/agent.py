@@ -77,7 +77,7 @@ async def latency(socket: str, queue: str, count: int, batch: int, idle: float) 
 async def fail(
     socket: str, queue: str, count: int, batch: int, reason: str, store_url: str, timeout: float
 ) -> None:
-    from sidecar.store.base import open_store
+    from sidecar.store.opening import open_store
 
     stats = {"deliveries": 0, "first": 0.0, "done": 0.0, "stored": 0}
     store = open_store(store_url)

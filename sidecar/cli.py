@@ -7,41 +7,20 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from sidecar import __version__
 from sidecar.adapters.agent_socket import SocketPathError
-from sidecar.config import Config, ConfigError, example_toml, load_config
+from sidecar.commands import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_config_flags,
+    config_from_args,
+)
+from sidecar.config import ConfigError, example_toml, load_config
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML config file")
-    parser.add_argument("--broker", metavar="URL", help="AMQP URL (overrides broker.url)")
-    parser.add_argument(
-        "--store",
-        metavar="URL",
-        help="DLQ store: sqlite:///path, postgresql://... or mongodb://...",
-    )
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    overrides: dict[str, Any] = {}
-    if getattr(args, "broker", None):
-        overrides.setdefault("broker", {})["url"] = args.broker
-    if getattr(args, "store", None):
-        overrides.setdefault("store", {})["url"] = args.store
-    if getattr(args, "socket", None):
-        overrides.setdefault("agent", {})["socket"] = args.socket
-    if getattr(args, "http", None):
-        overrides.setdefault("http", {})["listen"] = args.http
-    for queue in getattr(args, "queue", None) or []:
-        overrides.setdefault("broker", {}).setdefault("queues", []).append(queue)
-    return load_config(args.config, overrides=overrides)
+__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
 
 
 def _setup_logging(verbose: bool) -> None:

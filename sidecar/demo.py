@@ -17,9 +17,9 @@ from typing import Any
 
 import trio
 
-from sidecar.adapters.broker import tier_queue_name
 from sidecar.client import open_agent
 from sidecar.config import load_config
+from sidecar.core.messages import tier_queue_name
 from sidecar.store.records import RecordFilter
 from sidecar.supervisor import Sidecar
 

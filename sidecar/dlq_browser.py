@@ -17,12 +17,13 @@ from urllib.parse import parse_qs
 import msgspec
 import trio
 
+from sidecar.adapters.http import ApiError
 from sidecar.config import Config
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.records import DeadLetterRecord, RecordFilter
 
 if TYPE_CHECKING:
-    from sidecar.dlq import DeadLetterWriter
+    from sidecar.runtime.dlq import DeadLetterWriter
     from sidecar.store.spool import SpoolingStore
 
 PAGE_MAX = 200
@@ -31,12 +32,6 @@ ID_MAX_CHARS = 512
 QUEUE_MAX_CHARS = 255
 BODY_TEXT_MAX = 64 * 1024
 BODY_HEX_MAX = 4096
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _one(query: dict[str, list[str]], name: str, limit: int = FILTER_MAX_CHARS) -> str | None:
@@ -183,7 +178,8 @@ class DlqBrowser:
         return dict(data)
 
     async def act(self, action: str, body: bytes) -> dict[str, Any]:
-        from sidecar.tools.amqp import BROKER_LOST, BrokerUnavailable
+        from sidecar.core.port import BrokerUnavailable
+        from sidecar.tools.amqp import BROKER_LOST
         from sidecar.tools.common import ToolError
         from sidecar.tools.dlq import RecordNotFound, send_one
 

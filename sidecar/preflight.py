@@ -11,7 +11,7 @@ from __future__ import annotations
 from yarl import URL
 
 from sidecar.config import Config, ConfigError
-from sidecar.engine import breaker_config_from, retry_policy_from
+from sidecar.policies import breaker_config_from, retry_policy_from
 from sidecar.policy.breaker import CircuitBreaker
 from sidecar.redact import redact_url
 from sidecar.store.base import parse_store_url

@@ -5,6 +5,7 @@ period, requeue the rest)."""
 from __future__ import annotations
 
 import logging
+import random
 import signal
 from pathlib import Path
 from typing import Any
@@ -17,16 +18,17 @@ from sidecar.adapters.agent_socket import AgentServer
 from sidecar.adapters.broker import Broker
 from sidecar.adapters.http import HttpProviders, serve_http
 from sidecar.adapters.sysmon import SystemMonitor
-from sidecar.backpressure import BackpressureMonitor, PublishGate
 from sidecar.config import Config, parse_host_port, redact_url
-from sidecar.dlq import DeadLetterWriter
 from sidecar.dlq_browser import DlqBrowser
-from sidecar.engine import Engine
 from sidecar.metrics import Metrics
-from sidecar.observability import Observability
-from sidecar.policy.pressure import PressureLevel
-from sidecar.session import Session
-from sidecar.store.base import open_store
+from sidecar.policies import ledger_from
+from sidecar.policy.pressure import PressureLevel, degradation_actions
+from sidecar.runtime.backpressure import BackpressureMonitor, PublishGate
+from sidecar.runtime.dlq import DeadLetterWriter
+from sidecar.runtime.engine import Engine, MetricsMeter
+from sidecar.runtime.observability import Observability
+from sidecar.runtime.session import Session
+from sidecar.store.opening import open_store
 from sidecar.store.spool import SpoolingStore
 
 log = logging.getLogger("sidecar")
@@ -54,32 +56,42 @@ class Sidecar:
         )
         self.obs = Observability(config, self.metrics, self.store)
         self.dlq = DeadLetterWriter(self.store, on_written=self.obs.on_dead_letter)
-        self.engine = Engine(config, self.broker, self.dlq, self.metrics)
+        ledger = ledger_from(
+            config, random=random.Random().random, meter=MetricsMeter(self.metrics)
+        )
+        self.engine = Engine(
+            ledger, self.broker, self.dlq, self.metrics, on_timeout=self._notify_timeout
+        )
         self.gate = PublishGate(
             config, clock=trio.current_time, blocked=lambda: self.broker.publish_blocked
         )
         self.monitor = BackpressureMonitor(
             config,
             broker=self.broker,
-            engine=self.engine,
             gate=self.gate,
             metrics=self.metrics,
             sysmon=SystemMonitor(
                 source=config.pressure.source, agent_limit_bytes=config.pressure.agent_limit_bytes
             ),
-            on_pressure=self._broadcast_pressure,
-            raise_alerts=self.obs.observe,
+            on_pressure=self._apply_pressure,
+            alerts=self.obs,
+            agent_pids=lambda: [s.pid for s in self.engine.sessions.values() if s.pid],
+            consumed=lambda: self.engine.counts["acked"] + self.engine.counts["failed"],
         )
         self.obs.bind(self.engine, self.monitor, self.broker, self.dlq)
         self.sessions: dict[int, Session] = {}
-        self.engine.on_timeout = self._notify_timeout
         self.http_port: int | None = None
         self.started = trio.Event()
         self.stopping = trio.Event()
 
     # --- wiring ------------------------------------------------------------------------
 
-    def _broadcast_pressure(self, level: PressureLevel, batch: int, ratio: float) -> None:
+    def _apply_pressure(self, level: PressureLevel, batch: int, ratio: float) -> None:
+        """A new memory pressure level: smaller batches, quieter logs, and the agents told."""
+        self.engine.pressure = level
+        logging.getLogger("sidecar").setLevel(
+            logging.ERROR if "log_level_error" in degradation_actions(level) else logging.INFO
+        )
         frame = p.Pressure(level=level.name, batch_size=batch, ratio=round(ratio, 4))
         for session in self.sessions.values():
             session.send(frame)
@@ -102,6 +114,7 @@ class Sidecar:
             ws,
             config=self.config,
             engine=self.engine,
+            broker=self.broker,
             gate=self.gate,
             metrics=self.metrics,
             codec=self.codec,
@@ -159,8 +172,7 @@ class Sidecar:
                 for queue in c.broker.queues:
                     await self.broker.consume(queue)
                 await nursery.start(self.dlq.run)
-                await nursery.start(self.engine.watch_deadlines)
-                await nursery.start(self.engine.watch_breaker)
+                await nursery.start(self.engine.run)
                 await nursery.start(self.monitor.run)
                 await nursery.start(self.obs.run)
                 binds = await nursery.start(

@@ -16,6 +16,7 @@ import trio.lowlevel
 from trio_websocket import WebSocketConnection
 
 from sidecar.adapters.agent_socket import AgentServer, raise_fd_limit
+from tests.helpers import until
 
 MIB = 1024 * 1024
 UPGRADE = (
@@ -90,8 +91,7 @@ async def test_clients_that_vanish_mid_handshake_leave_nothing_behind(
                     await stream.send_all(UPGRADE[: 20 + i % 40])
             await stream.aclose()
         with trio.fail_after(30):
-            while server.active or server.budget.connections:
-                await trio.sleep(0.1)
+            await until(lambda: not (server.active or server.budget.connections))
         assert server.budget.total == 0
         nursery.cancel_scope.cancel()
 
@@ -114,8 +114,7 @@ async def test_sessions_beyond_the_maximum_are_refused_and_counted(
         # A slot freed is a slot usable again.
         await held[0].aclose()
         with trio.fail_after(5):
-            while server.active == 3:
-                await trio.sleep(0.01)
+            await until(lambda: server.active != 3)
         again = await connect(server)
         await upgrade(again)
         nursery.cancel_scope.cancel()

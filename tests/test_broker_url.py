@@ -1,4 +1,5 @@
-from sidecar.adapters.broker import connection_url, tier_queue_name
+from sidecar.adapters.broker import connection_url
+from sidecar.core.messages import tier_queue_name
 
 
 def test_connection_is_named_and_gets_the_configured_heartbeat():

@@ -20,7 +20,7 @@ from sidecar.attempts import (
 )
 from sidecar.client import open_agent
 from sidecar.store.records import RecordFilter
-from tests.conftest import make_config, publish_many, running_sidecar
+from tests.helpers import make_config, publish_many, running_sidecar
 
 NOW = datetime(2024, 1, 1, 10, 0, tzinfo=UTC)
 

@@ -24,8 +24,7 @@ import logging
 import random
 import struct
 from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 from typing import Any, Generic, TypeVar, cast
@@ -37,9 +36,15 @@ import trio
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from sidecar import limits
 from sidecar.adapters import amqp_decode
 from sidecar.adapters.aio_loop import make_bridge
+from sidecar.core.messages import (
+    Inbound,
+    Inbox,
+    MessageProps,
+    tier_queue_name,
+)
+from sidecar.core.port import UNENCODABLE, BrokerUnavailable, PublishCallback
 from sidecar.redact import redact_url, scrub
 
 log = logging.getLogger("sidecar.broker")
@@ -47,8 +52,6 @@ log = logging.getLogger("sidecar.broker")
 # Values pamqp cannot represent must not kill the connection (see amqp_decode).
 amqp_decode.install()
 
-PublishCallback = Callable[[str | None], None]
-"""Called (in trio) with None when the broker confirmed a publish, else the error text."""
 
 _BROKER_ERRORS = (
     aiormq.exceptions.AMQPError,
@@ -57,55 +60,6 @@ _BROKER_ERRORS = (
     asyncio.TimeoutError,
     RuntimeError,
 )
-
-
-@dataclass(slots=True)
-class MessageProps:
-    """The AMQP basic properties the daemon cares about, free of aiormq types."""
-
-    headers: dict[str, Any] = field(default_factory=dict)
-    message_id: str | None = None
-    content_type: str | None = None
-    content_encoding: str | None = None
-    correlation_id: str | None = None
-    reply_to: str | None = None
-    priority: int | None = None
-    delivery_mode: int | None = None
-    timestamp: datetime | None = None
-    type: str | None = None
-    app_id: str | None = None
-    expiration: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            k: v
-            for k, v in (
-                ("message_id", self.message_id),
-                ("content_type", self.content_type),
-                ("content_encoding", self.content_encoding),
-                ("correlation_id", self.correlation_id),
-                ("reply_to", self.reply_to),
-                ("priority", self.priority),
-                ("delivery_mode", self.delivery_mode),
-                ("type", self.type),
-                ("app_id", self.app_id),
-            )
-            if v is not None
-        }
-
-
-@dataclass(slots=True)
-class Inbound:
-    """One delivery from the broker, valid for acks only within its ``generation``."""
-
-    generation: int
-    tag: int
-    queue: str
-    body: bytes
-    props: MessageProps
-    routing_key: str
-    exchange: str
-    redelivered: bool
 
 
 def _text(value: Any) -> str | None:
@@ -152,10 +106,6 @@ def _props_to_aiormq(p: MessageProps) -> spec.Basic.Properties:
     )
 
 
-def tier_queue_name(prefix: str, queue: str, ttl: float) -> str:
-    return f"{prefix}.{queue}.{round(ttl * 1000)}ms"
-
-
 def connection_url(url: str, name: str, heartbeat: int) -> str:
     """The URL aiormq connects with: the connection named, so operators (and tests) can find
     it in rabbitmqctl, and the configured heartbeat unless the URL sets its own."""
@@ -167,16 +117,9 @@ def connection_url(url: str, name: str, heartbeat: int) -> str:
     return urlunsplit(parts._replace(query=query))
 
 
-class BrokerUnavailable(Exception):
-    """No connection to the broker right now."""
-
-
 class PublishRefused(Exception):
     """A publish refused before it reached the broker (its target does not exist, or the
     message cannot be encoded: then the error starts with UNENCODABLE)."""
-
-
-UNENCODABLE = "message cannot be encoded in AMQP: "
 
 
 class QueueNotFound(Exception):
@@ -265,7 +208,7 @@ class Broker:
         self.heartbeat = heartbeat
         self.name = name
         self.rng = rng or random.Random()
-        self.inbox: deque[Inbound] = deque()
+        self.inbox = Inbox()
         self.inbox_changed = trio.Event()
         self.connected = trio.Event()
         self.queues: list[str] = []
@@ -333,6 +276,7 @@ class Broker:
     async def _serve_generation(self) -> None:
         gen = _Generation(self._gen.number + 1)
         self._gen = gen
+        self.inbox.start_generation(gen.number)
         self._lost = trio.Event()
         gen.consume_conn = await self.bridge.call(
             aiormq.connect, connection_url(self.url, f"{self.name}-consume", self.heartbeat)
@@ -373,7 +317,7 @@ class Broker:
         self.connected = trio.Event()
         gen = self._gen
         # Unacked deliveries of this generation come back from the broker; forget them.
-        self.inbox = deque(m for m in self.inbox if m.generation != gen.number)
+        self.inbox.end_generation(gen.number)
         if gen.writer is not None:
             if not gen.writer.done():
                 # Let queued acks and requeues reach the socket before the connection closes
@@ -453,6 +397,15 @@ class Broker:
         await self.inbox_changed.wait()
         self.inbox_changed = trio.Event()
 
+    def wake(self) -> None:
+        """Wake whoever waits in ``wait_inbox``: what they may take has changed."""
+        self.inbox_changed.set()
+
+    @property
+    def unsettled(self) -> int:
+        """Deliveries of the current connection not yet acked or requeued on the wire."""
+        return len(self._gen.outstanding)
+
     async def set_prefetch(self, prefetch: int) -> None:
         """Consumer prefetch is fixed when a consumer starts, so re-consume to change it.
         Deliveries already outstanding stay valid on the channel."""
@@ -471,9 +424,8 @@ class Broker:
         self.paused = True
         if self.is_connected:
             await self._cancel_consumers(self._gen)
-        for message in self.inbox:
+        for message in self.inbox.clear():
             self.settle(message.generation, message.tag, requeue=True)
-        self.inbox.clear()
 
     async def resume(self) -> None:
         if not self.paused:
@@ -751,10 +703,3 @@ def _confirm_error(future: asyncio.Future[Any]) -> str | None:
     if isinstance(exc, aiormq.exceptions.ChannelClosed):
         return f"refused by the broker: {exc}"
     return f"{type(exc).__name__}: {exc}"
-
-
-def headers_json_safe(headers: Mapping[str, Any], *, lenient: bool = False) -> dict[str, Any]:
-    """AMQP header values as JSON-friendly values (datetimes and bytes become text). Values
-    nested deeper than ``limits.MAX_NESTING`` raise ``limits.TooDeep``, or with ``lenient``
-    are replaced by a placeholder (for dead letters: keep what can be read)."""
-    return {str(k): limits.json_safe(v, lenient=lenient, _depth=1) for k, v in headers.items()}

@@ -27,6 +27,14 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 
+class ApiError(Exception):
+    """An HTTP error answer: the status and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass
 class HttpProviders:
     """What the HTTP port reports, supplied by the supervisor."""
@@ -99,8 +107,6 @@ class HttpApp:
             await self._respond(send, 404, b"not found\n", "text/plain")
 
     async def _dlq_api(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        from sidecar.dlq_browser import ApiError
-
         path, method = scope["path"], scope["method"]
         query = scope.get("query_string", b"")
         try:
@@ -171,8 +177,6 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
-    from sidecar.dlq_browser import ApiError
-
     chunks: list[bytes] = []
     size = 0
     while True:

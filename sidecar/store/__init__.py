@@ -5,7 +5,8 @@ Synchronous by design: the daemon calls it via ``trio.to_thread.run_sync`` with 
 of one per store.
 """
 
-from sidecar.store.base import DeadLetterStore, StoreUnavailable, open_store, redact_url
+from sidecar.store.base import DeadLetterStore, StoreUnavailable, redact_url
+from sidecar.store.opening import open_store
 from sidecar.store.records import (
     REQUIRED_FIELDS,
     DeadLetterRecord,

@@ -7,7 +7,6 @@ with a limiter of one per store, and both backends' drivers are blocking.
 from __future__ import annotations
 
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import msgspec
@@ -28,7 +27,6 @@ __all__ = [
     "StoreUnavailable",
     "apply_put",
     "apply_reprocess",
-    "open_store",
     "redact_url",
     "scrub",
 ]
@@ -239,26 +237,3 @@ def parse_store_url(url: str) -> tuple[Literal["sqlite", "mongodb", "postgresql"
         f"unknown dead-letter store scheme {scheme!r} in {redact_url(url)!r}: use "
         "sqlite:///path.db, a plain file path, mongodb://, mongodb+srv:// or postgresql://"
     )
-
-
-def open_store(url: str, **options: Any) -> DeadLetterStore:
-    """Open the store a configuration URL names.
-
-    ``sqlite:///rel.db``, ``sqlite:////abs.db`` or a plain path -> SQLite (the default,
-    embedded); ``mongodb://`` or ``mongodb+srv://`` -> MongoDB (database from the URI
-    path, default "sidecar"); ``postgresql://`` or ``postgres://`` -> PostgreSQL, shared by
-    a fleet (libpq URL; tables in the URL's search_path). ``options`` go to the backend's
-    constructor.
-    """
-    kind, target = parse_store_url(url)
-    if kind == "sqlite":
-        from sidecar.store.sqlite import SqliteStore
-
-        return SqliteStore(target if target == ":memory:" else Path(target).expanduser(), **options)
-    if kind == "postgresql":
-        from sidecar.store.postgres import PostgresStore
-
-        return PostgresStore(target, **options)
-    from sidecar.store.mongo import MongoStore
-
-    return MongoStore(target, **options)

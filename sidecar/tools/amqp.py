@@ -15,7 +15,8 @@ import aiormq
 import aiormq.exceptions
 from aiormq.abc import DeliveredMessage
 
-from sidecar.store.base import redact_url
+from sidecar.core.port import BrokerUnavailable
+from sidecar.redact import redact_url
 
 CONNECT_TIMEOUT = 10.0
 # Properties copied verbatim on a republish (everything but headers).
@@ -34,10 +35,6 @@ PROPERTY_NAMES = (
     "app_id",
     "cluster_id",
 )
-
-
-class BrokerUnavailable(Exception):
-    """The broker cannot be reached (connection refused, bad credentials, timeout)."""
 
 
 # What the broker going away in the middle of a tool's work raises.

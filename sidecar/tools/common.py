@@ -16,27 +16,23 @@ from typing import Any
 
 import msgspec
 
-from sidecar.cli import add_config_flags, config_from_args
+from sidecar.commands import (
+    EXIT_CONFIG,
+    EXIT_PARTIAL,
+    EXIT_REFUSED,
+    EXIT_UNREACHABLE,
+    add_config_flags,
+    config_from_args,
+)
 from sidecar.config import Config
 from sidecar.store.base import (
     DeadLetterStore,
     PatternKey,
     StoreUnavailable,
-    open_store,
     redact_url,
 )
+from sidecar.store.opening import open_store
 from sidecar.store.records import RecordFilter
-
-EXIT_OK = 0
-EXIT_PARTIAL = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
-EXIT_REFUSED = 4  # not found, or refused (missing queue, no confirmation)
-EXIT_UNREACHABLE = 5  # store or broker unreachable
-
-# Test hook: SIDECAR_TOOLS_CRASH_AFTER=k makes a retry/move process os._exit(137) right after
-# the AMQP tx_commit of its k-th record (before marking it), to test crash recovery.
-CRASH_AFTER_ENV = "SIDECAR_TOOLS_CRASH_AFTER"
 
 
 class ToolError(Exception):
@@ -67,7 +63,8 @@ def tool(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespac
     @functools.wraps(fn)
     def run(args: argparse.Namespace) -> int:
 
-        from sidecar.tools.amqp import BROKER_LOST, BrokerUnavailable
+        from sidecar.core.port import BrokerUnavailable
+        from sidecar.tools.amqp import BROKER_LOST
 
         try:
             return fn(args)

@@ -11,14 +11,11 @@ from typing import Any
 
 import msgspec
 
+from sidecar.commands import EXIT_OK, EXIT_PARTIAL, EXIT_REFUSED, EXIT_USAGE
 from sidecar.store.base import DeadLetterStore, PatternKey
 from sidecar.store.records import DeadLetterRecord, PatternRow
 from sidecar.tools.amqp import Amqp, QueueMissing
 from sidecar.tools.common import (
-    EXIT_OK,
-    EXIT_PARTIAL,
-    EXIT_REFUSED,
-    EXIT_USAGE,
     WHEN_HELP,
     Progress,
     ToolError,
@@ -450,7 +447,7 @@ def send_one(
     same lock, ledger and exactly-once marking as ``dlq retry``/``dlq move``. Blocking: it
     runs its own asyncio loop and store connection (the dashboard calls it in a thread).
     Raises ToolError (refused or not found), StoreUnavailable or BrokerUnavailable."""
-    from sidecar.store.base import open_store
+    from sidecar.store.opening import open_store
 
     store = open_store(store_url)
     try:

@@ -16,11 +16,9 @@ from typing import Any
 
 import aiormq
 
+from sidecar.commands import EXIT_OK, EXIT_PARTIAL, EXIT_REFUSED
 from sidecar.tools.amqp import Amqp, QueueMissing, copy_properties
 from sidecar.tools.common import (
-    EXIT_OK,
-    EXIT_PARTIAL,
-    EXIT_REFUSED,
     Progress,
     ToolError,
     add_common,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -26,12 +25,13 @@ from typing import Any
 import aiormq
 import aiormq.exceptions
 
-from sidecar.attempts import BROKER_HEADERS, PREFIX, REPROCESSED_FROM, with_failures
+from sidecar.attempts import REPROCESSED_FROM, agent_headers, with_failures
+from sidecar.commands import EXIT_REFUSED
 from sidecar.policy.throttle import TokenBucket
 from sidecar.store.base import DeadLetterStore
 from sidecar.store.records import DeadLetterRecord
 from sidecar.tools.amqp import Amqp, QueueLocked, QueueMissing, properties_from_record
-from sidecar.tools.common import CRASH_AFTER_ENV, EXIT_REFUSED, ToolError
+from sidecar.tools.common import ToolError
 
 LEDGER_QUEUE = "sidecar.dlq.ledger"
 LOCK_QUEUE = "sidecar.dlq.lock"
@@ -44,11 +44,7 @@ def new_token(kind: str) -> str:
 def republish_headers(record: DeadLetterRecord) -> dict[str, Any]:
     """The original headers, attempt state reset (no x-sidecar-*), plus the provenance and
     the failure history, so a record dead-lettered again still shows its earlier failures."""
-    headers = {
-        k: v
-        for k, v in record.headers.items()
-        if not k.startswith(PREFIX) and k not in BROKER_HEADERS
-    }
+    headers = agent_headers(record.headers)
     headers[REPROCESSED_FROM] = record.id
     return with_failures(headers, record.failures) if record.failures else headers
 
@@ -89,9 +85,6 @@ class Republisher:
         self.store = store
         self.tool = tool
         self.token = token
-        self.committed = 0
-        crash = os.environ.get(CRASH_AFTER_ENV, "").strip()
-        self.crash_after = int(crash) if crash.isdigit() else None
         self._tx: Any = None
         self._get: Any = None
         self._check: Any = None
@@ -225,9 +218,6 @@ class Republisher:
                 await asyncio.shield(self._tx.tx_rollback())
                 self.store.cancel_retry(record.id, self.token)
             raise
-        self.committed += 1
-        if self.crash_after is not None and self.committed >= self.crash_after:
-            os._exit(137)  # test hook: die between the commit and the mark
         self.store.mark_reprocessed(
             record.id,
             token=self.token,

@@ -8,19 +8,10 @@ import sys
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from sidecar.commands import EXIT_OK, EXIT_REFUSED, EXIT_USAGE
 from sidecar.policy.scaling import ScalingPolicy, recommended_consumers, scaling_event
 from sidecar.tools.amqp import Amqp, QueueMissing
-from sidecar.tools.common import (
-    EXIT_OK,
-    EXIT_REFUSED,
-    EXIT_USAGE,
-    ToolError,
-    add_common,
-    emit_json,
-    load,
-    table,
-    tool,
-)
+from sidecar.tools.common import ToolError, add_common, emit_json, load, table, tool
 
 
 @tool

@@ -13,20 +13,10 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from sidecar.commands import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE
 from sidecar.config import parse_host_port
-from sidecar.observability import dlq_health
-from sidecar.tools.common import (
-    EXIT_OK,
-    EXIT_UNREACHABLE,
-    EXIT_USAGE,
-    ToolError,
-    add_common,
-    emit_json,
-    load,
-    store_from,
-    table,
-    tool,
-)
+from sidecar.runtime.observability import dlq_health
+from sidecar.tools.common import ToolError, add_common, emit_json, load, store_from, table, tool
 
 DEFAULT_URL = "http://127.0.0.1:9090"
 # A daemon listening on every interface is reached on loopback from the same machine.

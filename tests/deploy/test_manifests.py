@@ -264,7 +264,7 @@ def test_the_default_is_a_shared_store() -> None:
 
 def open_store_kind(url: str) -> str:
     """Which backend open_store picks for a URL (constructed lazily, never connected)."""
-    from sidecar.store.base import open_store
+    from sidecar.store.opening import open_store
 
     store = open_store(url)
     try:

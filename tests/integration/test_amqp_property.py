@@ -23,16 +23,17 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from sidecar import attempts
-from sidecar.adapters.broker import tier_queue_name
 from sidecar.client import open_agent
+from sidecar.core.messages import tier_queue_name
 from sidecar.store.records import RecordFilter
-from tests.conftest import (
+from tests.helpers import (
     TEST_TIERS,
     amqp,
     delete_queues,
     make_config,
     queue_count,
     running_sidecar,
+    until,
 )
 
 pytestmark = pytest.mark.integration
@@ -202,8 +203,7 @@ async def test_any_amqp_message_ends_acked_or_dead_lettered(tmp_path_factory, ra
                 assert not acked & dead
                 assert sidecar.broker.reconnects == 0, sidecar.broker.last_error
                 assert sidecar.broker.is_connected
-                while sidecar.broker._gen.outstanding:
-                    await trio.sleep(0.05)
+                await until(lambda: not sidecar.broker.unsettled)
         assert await queue_count(queue) == 0
     finally:
         await trio.to_thread.run_sync(

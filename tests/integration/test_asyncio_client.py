@@ -9,7 +9,14 @@ import pytest
 import trio
 
 from sidecar.client_asyncio import AsyncioAgent
-from tests.conftest import delete_queues, make_config, publish_many, queue_count, running_sidecar
+from tests.helpers import (
+    delete_queues,
+    make_config,
+    publish_many,
+    queue_count,
+    running_sidecar,
+    until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +53,7 @@ async def test_asyncio_agent_consumes_acks_and_publishes(tmp_path, unique_queue)
                 seen, published = await trio.to_thread.run_sync(
                     run_asyncio_agent, config.agent.socket, queue, n
                 )
-                while sidecar.broker._gen.outstanding:
-                    await trio.sleep(0.05)
+                await until(lambda: not sidecar.broker.unsettled)
         assert sorted(seen) == sorted(f"{i}".encode() for i in range(n))
         assert published
         assert await queue_count(queue) == 0
@@ -101,8 +107,7 @@ async def test_asyncio_handler_loop_maps_exceptions_to_reasons(tmp_path, unique_
             result = await trio.to_thread.run_sync(
                 run_asyncio_handler_agent, config.agent.socket, queue
             )
-            while sidecar.engine.sessions:
-                await trio.sleep(0.05)
+            await until(lambda: not sidecar.engine.sessions)
             records = sidecar.store.find()
             counts = dict(sidecar.engine.counts)
     seen = result["seen"]

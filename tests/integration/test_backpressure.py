@@ -13,7 +13,7 @@ from sidecar import protocol as p
 from sidecar.client import open_agent
 from sidecar.metrics import LEVELS
 from sidecar.policy.breaker import BreakerState
-from tests.conftest import make_config, publish_many, queue_count, running_sidecar
+from tests.helpers import make_config, publish_many, queue_count, running_sidecar, until
 
 pytestmark = pytest.mark.integration
 
@@ -154,8 +154,7 @@ async def test_deep_target_queue_throttles_publishes_and_loses_none(tmp_path, un
     results: list[p.Published] = []
     with trio.fail_after(60):
         async with running_sidecar(config) as sidecar:
-            while sidecar.gate.depths.get(target, 0) < 600:
-                await trio.sleep(0.05)
+            await until(lambda: not (sidecar.gate.depths.get(target, 0) < 600))
             async with (
                 open_agent(config.agent.socket, agent="producer", queues=[]) as agent,
                 trio.open_nursery() as nursery,
@@ -168,15 +167,14 @@ async def test_deep_target_queue_throttles_publishes_and_loses_none(tmp_path, un
 
                 nursery.start_soon(publish_held)
                 (session,) = sidecar.sessions.values()
-                while session._queued_count == 0:
-                    await trio.sleep(0.02)
+                await until(lambda: session.queued_publishes != 0)
                 await trio.sleep(0.3)
-                assert held == [] and session._queued_count == 1
+                assert held == [] and session.queued_publishes == 1
                 # Drain the backlog to 100; publishing 60 more keeps it under EMERGENCY while the
                 # adaptive rate stays at or below the base 20/s.
 
                 async def shrink() -> None:
-                    from tests.conftest import amqp
+                    from tests.helpers import amqp
 
                     async def go(channel):
                         for _ in range(500):
@@ -186,8 +184,7 @@ async def test_deep_target_queue_throttles_publishes_and_loses_none(tmp_path, un
                     await amqp(go)
 
                 await shrink()
-                while sidecar.gate.depths.get(target, 0) > 100:
-                    await trio.sleep(0.05)
+                await until(lambda: not (sidecar.gate.depths.get(target, 0) > 100))
                 start = trio.current_time()
                 for i in range(60):
                     results.append(await agent.publish(f"n{i}".encode(), queue=target))
@@ -206,12 +203,10 @@ async def test_backlog_of_200_raises_recommended_consumers(tmp_path, unique_queu
     await publish_many(queue, [])
     with trio.fail_after(30):
         async with running_sidecar(config) as sidecar:
-            while queue not in sidecar.monitor.queues:
-                await trio.sleep(0.05)
+            await until(lambda: not (queue not in sidecar.monitor.queues))
             initial = sidecar.monitor.queues[queue].recommended_consumers
             await publish_many(queue, [b"job"] * 200)
-            while sidecar.monitor.queues[queue].depth < 200:
-                await trio.sleep(0.05)
+            await until(lambda: not (sidecar.monitor.queues[queue].depth < 200))
             final = sidecar.monitor.queues[queue].recommended_consumers
             level = sidecar.monitor.queues[queue].level
     assert initial == 1
@@ -222,7 +217,7 @@ async def test_backlog_of_200_raises_recommended_consumers(tmp_path, unique_queu
 async def test_keyed_breaker_pauses_only_the_failing_host(tmp_path, unique_queue):
     """Keyed by a header naming the target host: one failing site opens its own breaker and
     its messages wait uncharged, while the other site's messages keep flowing."""
-    from tests.conftest import amqp
+    from tests.helpers import amqp
 
     queue = unique_queue()
 

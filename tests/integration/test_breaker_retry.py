@@ -13,14 +13,9 @@ from sidecar import protocol as p
 from sidecar.client import UnknownDelivery, UnknownReason, open_agent
 from sidecar.policy.breaker import BreakerState
 from sidecar.store.records import RecordFilter
-from tests.conftest import make_config, publish_many, queue_count, running_sidecar
+from tests.helpers import make_config, publish_many, queue_count, running_sidecar, until
 
 pytestmark = pytest.mark.integration
-
-
-async def wait_until(condition, poll: float = 0.02) -> None:
-    while not condition():
-        await trio.sleep(poll)
 
 
 async def test_permanent_failures_never_trip_the_breaker(tmp_path, unique_queue):
@@ -52,7 +47,7 @@ async def test_permanent_failures_never_trip_the_breaker(tmp_path, unique_queue)
                         assert answered_bad == len(bad)
                         assert breaker.state(trio.current_time()) is BreakerState.CLOSED
                         await agent.fail(m.id, "NETWORK_ERROR", "connect ECONNREFUSED")
-            await wait_until(lambda: sidecar.store.count(RecordFilter(queue=queue)) == len(bad))
+            await until(lambda: sidecar.store.count(RecordFilter(queue=queue)) == len(bad))
             counts = dict(sidecar.engine.counts)
     assert breaker.trips == 1  # the five network errors, and only they, opened it
     assert counts["dead_lettered"] == len(bad)
@@ -133,9 +128,7 @@ async def test_a_deadline_notice_says_truthfully_whether_it_was_charged(tmp_path
                 for m in await agent.pull(4, wait=0.2):
                     handed[m.id] = m  # never answered: every one expires
                     history[m.message_id or ""].append(m)
-            await wait_until(
-                lambda: len([e for e in agent.errors]) >= sum(map(len, history.values()))
-            )
+            await until(lambda: len([e for e in agent.errors]) >= sum(map(len, history.values())))
             notices = {e.ref: e.message for e in agent.errors if e.code == "deadline_expired"}
             records = sidecar.store.find(RecordFilter(queue=queue), limit=100)
     charged_notices = uncharged_notices = 0
@@ -177,7 +170,7 @@ async def test_half_open_hands_out_one_probe_and_charges_its_failure(tmp_path, u
                 first += await agent.pull(2 - len(first), wait=5)
             for m in first:
                 await agent.fail(m.id, "NETWORK_ERROR", "connect ECONNREFUSED")
-            await wait_until(lambda: breaker.trips == 1)
+            await until(lambda: breaker.trips == 1)
             # Half-open: one probe, and nothing more until it is answered.
             probe: list[p.Delivery] = []
             while not probe:
@@ -186,7 +179,7 @@ async def test_half_open_hands_out_one_probe_and_charges_its_failure(tmp_path, u
             assert await agent.pull(10, wait=0.3) == []
             retried, parked = engine.counts["retried"], engine.counts["parked"]
             await agent.fail(probe[0].id, "NETWORK_ERROR", "still down")
-            await wait_until(lambda: breaker.trips == 2)
+            await until(lambda: breaker.trips == 2)
             assert engine.counts["retried"] == retried + 1  # charged like any failure
             assert engine.counts["parked"] == parked
             # The next probe succeeds and closes it; work flows in full batches again.
@@ -195,7 +188,7 @@ async def test_half_open_hands_out_one_probe_and_charges_its_failure(tmp_path, u
                 probe = await agent.pull(10, wait=0.5)
             assert len(probe) == 1
             await agent.ack([probe[0].id])
-            await wait_until(lambda: breaker.state(trio.current_time()) is BreakerState.CLOSED)
+            await until(lambda: breaker.state(trio.current_time()) is BreakerState.CLOSED)
             batch = await agent.pull(10, wait=5)
             assert len(batch) > 1
             await agent.ack([m.id for m in batch])
@@ -227,7 +220,7 @@ async def test_declared_reasons_are_accepted_and_undeclared_ones_refused_at_once
                 await agent.fail(m.id, "HTTP_504", "gateway timeout")  # raised at the call
             # A client that does not check sends it anyway: refused at once, still held.
             await agent.send(p.Fail(id=m.id, reason="HTTP_504"))
-            await wait_until(lambda: any(e.code == "unknown_reason" for e in agent.errors))
+            await until(lambda: any(e.code == "unknown_reason" for e in agent.errors))
             refused = next(e for e in agent.errors if e.code == "unknown_reason")
             assert refused.ref == m.id and "HTTP_503" in refused.message
             assert sidecar.engine.owned_by(next(iter(sidecar.engine.sessions)), m.id)
@@ -258,10 +251,8 @@ async def test_unknown_delivery_names_the_unknown_ids(tmp_path, unique_queue):
             assert caught.value.ids == [999_998]
             await agent.send(p.Ack(ids=[held[0].id, 999_998, 999_999]))
             await agent.send(p.Extend(ids=[999_997, held[1].id], seconds=5))
-            await wait_until(
-                lambda: len([e for e in agent.errors if e.code == "unknown_delivery"]) == 2
-            )
+            await until(lambda: len([e for e in agent.errors if e.code == "unknown_delivery"]) == 2)
             errors = [e for e in agent.errors if e.code == "unknown_delivery"]
             await agent.ack([held[1].id])
-            await wait_until(lambda: sidecar.engine.counts["acked"] == 2)
+            await until(lambda: sidecar.engine.counts["acked"] == 2)
     assert [e.ids for e in errors] == [[999_998, 999_999], [999_997]]

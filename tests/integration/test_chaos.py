@@ -12,7 +12,7 @@ from sidecar.client import open_agent
 from sidecar.policy.failure import PERMANENT_REASONS
 from sidecar.store.base import StoreUnavailable
 from sidecar.store.records import RecordFilter, missing_fields
-from tests.conftest import make_config, publish_many, queue_count, running_sidecar
+from tests.helpers import make_config, publish_many, queue_count, running_sidecar
 from tests.integration.test_flow import _close_connections
 
 pytestmark = pytest.mark.integration

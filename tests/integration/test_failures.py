@@ -11,7 +11,7 @@ import trio
 
 from sidecar.client import open_agent
 from sidecar.store.records import RecordFilter, missing_fields
-from tests.conftest import make_config, publish_many, queue_count, running_sidecar
+from tests.helpers import make_config, publish_many, queue_count, running_sidecar, until
 
 pytestmark = pytest.mark.integration
 
@@ -77,8 +77,7 @@ async def test_permanent_failure_is_dead_lettered_at_once(tmp_path, unique_queue
             async with open_agent(config.agent.socket, agent="t", queues=[queue]) as agent:
                 m = (await agent.pull(1, wait=5))[0]
                 await agent.fail(m.id, "VALIDATION_FAILED", "missing field url")
-                while sidecar.store.count() == 0:
-                    await trio.sleep(0.05)
+                await until(lambda: sidecar.store.count() != 0)
             record = sidecar.store.find()[0]
     assert (record.failureReason, record.attemptCount) == ("VALIDATION_FAILED", 1)
     assert record.rawBody == b"not json" and record.errorMessage == "missing field url"
@@ -145,8 +144,7 @@ async def test_agent_crash_with_several_unanswered_charges_none_and_isolates_the
             async with open_agent(config.agent.socket, agent="t", queues=[queue]) as agent:
                 assert len(await agent.pull(3, wait=5)) == 3
                 await agent.ws._stream.aclose()  # vanish without a WebSocket close
-            while sidecar.engine.sessions:
-                await trio.sleep(0.05)
+            await until(lambda: not sidecar.engine.sessions)
             async with open_agent(config.agent.socket, agent="t", queues=[queue]) as agent:
                 got = []
                 while len(got) < 3:
@@ -196,8 +194,7 @@ async def test_dead_lettered_message_retried_succeeds_and_shows_reprocessed(tmp_
                 (m,) = batch
                 assert m.attempt == 1  # a fresh start after an operator's retry
                 await agent.ack([m.id])
-                while sidecar.broker._gen.outstanding:
-                    await trio.sleep(0.05)
+                await until(lambda: not sidecar.broker.unsettled)
             record = sidecar.store.get(record_id)
     assert record is not None and record.reprocessed and record.reprocessCount == 1
     assert record.reprocessTarget == queue

@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from sidecar.client import open_agent
-from tests.conftest import make_config, publish_many, queue_count, running_sidecar
+from tests.helpers import make_config, publish_many, queue_count, running_sidecar, until
 
 pytestmark = pytest.mark.integration
 
@@ -29,8 +29,7 @@ async def test_thousand_messages_flow_through_in_batches(tmp_path, unique_queue)
                     seen += [m.body for m in batch]
                     await agent.ack([m.id for m in batch])
                 # Acks are asynchronous: wait until the broker has them all.
-                while sidecar.broker._gen.outstanding:
-                    await trio.sleep(0.05)
+                await until(lambda: not sidecar.broker.unsettled)
             counts = dict(sidecar.engine.counts)
     assert sorted(seen) == sorted(f"job-{i}".encode() for i in range(n))
     assert max(batch_sizes) == 50
@@ -95,8 +94,7 @@ async def test_broker_connection_drop_mid_stream_loses_nothing(tmp_path, unique_
                         dropped = True
                     processed |= {m.body for m in batch}
                     await agent.ack([m.id for m in batch])
-                while sidecar.broker._gen.outstanding:
-                    await trio.sleep(0.05)
+                await until(lambda: not sidecar.broker.unsettled)
             stale = sidecar.engine.counts["stale"]
             reconnects = sidecar.broker.reconnects
     assert processed == {f"job-{i}".encode() for i in range(n)}
@@ -115,8 +113,7 @@ async def test_sigterm_style_drain_requeues_and_never_dead_letters(tmp_path, uni
                 held = await agent.pull(3, wait=2.0)
                 assert len(held) == 3
                 sidecar.stop()  # what SIGTERM does
-                while sidecar.engine.in_flight:
-                    await trio.sleep(0.05)
+                await until(lambda: not sidecar.engine.in_flight)
             counts = dict(sidecar.engine.counts)
     assert counts["dead_lettered"] == 0 and counts["failed"] == 0
     assert await queue_count(queue) == 3

@@ -15,7 +15,7 @@ from sidecar import protocol as p
 from sidecar.adapters.agent_socket import SocketPathError, prepare_socket_path
 from sidecar.client import AgentClient, connect_unix, open_agent
 from sidecar.store.records import RecordFilter
-from tests.conftest import make_config, publish_many, queue_count, running_sidecar
+from tests.helpers import make_config, publish_many, queue_count, running_sidecar, until
 from tests.integration.test_chaos import OutageSwitch
 
 pytestmark = pytest.mark.integration
@@ -102,8 +102,9 @@ async def test_broker_down_at_start_then_up_then_restarting_mid_stream(tmp_path,
                         proxy.stop()  # the broker "restarts": every connection is cut
                         await trio.sleep(1.0)
                         proxy.start()
-                while sidecar.broker._gen.outstanding or not sidecar.broker.is_connected:
-                    await trio.sleep(0.05)
+                await until(
+                    lambda: not (sidecar.broker.unsettled or not sidecar.broker.is_connected)
+                )
             reconnects = sidecar.broker.reconnects
             await sidecar.obs.refresh()
             counted = sidecar.metrics.broker_reconnects._value.get()
@@ -136,24 +137,21 @@ async def test_full_disk_stops_taking_work_instead_of_losing_it(tmp_path, unique
             async with open_agent(config.agent.socket, agent="t", queues=[queue]) as agent:
                 m = (await agent.pull(1, wait=5))[0]
                 await agent.fail(m.id, "VALIDATION_FAILED", "bad")
-                while sidecar.dlq.healthy:
-                    await trio.sleep(0.05)
+                await until(lambda: not sidecar.dlq.healthy)
                 ready, detail = sidecar.ready()
                 assert not ready and detail["store_writable"] is False
                 assert await agent.pull(5, wait=0.5) == []  # no new work while unwritable
-                assert sidecar.broker._gen.outstanding  # the failed message is not acked
+                assert sidecar.broker.unsettled  # the failed message is not acked
                 # The disk frees up and the store returns: the record lands, work resumes.
                 sidecar.store._append = spool_append
                 switch.down = False
-                while not sidecar.dlq.healthy or sidecar.store.count() == 0:
-                    await trio.sleep(0.05)
+                await until(lambda: not (not sidecar.dlq.healthy or sidecar.store.count() == 0))
                 rest = []
                 while len(rest) < 3:
                     batch = await agent.pull(5, wait=1)
                     rest += batch
                     await agent.ack([x.id for x in batch])
-                while sidecar.broker._gen.outstanding:
-                    await trio.sleep(0.05)
+                await until(lambda: not sidecar.broker.unsettled)
             dead = sidecar.store.find(RecordFilter(queue=queue))
     assert [r.rawBody for r in dead] == [m.body]
     assert await queue_count(queue) == 0
@@ -183,8 +181,7 @@ async def test_agent_that_never_reads_is_dropped_and_its_work_requeued(tmp_path,
                         dropped = True
                 nursery.cancel_scope.cancel()
             assert dropped, "the sidecar kept a connection it could not write to"
-            while sidecar.engine.sessions:
-                await trio.sleep(0.05)
+            await until(lambda: not sidecar.engine.sessions)
             async with open_agent(config.agent.socket, agent="t", queues=[queue]) as agent:
                 got = []
                 while len(got) < 5:
@@ -220,8 +217,7 @@ async def test_many_agents_connecting_at_once_all_get_served(tmp_path, unique_qu
                 for k in range(n_agents):
                     nursery.start_soon(one, k)
             # Each close reaches the sidecar a moment after its client returns.
-            while sidecar.engine.sessions:
-                await trio.sleep(0.05)
+            await until(lambda: not sidecar.engine.sessions)
             sessions_gauge = sidecar.metrics.agents._value.get()
     assert sorted(seen) == sorted(f"{i}".encode() for i in range(n))
     assert len(served) > n_agents // 2
@@ -241,8 +237,7 @@ async def test_slow_agent_extends_its_deadline_and_is_not_charged(tmp_path, uniq
                     await agent.extend([m.id], 0.5)
                     await trio.sleep(0.3)
                 await agent.ack([m.id])
-                while sidecar.broker._gen.outstanding:
-                    await trio.sleep(0.05)
+                await until(lambda: not sidecar.broker.unsettled)
             counts = dict(sidecar.engine.counts)
     assert counts["timeouts"] == 0 and counts["acked"] == 1 and counts["failed"] == 0
 
@@ -313,8 +308,7 @@ async def test_secrets_never_reach_the_log(tmp_path, unique_queue, caplog):
             ) as agent:
                 m = (await agent.pull(1, wait=5))[0]
                 await agent.fail(m.id, "VALIDATION_FAILED", "bad")
-                while sidecar.store.count() == 0:
-                    await trio.sleep(0.05)
+                await until(lambda: sidecar.store.count() != 0)
     text = caplog.text
     assert "broker amqp://127.0.0.1:5672/" in text  # the broker URL was logged, redacted
     assert ":guest@" not in text

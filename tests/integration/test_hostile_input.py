@@ -16,10 +16,10 @@ import trio
 from sidecar import attempts
 from sidecar import protocol as p
 from sidecar.client import open_agent
-from sidecar.engine import MALFORMED_MESSAGE
+from sidecar.runtime.engine import MALFORMED_MESSAGE
 from sidecar.store.records import RecordFilter
 from sidecar.supervisor import Sidecar
-from tests.conftest import amqp, make_config, queue_count, running_sidecar
+from tests.helpers import amqp, make_config, queue_count, running_sidecar, until
 
 pytestmark = pytest.mark.integration
 
@@ -54,11 +54,6 @@ async def make_exchange(exchange: str, queue: str) -> None:
     await amqp(go)
 
 
-async def wait_for(predicate: Any, what: str) -> None:
-    while not predicate():
-        await trio.sleep(0.05)
-
-
 async def consume_all(
     sidecar: Sidecar, socket: str, queue: str, total: int, *, fail: Any = None
 ) -> dict[str, int]:
@@ -91,7 +86,7 @@ async def test_a_timestamp_of_2_63_does_not_loop_the_connection(tmp_path, unique
             assert sidecar.engine.counts["acked"] == 5
             assert sidecar.broker.reconnects == 0
             assert sidecar.broker.is_connected
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await until(lambda: not sidecar.broker.unsettled)
     assert await queue_count(queue) == 0
 
 
@@ -149,7 +144,7 @@ async def test_poison_headers_and_bodies_never_crash_the_daemon(tmp_path, unique
             deep = next(r for r in records if r.headers["case"] == "deep json body")
             assert deep.rawBody == POISON[4][2]
             assert sidecar.broker.reconnects == 0
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await until(lambda: not sidecar.broker.unsettled)
     assert await queue_count(queue) == 0
 
 
@@ -161,14 +156,14 @@ async def test_an_unhandable_message_is_dead_lettered_as_malformed(tmp_path, uni
     config = make_config(tmp_path, [queue])
     with trio.fail_after(60):
         async with running_sidecar(config) as sidecar:
-            original = sidecar.engine._hand_out
+            original = sidecar.engine.ledger._hand_out
 
             def hand_out(session: int, info: Any, message: Any, *args: Any, **kw: Any) -> Any:
                 if message.body == b"poison":
                     raise OverflowError("cannot carry this message")
                 return original(session, info, message, *args, **kw)
 
-            sidecar.engine._hand_out = hand_out  # type: ignore[method-assign]
+            sidecar.engine.ledger._hand_out = hand_out  # type: ignore[method-assign]
             await publish_raw(
                 queue, [(b"poison", {"headers": {"h": "v"}}), (b"fine", {"headers": {}})]
             )
@@ -178,7 +173,7 @@ async def test_an_unhandable_message_is_dead_lettered_as_malformed(tmp_path, uni
             assert record.rawBody == b"poison" and record.headers == {"h": "v"}
             assert "OverflowError" in record.errorMessage
             assert sidecar.engine.counts["acked"] == 1
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await until(lambda: not sidecar.broker.unsettled)
     assert await queue_count(queue) == 0
 
 
@@ -199,12 +194,12 @@ async def test_a_publish_header_amqp_cannot_carry_is_refused(tmp_path, unique_qu
                 for bad in ({"h": math.inf}, {"h": math.nan}, {"h": 2**64 - 1}):
                     before = len(agent.errors)
                     await agent.send(p.Publish(ref=7, body=b"x", queue=target, headers=bad))
-                    await wait_for(lambda n=before: len(agent.errors) > n, "refusal")
+                    await until(lambda n=before: len(agent.errors) > n)
                     assert agent.errors[-1].code == "invalid_publish"
                     assert agent.errors[-1].ref == 7
                 ok = await agent.publish(b"fine", queue=target, headers={"h": 1.5})
                 assert ok.ok
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await until(lambda: not sidecar.broker.unsettled)
             assert sidecar.broker.reconnects == 0
     assert await queue_count(queue) == 0
     assert await queue_count(target) == 1
@@ -246,7 +241,7 @@ async def test_a_publish_to_a_missing_exchange_breaks_nothing_else(tmp_path, uni
             ready, detail = sidecar.ready()
             assert ready and detail["publish_path"] is True
             assert sidecar.broker.reconnects == 0
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await until(lambda: not sidecar.broker.unsettled)
     assert await queue_count(target) == 6
     assert await queue_count(queue) == 0
 
@@ -264,10 +259,10 @@ async def test_a_long_error_string_is_cut_at_the_edge(tmp_path, unique_queue):
                 while not got:
                     got = await agent.pull(1, wait=1)
                 await agent.fail(got[0].id, "VALIDATION_FAILED", "a@" * 65_000)
-                await wait_for(lambda: sidecar.store.count() == 1, "dead letter")
+                await until(lambda: sidecar.store.count() == 1)
             (record,) = sidecar.store.find(RecordFilter(queue=queue))
             assert len(record.errorMessage) == 1024
-            await wait_for(lambda: not sidecar.broker._gen.outstanding, "acks flushed")
+            await until(lambda: not sidecar.broker.unsettled)
 
 
 def test_deep_frames_are_refused_over_the_wire_vectors() -> None:

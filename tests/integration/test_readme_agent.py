@@ -14,12 +14,13 @@ import pytest
 import trio
 
 from sidecar.store.records import RecordFilter
-from tests.conftest import (
+from tests.helpers import (
     make_config,
     publish_many,
     queue_count,
     record_session_ends,
     running_sidecar,
+    until,
 )
 
 pytestmark = pytest.mark.integration
@@ -67,8 +68,7 @@ async def test_readme_agent_runs_as_written_and_stops_cleanly_on_ctrl_c(tmp_path
                     await process.wait()
             assert process.stderr is not None
             stderr = (await process.stderr.receive_some(1 << 20) or b"").decode()
-            while engine.sessions:
-                await trio.sleep(0.05)
+            await until(lambda: not engine.sessions)
             records = sidecar.store.find(RecordFilter(queue=queue), limit=10)
             counts = dict(engine.counts)
     assert process.returncode == 130
@@ -125,8 +125,7 @@ async def test_asyncio_agent_stops_cleanly_on_ctrl_c(tmp_path, unique_queue):
                     await process.wait()
             assert process.stderr is not None
             stderr = (await process.stderr.receive_some(1 << 20) or b"").decode()
-            while engine.sessions:
-                await trio.sleep(0.05)
+            await until(lambda: not engine.sessions)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
     assert ended == [False]  # a clean close (1000), not a crash

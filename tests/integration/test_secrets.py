@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from sidecar.supervisor import Sidecar
-from tests.conftest import make_config
+from tests.helpers import make_config, until
 from tests.observability._http import http
 
 pytestmark = pytest.mark.integration
@@ -75,8 +75,7 @@ async def test_a_full_run_prints_no_secret(
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(sidecar.run)
-            while not sidecar.broker.last_error:
-                await trio.sleep(0.05)
+            await until(lambda: sidecar.broker.last_error)
             assert sidecar.http_port is not None
             pages = {}
             for path in ("/status", "/metrics", "/readyz"):

@@ -19,17 +19,16 @@ from typing import Any
 import pytest
 import trio
 
-from sidecar.dlq import DeadLetterWriter
 from sidecar.metrics import Metrics
-from sidecar.observability import DLQ_REFRESH, Observability
 from sidecar.policy.breaker import BreakerConfig, BreakerState, KeyedBreakers
 from sidecar.policy.failure import error_signature
 from sidecar.policy.pressure import PressureLevel
-from sidecar.store.base import open_store
+from sidecar.runtime.dlq import DeadLetterWriter
+from sidecar.runtime.observability import DLQ_REFRESH, Observability
+from sidecar.store.opening import open_store
 from sidecar.store.records import PatternRow
 from sidecar.store.spool import SpoolingStore
-from tests.conftest import make_config
-from tests.observability._wait import until
+from tests.helpers import make_config, until
 from tests.store.contract import make_record
 
 # --- stand-ins ---------------------------------------------------------------------------

@@ -17,8 +17,7 @@ import pytest
 import trio
 
 from sidecar.client import open_agent
-from tests.conftest import make_config, publish_many, running_sidecar
-from tests.observability._wait import until
+from tests.helpers import make_config, publish_many, running_sidecar, until
 
 try:
     from selenium import webdriver

@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.conftest import make_config, queue_count, running_sidecar
-from tests.observability._wait import until
+from tests.helpers import make_config, queue_count, running_sidecar, until
 from tests.observability.test_dashboard_browser import (
     CHROMEDRIVER,
     CHROMIUM,

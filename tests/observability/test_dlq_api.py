@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from sidecar.store.records import DeadLetterRecord
-from tests.conftest import amqp, make_config, queue_count, running_sidecar
+from tests.helpers import amqp, make_config, queue_count, running_sidecar
 from tests.observability._http import http
 from tests.store.contract import make_record
 

@@ -18,10 +18,9 @@ import pytest
 import trio
 
 from sidecar.client import open_agent
-from tests.conftest import make_config, publish_many, running_sidecar
 from tests.deploy.test_manifests import METRIC_RE, exposed_sample_names
+from tests.helpers import make_config, publish_many, running_sidecar, until
 from tests.observability._http import http
-from tests.observability._wait import until
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "sidecar-fleet.json"
 PROMETHEUS = shutil.which("prometheus")

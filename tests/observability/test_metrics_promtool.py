@@ -9,9 +9,8 @@ import pytest
 import trio
 
 from sidecar.client import open_agent
-from tests.conftest import make_config, publish_many, running_sidecar
+from tests.helpers import make_config, publish_many, running_sidecar, until
 from tests.observability._http import http
-from tests.observability._wait import until
 
 PROMTOOL = shutil.which("promtool")
 

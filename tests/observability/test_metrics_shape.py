@@ -10,11 +10,10 @@ import pytest
 import trio
 
 from sidecar.client import open_agent
-from sidecar.store.base import open_store
+from sidecar.store.opening import open_store
 from sidecar.store.records import RecordFilter
-from tests.conftest import make_config, publish_many, running_sidecar
+from tests.helpers import make_config, publish_many, running_sidecar, until
 from tests.observability._http import http
-from tests.observability._wait import until
 from tests.observability.test_alerts import make_obs
 from tests.store.contract import make_record
 

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from sidecar.client import open_agent
-from tests.conftest import amqp, make_config, publish_many, queue_count, running_sidecar
+from tests.helpers import amqp, make_config, publish_many, queue_count, running_sidecar
 from tests.observability._http import get_json, http
 
 pytestmark = pytest.mark.integration
@@ -125,11 +125,11 @@ async def test_readyz_is_503_while_draining(tmp_path, unique_queue):
     config = make_config(tmp_path, [queue])
     with trio.fail_after(30):
         async with running_sidecar(config) as sidecar:
-            sidecar.engine.draining = True
+            sidecar.engine.ledger.draining = True
             try:
                 code, _, body = await http(sidecar.http_port, "/readyz")
             finally:
-                sidecar.engine.draining = False
+                sidecar.engine.ledger.draining = False
     assert code == 503
     assert json.loads(body) == {
         "ready": False,

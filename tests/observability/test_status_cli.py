@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from sidecar.client import open_agent
-from tests.conftest import make_config, publish_many, running_sidecar
+from tests.helpers import make_config, publish_many, running_sidecar, until
 from tests.observability._http import get_json
 
 pytestmark = pytest.mark.integration
@@ -56,8 +56,7 @@ async def test_status_finds_the_daemon_and_shows_the_breaker(tmp_path, unique_qu
                     for m in await agent.pull(1, wait=0.5):
                         await agent.fail(m.id, "NETWORK_ERROR", "connection reset")
                         failed += 1
-                while (await get_json(port, "/status"))["summary"]["breaker"]["state"] != "OPEN":
-                    await trio.sleep(0.05)
+                await until(lambda: _breaker_is(port, "OPEN"))
 
                 out = await status_cli("--config", str(config_file))
                 assert out.returncode == 0, out.stderr
@@ -97,3 +96,7 @@ async def test_status_address_errors_are_one_line() -> None:
         assert "expected HOST:PORT or an http:// URL" in out.stderr
         out = await status_cli("--http", "nonsense")
         assert out.returncode == 2
+
+
+async def _breaker_is(port: int, state: str) -> bool:
+    return (await get_json(port, "/status"))["summary"]["breaker"]["state"] == state

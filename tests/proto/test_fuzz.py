@@ -33,7 +33,7 @@ from sidecar import protocol as p
 from sidecar.config import load_config
 from sidecar.metrics import Metrics
 from sidecar.policy.failure import DEFAULT_REASONS
-from sidecar.session import Session
+from sidecar.runtime.session import Session
 from tests.proto._util import PROTO
 
 CODEC = p.Codec()
@@ -224,10 +224,12 @@ CONFIG = load_config(environ={}, overrides={"throttle": {"queue": 1}})
 
 
 def make_session(*, over_tcp: bool = False) -> Session:
+    engine = FakeEngine()
     session = Session(
         None,  # type: ignore[arg-type]  # never touched by _dispatch
         config=CONFIG,
-        engine=FakeEngine(),  # type: ignore[arg-type]
+        engine=engine,  # type: ignore[arg-type]
+        broker=engine.broker,  # type: ignore[arg-type]
         gate=FakeGate(),  # type: ignore[arg-type]
         metrics=Metrics(),
         codec=CODEC,
@@ -298,7 +300,7 @@ def test_session_dispatch(frames: list[tuple[dict[str, Any], bool]], pulling: bo
     session.pulling = pulling
     for obj, binary in frames:
         data = msgspec.msgpack.encode(obj) if binary else msgspec.json.encode(obj).decode()
-        session._dispatch(data)  # must not raise
+        session.dispatch(data)  # must not raise
     for frame in answers(session):
         assert isinstance(frame, p.Error | p.Published | p.Heartbeat), frame
         if isinstance(frame, p.Error):
@@ -338,16 +340,16 @@ def test_check_hello(hello: p.Hello, over_tcp: bool) -> None:
 def test_session_dispatch_answers_in_order() -> None:
     """A sanity check that the fake-engine session really answers (the fuzz is not vacuous)."""
     session = make_session()
-    session._dispatch('{"kind":"ack","ids":[1,99]}')
-    session._dispatch('{"kind":"heartbeat","ts":5}')
-    session._dispatch(
+    session.dispatch('{"kind":"ack","ids":[1,99]}')
+    session.dispatch('{"kind":"heartbeat","ts":5}')
+    session.dispatch(
         msgspec.msgpack.encode({"kind": "publish", "ref": 3, "body": b"x", "queue": "q"})
     )
-    session._dispatch('{"kind":"publish","ref":4,"body":"","queue":"slow"}')  # queued
-    session._dispatch('{"kind":"publish","ref":5,"body":"","queue":"slow"}')  # queue full
-    session._dispatch('{"kind":"pull","max":0}')
-    session._dispatch('{"kind":"pull","max":2}')
-    session._dispatch('{"kind":"pull","max":2}')
+    session.dispatch('{"kind":"publish","ref":4,"body":"","queue":"slow"}')  # queued
+    session.dispatch('{"kind":"publish","ref":5,"body":"","queue":"slow"}')  # queue full
+    session.dispatch('{"kind":"pull","max":0}')
+    session.dispatch('{"kind":"pull","max":2}')
+    session.dispatch('{"kind":"pull","max":2}')
     got = answers(session)
     assert [type(f).__name__ for f in got] == [
         "Error",
@@ -383,7 +385,7 @@ def test_error_ref_beyond_64_bits_is_encodable() -> None:
     """A JSON text frame may carry any integer; ids beyond 64 bits are refused at decode, so
     every answer (which may echo the id as ``ref``) stays encodable as MessagePack."""
     session = make_session()
-    session._dispatch('{"kind":"fail","id":18446744073709551616,"reason":"TIMEOUT"}')
+    session.dispatch('{"kind":"fail","id":18446744073709551616,"reason":"TIMEOUT"}')
     for frame in answers(session):
         CODEC.encode(frame, binary=True)
 
@@ -392,7 +394,7 @@ def test_nan_extend_is_refused() -> None:
     """MessagePack carries NaN; ``seconds <= 0`` is False for NaN, so a NaN deadline once
     reached the engine's deadline watcher."""
     session = make_session()
-    session._dispatch(msgspec.msgpack.encode({"kind": "extend", "ids": [1], "seconds": math.nan}))
+    session.dispatch(msgspec.msgpack.encode({"kind": "extend", "ids": [1], "seconds": math.nan}))
     codes = [f.code for f in answers(session) if isinstance(f, p.Error)]
     assert codes == ["invalid_extend"]
 
@@ -448,7 +450,7 @@ def test_any_nesting_depth_is_decoded_or_malformed(
         assert depth + 1 <= p.MAX_DEPTH or binary  # JSON deeper than the limit never decodes
     # The session answers it too, encodably, without raising.
     session = make_session()
-    session._dispatch(data)
+    session.dispatch(data)
     for answer in answers(session):
         CODEC.encode(answer, binary=True)
         CODEC.encode(answer, binary=False)
@@ -469,7 +471,7 @@ def test_publish_headers_deeper_than_the_limit_are_refused(depth: int, binary: b
     }
     data = msgspec.msgpack.encode(obj) if binary else msgspec.json.encode(obj).decode()
     session = make_session()
-    session._dispatch(data)
+    session.dispatch(data)
     (answer,) = answers(session)
     frame_depth = depth + 2  # the frame, then headers, then the lists
     if frame_depth <= p.MAX_DEPTH:
@@ -495,7 +497,7 @@ def test_large_frames_of_hostile_characters(size: int, filler: str, binary: bool
         data = msgspec.msgpack.encode(obj) if binary else msgspec.json.encode(obj).decode()
         check_decode(data)
         session = make_session()
-        session._dispatch(data)
+        session.dispatch(data)
         for answer in answers(session):
             CODEC.encode(answer, binary=binary)
     raw = text if not binary else text.encode()

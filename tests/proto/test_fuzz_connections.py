@@ -16,7 +16,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, wrap_client_stream
 
 from sidecar import protocol as p
 from sidecar.client import open_agent
-from tests.conftest import make_config, publish_many, running_sidecar
+from tests.helpers import make_config, publish_many, running_sidecar, until
 
 pytestmark = pytest.mark.integration
 
@@ -115,8 +115,7 @@ async def test_many_concurrent_hostile_connections(tmp_path, unique_queue):
                     if i % 40 == 39:
                         await trio.sleep(0.2)
             # Every hostile connection is gone; the daemon serves a real agent.
-            while server.active:
-                await trio.sleep(0.05)
+            await until(lambda: not server.active)
             assert not sidecar.engine.sessions
             # The silent ones were timed out, not left to leak their descriptors.
             assert server.refused.get("handshake_timeout", 0) >= 1, server.refused
@@ -130,5 +129,4 @@ async def test_many_concurrent_hostile_connections(tmp_path, unique_queue):
                 assert got[0].body == b"still-serving"
                 await agent.ack([got[0].id])
             assert sidecar.broker.reconnects == 0
-            while sidecar.broker._gen.outstanding:
-                await trio.sleep(0.05)
+            await until(lambda: not sidecar.broker.unsettled)

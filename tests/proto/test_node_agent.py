@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import (
+from tests.helpers import (
     make_config,
     publish_many,
     queue_count,
     record_session_ends,
     running_sidecar,
+    until,
 )
 from tests.proto._util import PROTO
 
@@ -66,8 +67,7 @@ async def test_node_agent_processes_messages_end_to_end(
             assert summary["published"] == 1
             assert summary["errors"] == []
             # The agent's publish reached the broker.
-            while (await queue_count(out)) != 1:
-                await trio.sleep(0.1)
+            await until(lambda: _count_is(out, 1))
 
 
 async def test_node_agent_ctrl_c_closes_cleanly(
@@ -102,8 +102,11 @@ async def test_node_agent_ctrl_c_closes_cleanly(
                     await process.wait()
             assert process.stderr is not None
             stderr = (await process.stderr.receive_some(1 << 20) or b"").decode()
-            while engine.sessions:
-                await trio.sleep(0.05)
+            await until(lambda: not engine.sessions)
     assert process.returncode == 130, stderr
     assert "Error" not in stderr and "at " not in stderr  # no stack trace
     assert ended == [False]  # a clean close (1000), not a crash
+
+
+async def _count_is(queue: str, expected: int) -> bool:
+    return await queue_count(queue) == expected

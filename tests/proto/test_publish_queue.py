@@ -10,11 +10,12 @@ from typing import Any
 import trio
 
 from sidecar import protocol as p
-from sidecar.backpressure import PublishGate
 from sidecar.config import load_config
 from sidecar.metrics import Metrics
 from sidecar.policy.failure import DEFAULT_REASONS
-from sidecar.session import MIN_RETRY_AFTER, Session
+from sidecar.runtime.backpressure import PublishGate
+from sidecar.runtime.session import MIN_RETRY_AFTER, Session
+from tests.helpers import until
 
 CODEC = p.Codec()
 
@@ -44,10 +45,12 @@ def make(rate: float, burst: float, queue: int, queue_bytes: int = 1 << 20) -> S
         },
     )
     gate = PublishGate(config, clock=trio.current_time, blocked=lambda: False)
+    engine = Engine()
     return Session(
         None,  # type: ignore[arg-type]  # _dispatch and _pump never touch the socket
         config=config,
-        engine=Engine(),  # type: ignore[arg-type]
+        engine=engine,  # type: ignore[arg-type]
+        broker=engine.broker,  # type: ignore[arg-type]
         gate=gate,
         metrics=Metrics(),
         codec=CODEC,
@@ -68,7 +71,7 @@ def answers(session: Session) -> list[p.Published]:
 
 
 def publish(session: Session, ref: int, body: bytes = b"x", queue: str = "out") -> None:
-    session._dispatch(CODEC.encode(p.Publish(ref=ref, body=body, queue=queue), binary=True))
+    session.dispatch(CODEC.encode(p.Publish(ref=ref, body=body, queue=queue), binary=True))
 
 
 async def test_publishes_wait_behind_the_bucket_and_only_overflow_is_throttled(autojump_clock):
@@ -86,8 +89,7 @@ async def test_publishes_wait_behind_the_bucket_and_only_overflow_is_throttled(a
     assert all(a.error == "rate_limited" for a in throttled)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session._pump)
-        while len(broker.sent) < 7:
-            await trio.sleep(0.01)
+        await until(lambda: not (len(broker.sent) < 7))
         nursery.cancel_scope.cancel()
     later = answers(session)
     assert [a.ref for a in later] == [3, 4, 5, 6, 7] and all(a.ok for a in later)
@@ -97,7 +99,7 @@ async def test_publishes_wait_behind_the_bucket_and_only_overflow_is_throttled(a
     # A throttled publish that comes back when told finds room.
     publish(session, 8, b"m8")
     assert not any(a.throttled for a in answers(session))
-    assert session._queued_count <= 1
+    assert session.queued_publishes <= 1
 
 
 async def test_the_byte_bound_throttles_too_and_never_says_zero(autojump_clock):
@@ -124,8 +126,7 @@ async def test_a_held_target_is_queued_and_its_overflow_names_the_cause(autojump
         await trio.sleep(5)
         assert broker.sent == []  # still held
         session.gate.depths["out"] = 0
-        while not broker.sent:
-            await trio.sleep(0.01)
+        await until(lambda: broker.sent)
         nursery.cancel_scope.cancel()
     assert [a.ref for a in answers(session)] == [1]
 

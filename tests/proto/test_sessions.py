@@ -13,7 +13,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from sidecar.client import connect_unix
-from tests.conftest import make_config, running_sidecar
+from tests.helpers import make_config, running_sidecar
 from tests.proto._util import PROTO
 
 SPEC: dict[str, Any] = json.loads((PROTO / "vectors" / "sessions.json").read_text("utf-8"))

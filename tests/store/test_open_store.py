@@ -15,8 +15,9 @@ import bson
 import pytest
 from bson.codec_options import CodecOptions
 
-from sidecar.store.base import StoreUnavailable, open_store, redact_url, scrub
+from sidecar.store.base import StoreUnavailable, redact_url, scrub
 from sidecar.store.mongo import MongoStore, record_from_doc, record_to_doc
+from sidecar.store.opening import open_store
 from sidecar.store.records import normalise_record
 from sidecar.store.sqlite import SqliteStore
 from tests.store.contract import make_record

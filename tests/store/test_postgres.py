@@ -22,7 +22,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from sidecar.store.base import StoreUnavailable, open_store
+from sidecar.store.base import StoreUnavailable
+from sidecar.store.opening import open_store
 from sidecar.store.postgres import PostgresStore
 from sidecar.store.records import DeadLetterRecord, RecordFilter, normalise_record
 from sidecar.store.spool import SpoolingStore
@@ -463,8 +464,7 @@ async def test_two_running_sidecars_dead_letter_into_one_store(
     every dead letter lands once in the shared store, attributed to its pod."""
     import trio
 
-    from tests.conftest import make_config, publish_many, running_sidecar
-    from tests.observability._wait import until
+    from tests.helpers import make_config, publish_many, running_sidecar, until
 
     queue = unique_queue("fleet")
     _sql(

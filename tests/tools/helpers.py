@@ -14,10 +14,26 @@ import aiormq
 
 from sidecar.store.records import DeadLetterRecord, payload_from_body
 from sidecar.store.sqlite import SqliteStore
-from tests.conftest import BROKER_URL, run_amqp
+from tests.helpers import BROKER_URL, run_amqp
 
 T0 = datetime(2024, 1, 1, 10, 0, tzinfo=UTC)
 CLI = "import sys; from sidecar.cli import main; sys.exit(main(sys.argv[1:]))"
+# The CLI, killed (exit 137) when it is about to mark its CRASH_AT_MARK-th republished record:
+# after the AMQP commit, before the store knows, the window the recovery must close.
+CRASHING_CLI = """
+import os, sys
+from sidecar.store.sqlite import SqliteStore
+from sidecar.cli import main
+mark = SqliteStore.mark_reprocessed
+calls = []
+def dying(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) >= int(os.environ["CRASH_AT_MARK"]):
+        os._exit(137)
+    return mark(self, *args, **kwargs)
+SqliteStore.mark_reprocessed = dying
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def at(minutes: float) -> datetime:
@@ -71,8 +87,9 @@ def cli(
     input: str = "",
     timeout: float = 60,
     broker: str = BROKER_URL,
+    program: str = CLI,
 ) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-c", CLI, *args]
+    argv = [sys.executable, "-c", program, *args]
     if tmp_path is not None and "--store" not in args:
         argv += ["--store", store_url(tmp_path)]
     if "--broker" not in args and args[0] not in ("status",):

@@ -11,8 +11,8 @@ import aiormq
 import pytest
 
 from sidecar.attempts import REPROCESSED_FROM
-from tests.conftest import run_amqp
-from tests.tools.helpers import at, cli, declare, drain, open_store, put, record
+from tests.helpers import run_amqp
+from tests.tools.helpers import CRASHING_CLI, at, cli, declare, drain, open_store, put, record
 
 pytestmark = pytest.mark.integration
 
@@ -164,7 +164,7 @@ def test_retry_crash_half_way_is_exactly_once(tmp_path: Path, unique_queue: Any)
     put(tmp_path, *[record(rid, queue, i) for i, rid in enumerate(sorted(ids))])
     out = cli(
         "dlq", "retry", "--pattern", "TIMEOUT", "--json",
-        tmp_path=tmp_path, env={"SIDECAR_TOOLS_CRASH_AFTER": "3"},
+        tmp_path=tmp_path, env={"CRASH_AT_MARK": "3"}, program=CRASHING_CLI,
     )  # fmt: skip
     assert out.returncode == 137, (out.returncode, out.stderr)
     store = open_store(tmp_path)

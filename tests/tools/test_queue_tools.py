@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import publish_many
+from tests.helpers import publish_many
 from tests.tools.helpers import cli, drain, props_of, publish, put, record
 
 pytestmark = pytest.mark.integration

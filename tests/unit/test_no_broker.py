@@ -13,6 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 # Broker-free modules across the layers; each loads tests/conftest.py and its session fixtures.
 UNIT_MODULES = [
+    "tests/core/test_ledger.py",
+    "tests/core/test_engine_driver.py",
     "tests/policy/test_breaker.py",
     "tests/unit/test_attempts.py",
     "tests/unit/test_protocol.py",

@@ -24,11 +24,12 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sidecar import limits
 from sidecar import protocol as p
-from sidecar.adapters.broker import MessageProps
-from sidecar.backpressure import HELD_RETRY_AFTER, PublishGate
 from sidecar.config import Config
-from sidecar.engine import Engine
+from sidecar.core.messages import MessageProps
+from sidecar.core.port import BrokerPort
 from sidecar.metrics import Metrics
+from sidecar.runtime.backpressure import HELD_RETRY_AFTER, PublishGate
+from sidecar.runtime.engine import Engine
 
 log = logging.getLogger("sidecar.session")
 
@@ -66,6 +67,7 @@ class Session:
         *,
         config: Config,
         engine: Engine,
+        broker: BrokerPort,
         gate: PublishGate,
         metrics: Metrics,
         codec: p.Codec,
@@ -75,6 +77,7 @@ class Session:
         self.ws = ws
         self.config = config
         self.engine = engine
+        self.broker = broker
         self.gate = gate
         self.metrics = metrics
         self.codec = codec
@@ -162,7 +165,7 @@ class Session:
     async def _read_frames(self) -> None:
         try:
             while True:
-                self._dispatch(await self.ws.get_message())
+                self.dispatch(await self.ws.get_message())
         except ConnectionClosed as closed:
             reason = closed.reason
             # A clean close (1000/1001) is a goodbye: what the agent held is requeued, not
@@ -224,6 +227,11 @@ class Session:
             return p.ProtocolError("invalid_hello", "hello.agent must name the agent")
         return None
 
+    @property
+    def queued_publishes(self) -> int:
+        """Publishes waiting for their target's token bucket."""
+        return self._queued_count
+
     def _welcome(self) -> p.Welcome:
         a = self.config.agent
         return p.Welcome(
@@ -242,7 +250,8 @@ class Session:
             reasons=self.engine.reasons.agent_reasons(),
         )
 
-    def _dispatch(self, data: bytes | str) -> None:
+    def dispatch(self, data: bytes | str) -> None:
+        """Handle one frame from the agent; answers go to the outbox."""
         try:
             frame = self.codec.decode_agent(data)
             handler = self._handlers[type(frame)]
@@ -321,7 +330,7 @@ class Session:
         routing_key = frame.queue or frame.routing_key
         target = routing_key if exchange == "" else f"{exchange}/{routing_key}"
         item = _Queued(frame, exchange, routing_key, len(frame.body))
-        if not self._queued.get(target) and self.engine.broker.is_connected:
+        if not self._queued.get(target) and self.broker.is_connected:
             wait, _ = self.gate.check(target)
             if wait <= 0:
                 self._send_publish(item)
@@ -342,7 +351,7 @@ class Session:
     def _throttle(self, frame: p.Publish, target: str) -> None:
         """The queue is full: not sent. Tell the agent when there will be room for it."""
         now = self.gate.clock()
-        if not self.engine.broker.is_connected:
+        if not self.broker.is_connected:
             why, rate = "broker_unavailable", 0.0
         else:
             rate = self.gate.current_rate(target)
@@ -384,7 +393,7 @@ class Session:
             self.metrics.published.labels("ok" if error is None else "error").inc()
             self.send(p.Published(ref=frame.ref, ok=error is None, error=error))
 
-        self.engine.broker.publish_nowait(
+        self.broker.publish_nowait(
             frame.body,
             exchange=item.exchange,
             routing_key=item.routing_key,
@@ -419,7 +428,7 @@ class Session:
     def _send_queued(self, target: str, pending: deque[_Queued]) -> float:
         """Send what the bucket allows now; the seconds until the next try, if any remain."""
         while pending:
-            if not self.engine.broker.is_connected:
+            if not self.broker.is_connected:
                 return DISCONNECTED_RECHECK
             wait, _ = self.gate.check(target)
             if wait > 0:

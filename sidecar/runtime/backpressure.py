@@ -1,4 +1,4 @@
-"""Backpressure: the publish gate, and the monitors that feed it and the engine.
+"""Backpressure: the publish gate, and the monitors that feed it and report pressure.
 
 The gate holds one token bucket per publish target, its rate lowered by the target's depth
 (the seed's adaptive formula) and held at zero while the target is at EMERGENCY depth or the
@@ -11,26 +11,25 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
-from sidecar.adapters.broker import Broker, BrokerUnavailable
 from sidecar.adapters.sysmon import SystemMonitor
 from sidecar.config import Config
-from sidecar.engine import Engine
+from sidecar.core.port import BrokerUnavailable, QueueWatch
 from sidecar.metrics import LEVELS, Metrics, set_state
-from sidecar.policy.depth import DepthLevel, DepthThresholds, depth_actions, depth_level
+from sidecar.policies import depth_thresholds_from, pressure_thresholds_from, scaling_policy_from
+from sidecar.policy.depth import DepthLevel, depth_actions, depth_level
 from sidecar.policy.pressure import (
     PressureLevel,
-    PressureThresholds,
     PressureTracker,
     adjust_batch_size,
     degradation_actions,
     memory_ratio,
     prefetch_for,
 )
-from sidecar.policy.scaling import ScalingPolicy, recommended_consumers, scaling_event
+from sidecar.policy.scaling import recommended_consumers, scaling_event
 from sidecar.policy.throttle import TokenBucket, publish_rate
 
 log = logging.getLogger("sidecar.backpressure")
@@ -39,15 +38,18 @@ MAX_TARGETS = 256  # publish targets tracked; bounded so label cardinality stays
 HELD_RETRY_AFTER = 1.0
 
 
+class AlertSink(Protocol):
+    """Where the monitor reports level changes that may raise alerts."""
+
+    def pressure_changed(self, level: PressureLevel) -> None: ...
+    def depth_changed(self, queue: str, level: DepthLevel) -> None: ...
+
+
 class PublishGate:
     def __init__(self, config: Config, *, clock: Callable[[], float], blocked: Callable[[], bool]):
         self.base_rate = config.throttle.rate
         self.burst = config.throttle.burst
-        self.thresholds = DepthThresholds(
-            warning=config.depth.warning,
-            critical=config.depth.critical,
-            emergency=config.depth.emergency,
-        )
+        self.thresholds = depth_thresholds_from(config)
         self.clock = clock
         self.blocked = blocked
         self.buckets: dict[str, TokenBucket] = {}
@@ -96,39 +98,38 @@ class QueueView:
 
 
 class BackpressureMonitor:
-    """Samples depths and memory; applies levels to the engine, gate and broker."""
+    """Samples depths and memory; applies levels to the gate and the broker's prefetch, and
+    reports pressure changes to ``on_pressure``."""
 
     def __init__(
         self,
         config: Config,
         *,
-        broker: Broker,
-        engine: Engine,
+        broker: QueueWatch,
         gate: PublishGate,
         metrics: Metrics,
         sysmon: SystemMonitor,
         on_pressure: Callable[[PressureLevel, int, float], None],
-        raise_alerts: Callable[[str, Any], None],
+        alerts: AlertSink,
+        agent_pids: Callable[[], list[int]],
+        consumed: Callable[[], int],
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
+        """``on_pressure`` applies a new level (engine, agents, logging); ``agent_pids`` are
+        the connected agents' processes, ``consumed`` the messages settled so far."""
         self.config = config
         self.broker = broker
-        self.engine = engine
+        self.level = PressureLevel.NORMAL
+        self.agent_pids = agent_pids
+        self.consumed = consumed
         self.gate = gate
         self.metrics = metrics
         self.sysmon = sysmon
         self.on_pressure = on_pressure
-        self.raise_alerts = raise_alerts
+        self.alerts = alerts
         self.clock = clock
-        p = config.pressure
-        self.tracker = PressureTracker(
-            PressureThresholds(p.warning, p.critical, p.emergency, p.hysteresis)
-        )
-        self.scaling = ScalingPolicy(
-            config.scaling.messages_per_consumer,
-            config.scaling.min_consumers,
-            config.scaling.max_consumers,
-        )
+        self.tracker = PressureTracker(pressure_thresholds_from(config))
+        self.scaling = scaling_policy_from(config)
         self.queues: dict[str, QueueView] = {}
         self.memory: dict[str, Any] = {}
         self._consumed_before: dict[str, tuple[float, int]] = {}
@@ -147,7 +148,7 @@ class BackpressureMonitor:
     # --- memory ----------------------------------------------------------------------------
 
     async def sample_pressure(self) -> None:
-        pids = [s.pid for s in self.engine.sessions.values() if s.pid]
+        pids = self.agent_pids()
         sample = await trio.to_thread.run_sync(self.sysmon.sample, pids)
         ratio = memory_ratio(sample.used, sample.limit)
         self.memory = {
@@ -169,7 +170,7 @@ class BackpressureMonitor:
     async def apply_pressure(self, level: PressureLevel, ratio: float) -> None:
         """Shrink (or restore) batches and prefetch, tell the agents, degrade as the seed
         lists."""
-        self.engine.pressure = level
+        self.level = level
         batch = adjust_batch_size(level, self.config.agent.batch_size)
         prefetch = prefetch_for(level, self.config.broker.prefetch, batch)
         log.warning(
@@ -183,16 +184,13 @@ class BackpressureMonitor:
         self.metrics.batch_size.set(batch if level < PressureLevel.EMERGENCY else 0)
         self.metrics.prefetch.set(prefetch)
         set_state(self.metrics.degradation_state, LEVELS, level.name.lower())
-        logging.getLogger("sidecar").setLevel(
-            logging.ERROR if "log_level_error" in degradation_actions(level) else logging.INFO
-        )
         self.on_pressure(level, batch, ratio)
-        self.raise_alerts("pressure", level)
+        self.alerts.pressure_changed(level)
         try:
             await self.broker.set_prefetch(prefetch)
         except Exception as exc:  # the broker may be away; the next connection uses it
             log.warning("could not apply prefetch %d now: %s", prefetch, exc)
-        self.broker.inbox_changed.set()
+        self.broker.wake()
 
     # --- depth -----------------------------------------------------------------------------
 
@@ -245,14 +243,14 @@ class BackpressureMonitor:
             else min(self.gate.current_rate(t) for t in self.gate.buckets)
         )
         if level > DepthLevel.NORMAL:
-            self.raise_alerts("depth", (queue, level))
+            self.alerts.depth_changed(queue, level)
 
     def _producer_consumer_ratio(
         self, queue: str, view: QueueView, depth: int, now: float
     ) -> float | None:
         """Inflow / outflow over the last interval. Outflow is what this sidecar settled;
         inflow is that plus the change in depth."""
-        consumed = self.engine.counts["acked"] + self.engine.counts["failed"]
+        consumed = self.consumed()
         before = self._consumed_before.get(queue)
         self._consumed_before[queue] = (now, consumed)
         if before is None or not view.history or queue not in self.broker.queues:
@@ -265,7 +263,7 @@ class BackpressureMonitor:
         return round(max(inflow, 0) / outflow, 3)
 
     def status(self) -> dict[str, Any]:
-        level = self.engine.pressure
+        level = self.level
         return {
             "queues": {
                 name: {

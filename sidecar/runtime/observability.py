@@ -18,17 +18,19 @@ import trio
 
 from sidecar.config import Config
 from sidecar.metrics import Metrics
-from sidecar.policy.alerts import Alert, AlertConfig, AlertRules
+from sidecar.policies import alert_config_from
+from sidecar.policy.alerts import Alert, AlertRules
 from sidecar.policy.breaker import BreakerState
+from sidecar.policy.depth import DepthLevel
 from sidecar.policy.pressure import PressureLevel
 from sidecar.store.base import DeadLetterStore, StoreUnavailable
 from sidecar.store.records import DeadLetterRecord, MetricSnapshot
 
 if TYPE_CHECKING:
     from sidecar.adapters.broker import Broker
-    from sidecar.backpressure import BackpressureMonitor
-    from sidecar.dlq import DeadLetterWriter
-    from sidecar.engine import Engine
+    from sidecar.runtime.backpressure import BackpressureMonitor
+    from sidecar.runtime.dlq import DeadLetterWriter
+    from sidecar.runtime.engine import Engine
     from sidecar.store.spool import SpoolingStore
 
 log = logging.getLogger("sidecar.alerts")
@@ -77,12 +79,7 @@ class Observability:
         self.config = config
         self.metrics = metrics
         self.store = store
-        self.rules = AlertRules(
-            AlertConfig(
-                growth_per_minute=config.alerts.growth_per_minute,
-                cooldown=config.alerts.cooldown,
-            )
-        )
+        self.rules = AlertRules(alert_config_from(config))
         self.recent_alerts: list[dict[str, Any]] = []
         self.dlq: dict[str, Any] = {"size": 0, "top_failures": [], "oldest": None, "newest": None}
         self.history: list[dict[str, Any]] = []
@@ -106,18 +103,12 @@ class Observability:
         if new:
             self._emit(self.rules.observe_dead_letter(trio.current_time(), record.signature))
 
-    def observe(self, kind: str, value: Any) -> None:
-        now = trio.current_time()
-        if kind == "pressure":
-            level: PressureLevel = value
-            if level > PressureLevel.NORMAL:
-                self._emit(self.rules.observe_pressure(now, level.name))
-        elif kind == "depth":
-            queue, depth_level = value
-            self._emit(self.rules.observe_depth(now, queue, depth_level.name))
-        elif kind == "breaker":
-            key, state = value
-            self._emit(self.rules.observe_breaker(now, key, state))
+    def pressure_changed(self, level: PressureLevel) -> None:
+        if level > PressureLevel.NORMAL:
+            self._emit(self.rules.observe_pressure(trio.current_time(), level.name))
+
+    def depth_changed(self, queue: str, level: DepthLevel) -> None:
+        self._emit(self.rules.observe_depth(trio.current_time(), queue, level.name))
 
     def _emit(self, alerts: list[Alert]) -> None:
         for alert in alerts:

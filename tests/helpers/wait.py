@@ -1,4 +1,5 @@
-"""Polling for conditions owned by other tasks or threads (a store, an HTTP server)."""
+"""Waiting for a condition owned by another task or thread (a store, an HTTP server, the
+broker): the one wait-until helper, instead of hand-rolled sleep loops."""
 
 from __future__ import annotations
 

@@ -1,0 +1,454 @@
+"""A Python client for agents: connect to the sidecar's Unix socket, then either hand it a
+handler (``await agent.run(handle)``) or pull, ack, fail, extend and publish yourself.
+Written for trio; ``sidecar.client_asyncio`` offers the same calls for asyncio programs, and
+proto/PROTOCOL.md describes the protocol for any language (see proto/node/agent.js).
+
+    import trio
+    from sidecar.client import Failure, open_agent, run_agent
+
+    async def handle(message):
+        if not message.body:
+            raise Failure("VALIDATION_FAILED", "empty body")
+        ...  # other exceptions are mapped to reasons: TimeoutError -> TIMEOUT, ...
+
+    async def main():
+        async with open_agent("/run/sidecar/agent.sock", agent="parser", queues=["html.raw"]) as a:
+            await a.run(handle)
+
+    run_agent(main)  # Ctrl-C closes the connection cleanly (1000) and exits quietly
+
+Errors the sidecar answers with are raised as ``SidecarError`` subclasses at the call that
+caused them: ``fail`` with a reason the sidecar does not accept and ``ack``/``fail``/
+``extend`` of an id the agent does not hold are caught before anything is sent; a refused
+``publish`` or ``pull`` raises when the sidecar's answer arrives.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+
+from sidecar import protocol as p
+
+log = logging.getLogger("sidecar.client")
+
+MIN_RESEND = 0.05  # a throttled publish is never resent sooner than this
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+class SidecarError(Exception):
+    """The sidecar refused something; ``code`` is the error frame's code."""
+
+    def __init__(self, frame: p.Error) -> None:
+        super().__init__(f"{frame.code}: {frame.message}")
+        self.code = frame.code
+        self.frame = frame
+
+
+class UnknownReason(SidecarError):
+    """``fail`` named a reason this sidecar does not accept (see ``welcome.reasons``)."""
+
+
+class UnknownDelivery(SidecarError):
+    """``ack``, ``fail`` or ``extend`` named ids this agent does not hold (never handed
+    out, already answered, or expired); ``ids`` lists them."""
+
+    def __init__(self, frame: p.Error) -> None:
+        super().__init__(frame)
+        self.ids: list[int] = list(frame.ids or ([] if frame.ref is None else [frame.ref]))
+
+
+class DeadlineExpired(SidecarError):
+    """The delivery was not answered by its deadline; the sidecar took it back."""
+
+
+class InvalidRequest(SidecarError):
+    """A frame the sidecar could not accept (malformed, or a value out of range)."""
+
+
+class PublishRefused(InvalidRequest):
+    """``invalid_publish``: the publish itself is wrong (target, size, headers)."""
+
+
+class HandshakeRefused(SidecarError):
+    """The sidecar refused the connection (a fatal error during the handshake)."""
+
+
+class SidecarClosed(ConnectionError):
+    """The connection to the sidecar ended while a call was waiting for its answer."""
+
+
+_ERRORS: dict[str, type[SidecarError]] = {
+    "unknown_reason": UnknownReason,
+    "unknown_delivery": UnknownDelivery,
+    "deadline_expired": DeadlineExpired,
+    "invalid_publish": PublishRefused,
+}
+
+
+def error_for(frame: p.Error) -> SidecarError:
+    """The typed exception for an error frame."""
+    if frame.fatal:
+        return HandshakeRefused(frame)
+    return _ERRORS.get(frame.code, InvalidRequest)(frame)
+
+
+def _local_error(code: str, message: str, **fields: Any) -> SidecarError:
+    return error_for(p.Error(code=code, message=message, **fields))
+
+
+# --- the handler loop's failure mapping ------------------------------------------------
+
+
+class Failure(Exception):
+    """Raise from a handler to fail the message with ``reason`` (and an optional hint)."""
+
+    def __init__(self, reason: str, error: str = "", *, retry_after: float | None = None):
+        super().__init__(f"{reason}: {error}" if error else reason)
+        self.reason = reason
+        self.error = error
+        self.retry_after = retry_after
+
+
+# Most specific first: the first matching class decides.
+DEFAULT_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (TimeoutError, "TIMEOUT"),
+    (trio.TooSlowError, "TIMEOUT"),
+    (ConnectionError, "NETWORK_ERROR"),
+    (OSError, "NETWORK_ERROR"),
+    (UnicodeError, "VALIDATION_FAILED"),
+    (json.JSONDecodeError, "VALIDATION_FAILED"),
+    (KeyError, "VALIDATION_FAILED"),
+    (ValueError, "VALIDATION_FAILED"),
+    (TypeError, "VALIDATION_FAILED"),
+    (Exception, "PROCESSING_ERROR"),
+)
+
+
+def reason_for(
+    exc: Exception, mapping: Iterable[tuple[type[BaseException], str]] = DEFAULT_REASONS
+) -> tuple[str, str, float | None]:
+    """(reason, error text, retry_after) for an exception a handler raised."""
+    if isinstance(exc, Failure):
+        return exc.reason, exc.error, exc.retry_after
+    for kind, reason in mapping:
+        if isinstance(exc, kind):
+            return reason, f"{type(exc).__name__}: {exc}"[:1024], None
+    return "PROCESSING_ERROR", f"{type(exc).__name__}: {exc}"[:1024], None
+
+
+Handler = Callable[[p.Delivery], Awaitable[Any] | Any]
+
+
+class AgentCalls:
+    """The calls shared by every transport: subclasses provide ``send``, ``pull`` and
+    ``welcome``, and feed batches and errors through ``_track_batch``/``_track_error``."""
+
+    welcome: p.Welcome | None
+
+    def _init_calls(self) -> None:
+        self.errors: list[p.Error] = []  # errors no call was waiting for, newest last
+        self._held: set[int] = set()
+
+    async def send(self, frame: p.Frame) -> None:
+        raise NotImplementedError
+
+    async def pull(self, max: int = 10, wait: float = 1.0) -> list[p.Delivery]:
+        raise NotImplementedError
+
+    def _track_batch(self, batch: p.Batch) -> None:
+        self._held.update(m.id for m in batch.messages)
+
+    def _track_error(self, frame: p.Error) -> None:
+        if frame.code == "deadline_expired" and frame.ref is not None:
+            self._held.discard(frame.ref)
+        elif frame.code == "unknown_delivery":
+            self._held.difference_update(frame.ids or ())
+        self.errors.append(frame)
+        del self.errors[:-100]  # keep the recent ones, not all of a long session's
+        if frame.code != "deadline_expired":
+            log.warning("sidecar refused a frame: %s: %s", frame.code, frame.message)
+
+    def _check_held(self, ids: list[int]) -> None:
+        unknown = [i for i in ids if i not in self._held]
+        if unknown:
+            raise _local_error(
+                "unknown_delivery",
+                f"{len(unknown)} id(s) not held by this agent",
+                ref=unknown[0],
+                ids=unknown,
+            )
+
+    async def ack(self, ids: list[int]) -> None:
+        self._check_held(ids)
+        self._held.difference_update(ids)
+        await self.send(p.Ack(ids=ids))
+
+    async def fail(
+        self, id: int, reason: str, error: str = "", retry_after: float | None = None
+    ) -> None:
+        accepted = self.welcome.reasons if self.welcome is not None else []
+        if accepted and reason.upper() not in accepted:
+            raise _local_error(
+                "unknown_reason",
+                f"unknown failure reason {reason!r}; this sidecar accepts {', '.join(accepted)}",
+                ref=id,
+            )
+        self._check_held([id])
+        self._held.discard(id)
+        await self.send(p.Fail(id=id, reason=reason, error=error, retry_after=retry_after))
+
+    async def extend(self, ids: list[int], seconds: float) -> None:
+        self._check_held(ids)
+        await self.send(p.Extend(ids=ids, seconds=seconds))
+
+    async def _handle_one(
+        self,
+        handler: Handler,
+        message: p.Delivery,
+        mapping: Iterable[tuple[type[BaseException], str]],
+    ) -> None:
+        try:
+            result = handler(message)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            reason, error, retry_after = reason_for(exc, mapping)
+            try:
+                await self.fail(message.id, reason, error, retry_after)
+            except UnknownReason:
+                log.warning("handler raised unknown reason %r; failing as PROCESSING_ERROR", reason)
+                await self.fail(message.id, "PROCESSING_ERROR", error, retry_after)
+            return
+        await self.ack([message.id])
+
+    async def run_batches(
+        self,
+        handler: Handler,
+        *,
+        batch: int = 10,
+        wait: float = 5.0,
+        reasons: Mapping[type[BaseException], str] | None = None,
+        stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Pull and handle messages until ``stop()`` is true: each message is acked when the
+        handler returns, and failed with the reason its exception maps to when it raises
+        (``Failure`` names one; ``reasons`` adds or overrides mappings for exception types).
+        A message whose deadline expired meanwhile is skipped, not an error."""
+        mapping = [*(reasons or {}).items(), *DEFAULT_REASONS]
+        while not stop():
+            for message in await self.pull(batch, wait):
+                try:
+                    await self._handle_one(handler, message, mapping)
+                except UnknownDelivery as exc:
+                    log.warning("message %s was taken back before its answer: %s", exc.ids, exc)
+
+
+# --- trio --------------------------------------------------------------------------------
+
+
+class AgentClient(AgentCalls):
+    def __init__(self, ws: WebSocketConnection, *, binary: bool = True) -> None:
+        self._init_calls()
+        self.ws = ws
+        self.binary = binary
+        self.codec = p.Codec()
+        self.welcome: p.Welcome | None = None
+        self.pressure: p.Pressure | None = None
+        self._refs = itertools.count(1)
+        self._batch: trio.MemorySendChannel[p.Batch | SidecarError]
+        self._batch, self._batches = trio.open_memory_channel[p.Batch | SidecarError](8)
+        self._published: dict[int, trio.MemorySendChannel[p.Published | SidecarError]] = {}
+        self._welcome = trio.Event()
+        self._fatal: p.Error | None = None
+
+    async def send(self, frame: p.Frame) -> None:
+        await self.ws.send_message(self.codec.encode(frame, binary=self.binary))
+
+    async def hello(
+        self, agent: str, queues: list[str], *, version: str = "", token: str | None = None
+    ) -> p.Welcome:
+        await self.send(
+            p.Hello(agent=agent, version=version, pid=os.getpid(), queues=queues, token=token)
+        )
+        await self._welcome.wait()
+        if self.welcome is None:
+            if self._fatal is not None:
+                raise HandshakeRefused(self._fatal)
+            raise SidecarClosed("the sidecar closed the connection during the handshake")
+        return self.welcome
+
+    async def reader(self) -> None:
+        """Route incoming frames; runs for the life of the connection."""
+        try:
+            while True:
+                frame = self.codec.decode_sidecar(await self.ws.get_message())
+                if isinstance(frame, p.Batch):
+                    self._track_batch(frame)
+                    await self._batch.send(frame)
+                elif isinstance(frame, p.Published):
+                    waiter = self._published.pop(frame.ref, None)
+                    if waiter is not None:
+                        waiter.send_nowait(frame)
+                elif isinstance(frame, p.Welcome):
+                    self.welcome = frame
+                    self._welcome.set()
+                elif isinstance(frame, p.Pressure):
+                    self.pressure = frame
+                elif isinstance(frame, p.Error):
+                    self._route_error(frame)
+        except (ConnectionClosed, trio.ClosedResourceError):
+            pass
+        finally:
+            self._welcome.set()
+            self._batch.close()
+            for waiter in self._published.values():
+                waiter.close()
+            self._published.clear()
+
+    def _route_error(self, frame: p.Error) -> None:
+        if frame.fatal:
+            self._fatal = frame
+            self._welcome.set()
+        if frame.code == "invalid_publish" and frame.ref is not None:
+            waiter = self._published.pop(frame.ref, None)
+            if waiter is not None:
+                waiter.send_nowait(error_for(frame))
+                return
+        if frame.code in ("invalid_pull", "pull_in_progress"):
+            try:
+                self._batch.send_nowait(error_for(frame))
+                return
+            except trio.WouldBlock:
+                pass
+        self._track_error(frame)
+
+    async def pull(self, max: int = 10, wait: float = 1.0) -> list[p.Delivery]:
+        await self.send(p.Pull(max=max, wait=wait))
+        try:
+            answer = await self._batches.receive()
+        except trio.EndOfChannel:
+            raise SidecarClosed("the connection to the sidecar closed") from None
+        if isinstance(answer, SidecarError):
+            raise answer
+        return answer.messages
+
+    async def publish_once(
+        self, body: bytes, *, queue: str | None = None, **fields: Any
+    ) -> p.Published:
+        """One publish frame and its answer, throttled or not."""
+        ref = next(self._refs)
+        send, recv = trio.open_memory_channel[p.Published | SidecarError](1)
+        self._published[ref] = send
+        await self.send(p.Publish(ref=ref, body=body, queue=queue, **fields))
+        try:
+            answer = await recv.receive()
+        except trio.EndOfChannel:
+            raise SidecarClosed("the connection closed before the publish was answered") from None
+        finally:
+            self._published.pop(ref, None)
+        if isinstance(answer, SidecarError):
+            raise answer
+        return answer
+
+    async def publish(self, body: bytes, *, queue: str | None = None, **fields: Any) -> p.Published:
+        """Publish and wait for the final answer: the broker's confirm (``ok``) or its
+        refusal. A throttled answer is resent after its ``retry_after``, so nothing is
+        dropped; an invalid publish raises ``PublishRefused``."""
+        while True:
+            result = await self.publish_once(body, queue=queue, **fields)
+            if not result.throttled:
+                return result
+            await trio.sleep(max(result.retry_after or 0.0, MIN_RESEND))
+
+    publish_with_backoff = publish  # the name earlier releases used
+
+    async def run(
+        self,
+        handler: Handler,
+        *,
+        batch: int = 10,
+        wait: float = 5.0,
+        reasons: Mapping[type[BaseException], str] | None = None,
+    ) -> None:
+        """Handle messages until cancelled (or Ctrl-C, under ``run_agent``)."""
+        await self.run_batches(handler, batch=batch, wait=wait, reasons=reasons)
+
+
+async def connect_unix(path: str) -> trio.SocketStream:
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    try:
+        await sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+@asynccontextmanager
+async def open_agent(
+    socket_path: str,
+    *,
+    agent: str,
+    queues: list[str],
+    version: str = "",
+    token: str | None = None,
+    binary: bool = True,
+) -> AsyncIterator[AgentClient]:
+    """Connect, say hello, and keep a reader running until the block exits. Leaving the
+    block for any reason (Ctrl-C included) closes with 1000, so what the agent still holds
+    is requeued uncharged."""
+    stream = await connect_unix(socket_path)
+    try:
+        async with trio.open_nursery() as nursery:
+            ws = await wrap_client_stream(
+                nursery,
+                stream,
+                "localhost",
+                "/",
+                message_queue_size=64,
+                max_message_size=64 * 1024 * 1024,
+            )
+            client = AgentClient(ws, binary=binary)
+            nursery.start_soon(client.reader)
+            try:
+                await client.hello(agent, queues, version=version, token=token)
+                yield client
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await ws.aclose(code=1000)
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # One failure wrapped by the nursery reads better unwrapped: a Ctrl-C is a
+        # KeyboardInterrupt, a refused handshake a HandshakeRefused.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+def run_agent(main: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """``trio.run(main, *args)`` for an agent program: Ctrl-C ends it quietly (exit 130)
+    once ``open_agent`` has closed the connection cleanly."""
+    try:
+        trio.run(main, *args)
+    except KeyboardInterrupt:
+        print("interrupted; connection closed", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BaseExceptionGroup as group:
+        interrupted, rest = group.split(KeyboardInterrupt)
+        if interrupted is not None and rest is None:
+            print("interrupted; connection closed", file=sys.stderr)
+            raise SystemExit(130) from None
+        raise

@@ -1,0 +1,115 @@
+"""The broker as the rest of the daemon sees it: a narrow port the adapter implements.
+
+Nothing above the adapters touches the connection, its channels or its delivery tags'
+bookkeeping; a fake implementing this protocol serves unit tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from sidecar.core.messages import Inbox, MessageProps
+from sidecar.store.records import DeadLetterRecord
+
+PublishCallback = Callable[[str | None], None]
+"""Called with None when the broker confirmed a publish, else the error text."""
+
+# The start of a publish error that would repeat on every try: retrying cannot help.
+UNENCODABLE = "message cannot be encoded in AMQP: "
+
+
+class BrokerUnavailable(Exception):
+    """No connection to the broker right now."""
+
+
+class BrokerPort(Protocol):
+    @property
+    def inbox(self) -> Inbox:
+        """Deliveries waiting for an agent (filled by the adapter)."""
+        ...
+
+    @property
+    def generation(self) -> int:
+        """The connection generation whose delivery tags can be settled."""
+        ...
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def paused(self) -> bool: ...
+
+    async def wait_inbox(self) -> None:
+        """Return when the inbox may have changed since the last call."""
+        ...
+
+    def wake(self) -> None:
+        """Wake ``wait_inbox`` callers: what they may take has changed."""
+        ...
+
+    def settle(self, generation: int, tag: int, *, requeue: bool = False) -> bool:
+        """Ack (or requeue) a delivery; False, sending nothing, for a dead generation."""
+        ...
+
+    def publish_nowait(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        props: MessageProps,
+        on_done: PublishCallback,
+    ) -> None:
+        """Publish with confirms; ``on_done`` gets the outcome."""
+        ...
+
+    def tier_for(self, queue: str, ttl: float) -> str:
+        """The delay-tier queue holding ``queue``'s messages for ``ttl`` seconds."""
+        ...
+
+    async def pause(self) -> None:
+        """Stop deliveries and hand buffered ones back to their queue."""
+        ...
+
+    async def resume(self) -> None: ...
+
+
+class DeadLetterSink(Protocol):
+    """Where dead letters go: durably, before the original is acked."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while records cannot be written (work is not accepted then)."""
+        ...
+
+    def submit(self, record: DeadLetterRecord, *, on_durable: Callable[[], None]) -> None:
+        """Write ``record``; call ``on_durable`` once it is in the store or the spool."""
+        ...
+
+    async def flush(self) -> None:
+        """Return once everything submitted is durable."""
+        ...
+
+
+class QueueWatch(Protocol):
+    """What the backpressure monitor needs from the broker: queue depths and prefetch."""
+
+    @property
+    def is_connected(self) -> bool: ...
+
+    @property
+    def queues(self) -> Sequence[str]:
+        """The queues consumed."""
+        ...
+
+    async def queue_depth(self, queue: str) -> tuple[int, int] | None:
+        """(messages, consumers) of ``queue``, None when it does not exist. Raises
+        ``BrokerUnavailable`` while disconnected."""
+        ...
+
+    async def set_prefetch(self, prefetch: int) -> None: ...
+
+    def wake(self) -> None:
+        """Wake whoever waits for deliveries: what they may take has changed."""
+        ...

@@ -1,0 +1,111 @@
+"""The engine as a driver: ledger commands carried out against a fake broker port, on
+trio's virtual clock (the deadline and drain timers run without waiting)."""
+
+from __future__ import annotations
+
+import random
+
+import trio
+
+from sidecar import attempts
+from sidecar.config import load_config
+from sidecar.core.messages import Inbound, MessageProps
+from sidecar.metrics import Metrics
+from sidecar.policies import ledger_from
+from sidecar.runtime.engine import Engine, MetricsMeter
+from tests.helpers.fake_broker import FakeBroker, FakeDeadLetters
+
+DEADLINE = 5.0
+
+
+def message(tag: int) -> Inbound:
+    return Inbound(1, tag, "work", f"m{tag}".encode(), MessageProps(), "work", "", False)
+
+
+def make_engine(
+    notices: list[tuple[int, int, bool]], noticed: trio.Event | None = None
+) -> tuple[Engine, FakeBroker]:
+    config = load_config(environ={}, overrides={"agent": {"deadline": DEADLINE}})
+    broker = FakeBroker()
+    metrics = Metrics()
+    ledger = ledger_from(config, random=random.Random(7).random, meter=MetricsMeter(metrics))
+    engine = Engine(
+        ledger,
+        broker,
+        FakeDeadLetters(),
+        metrics,
+        on_timeout=lambda *notice: (notices.append(notice), noticed is None or noticed.set()),
+    )
+    return engine, broker
+
+
+async def test_a_timeout_is_republished_then_acked_when_confirmed(autojump_clock):
+    notices: list[tuple[int, int, bool]] = []
+    noticed = trio.Event()
+    engine, broker = make_engine(notices, noticed)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(engine.run)
+            engine.open_session(1, "a", "1.0", None)
+            broker.deliver(message(1))
+            (delivery,) = await engine.pull(1, 5, wait=1.0)
+            start = trio.current_time()
+            await noticed.wait()  # virtual time: the deadline watcher's timer fires
+            assert trio.current_time() - start >= DEADLINE
+            assert notices == [(1, delivery.id, True)]
+            (copy,) = broker.published
+            assert copy.routing_key.startswith("test.retry.work.")
+            assert copy.props.headers[attempts.LAST_REASON] == "TIMEOUT"
+            assert broker.settled == []  # not before the copy is confirmed
+            copy.on_done(None)
+            assert broker.settled == [(1, False)]
+            nursery.cancel_scope.cancel()
+
+
+async def test_pull_waits_for_a_delivery_and_gives_up_after_wait(autojump_clock):
+    engine, broker = make_engine([])
+    engine.open_session(1, "a", "1.0", None)
+    with trio.fail_after(60):
+        assert await engine.pull(1, 5, wait=2.0) == []
+        async with trio.open_nursery() as nursery:
+
+            async def deliver_later() -> None:
+                await trio.sleep(1.0)
+                broker.deliver(message(3))
+
+            nursery.start_soon(deliver_later)
+            (got,) = await engine.pull(1, 5, wait=10.0)
+            assert got.body == b"m3"
+
+
+async def test_drain_waits_for_answers_then_requeues_the_rest(autojump_clock):
+    engine, broker = make_engine([])
+    engine.open_session(1, "a", "1.0", None)
+    broker.deliver(message(1), message(2), message(3))
+    with trio.fail_after(60):
+        first, _second, _third = await engine.pull(1, 5, wait=1.0)
+
+        async def answer_later() -> None:
+            await trio.sleep(1.0)
+            engine.ack(1, [first.id])
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(answer_later)
+            start = trio.current_time()
+            await engine.drain(grace=3.0)
+            assert trio.current_time() - start == 3.0  # waited out the grace for 2 and 3
+    assert broker.paused
+    assert broker.settled == [(1, False), (2, True), (3, True)]
+    assert engine.counts["failed"] == 0 and not engine.in_flight
+
+
+async def test_nothing_is_handed_out_while_the_broker_is_away(autojump_clock):
+    engine, broker = make_engine([])
+    engine.open_session(1, "a", "1.0", None)
+    broker.deliver(message(1))
+    broker.is_connected = False
+    with trio.fail_after(60):
+        assert await engine.pull(1, 5, wait=1.0) == []
+    broker.is_connected = True
+    with trio.fail_after(60):
+        assert [d.body for d in await engine.pull(1, 5, wait=1.0)] == [b"m1"]
