@@ -53,7 +53,7 @@ from sidecar.adapters import amqp_decode
 log = logging.getLogger("sidecar.broker")
 
 SUPPORTED_AIORMQ = ("7.2.",)
-SUPPORTED_PAMQP = ("3.3.",)
+SUPPORTED_PAMQP = ("4.0.",)
 
 # aiormq private names this module relies on; tests/test_fast_amqp.py checks each exists.
 CONNECTION_INTERNALS = (
