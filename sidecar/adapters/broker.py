@@ -523,6 +523,11 @@ class Broker:
                 await self.bridge.call(gen.consume_channel.basic_cancel, tag)
             except _BROKER_ERRORS as exc:
                 log.warning("cancel consumer on %s: %s", queue, exc)
+            else:
+                # Cancel-Ok came after the tag's last delivery, which is handed over by now:
+                # forget the route, or every prefetch change would leave one behind.
+                gen.consume_conn.consumers.get(gen.consume_channel.number, {}).pop(tag, None)
+                gen.consumer_queues.pop(tag, None)
             gen.consumers.pop(queue, None)
 
     # --- settling ------------------------------------------------------------------------
@@ -678,8 +683,8 @@ class Broker:
             self._confirms.put((on_done, _publish_error(exc)))
             return
         touched: set[Publisher] = set()
-        # attempt 2 skips the exchange check: the retry is of the publish itself.
-        self._publish_fast(request, max(attempt, 2) if attempt > 1 else 2, touched)
+        # The exchange is now known (or this is the retry, which skips the check).
+        self._publish_fast(request, attempt, touched)
         for publisher in touched:
             publisher.flush()
 

@@ -424,6 +424,13 @@ class FastConnection(aiormq.Connection):
 
     def _fast_frame(self, kind: int, channel: int, data: bytes, start: int, end: int) -> bool:
         """Handle a frame of a registered channel; False to give it to aiormq instead."""
+        try:
+            return self._fast_frame_of(kind, channel, data, start, end)
+        except (ValueError, struct.error, IndexError) as exc:
+            # Method fields the broker framed wrongly: a protocol error, like aiormq's.
+            raise InvalidFrameError(f"{type(exc).__name__}: {exc}") from exc
+
+    def _fast_frame_of(self, kind: int, channel: int, data: bytes, start: int, end: int) -> bool:
         incoming = self._incoming.get(channel)
         if kind == _METHOD_FRAME:
             if incoming is not None:
