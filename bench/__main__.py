@@ -110,6 +110,8 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
 def profile_consume(s: sc.Settings, stamp: str) -> dict[str, Any]:
     """py-spy the sidecar during a batch-50 consume; top functions by self time."""
     raw = OUT / f"profile-{stamp}.txt"
+    if not Path(sys.executable).with_name("py-spy").exists():
+        return {"error": "py-spy is not installed in this environment"}
     r = sc.consume_sidecar(s.messages, s.sizes[0], 50, profile=str(raw))
     if not raw.exists():
         return {"error": "py-spy wrote nothing (ptrace not permitted?)", "rate": r["rate"]}

@@ -630,7 +630,7 @@ class Broker:
         while requests:
             self._publish_fast(requests.popleft(), 1, touched)
         for publisher in touched:
-            publisher.flush()
+            publisher.flush_soon()
 
     def _publish_fast(
         self, request: _PublishRequest, attempt: int, touched: set[Publisher]

@@ -35,7 +35,7 @@ import struct
 from collections.abc import Callable
 from importlib.metadata import version
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 import aiormq
 import pamqp.frame
@@ -94,6 +94,9 @@ _PROPERTIES = tuple(
 )
 
 
+_NO_PROPERTIES = spec.Basic.Properties()
+
+
 def versions_supported() -> bool:
     return version("aiormq").startswith(SUPPORTED_AIORMQ) and version("pamqp").startswith(
         SUPPORTED_PAMQP
@@ -126,7 +129,7 @@ class Delivery:
         self.redelivered = redelivered
         self.exchange = exchange
         self.routing_key = routing_key
-        self.properties = spec.Basic.Properties()
+        self.properties = _NO_PROPERTIES  # replaced by the content header's
         self.body = b""
 
 
@@ -205,6 +208,7 @@ class Publisher:
         self.out: list[bytes] = []
         self.closed: BaseException | None = None
         self._putting = False
+        self._flush_scheduled = False
         connection.publishers[self.number] = self
         channel.closing.add_done_callback(self._on_channel_closed)
 
@@ -225,7 +229,7 @@ class Publisher:
             raise self.closed
         if not properties.message_id:
             # Basic.Return names a message only by its properties: give each an id.
-            properties.message_id = UUID(bytes=uuid4().bytes).hex
+            properties.message_id = uuid4().hex
         method = (
             b"\x00\x3c\x00\x28\x00\x00"
             + pamqp_encode.short_string(exchange)
@@ -252,6 +256,17 @@ class Publisher:
         self.by_message_id[message_id] = tag
         self.tag_message_id[tag] = message_id
         self.out.extend(frames)
+
+    def flush_soon(self) -> None:
+        """Flush on the loop's next pass: publishes that arrive meanwhile (the trio-asyncio
+        hop hands them over one at a time) share the write."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.connection.loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     def flush(self) -> None:
         """Write everything published since the last flush as one frame blob."""
