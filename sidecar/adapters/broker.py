@@ -113,7 +113,9 @@ class Inbound:
 def _text(value: Any) -> str | None:
     """A short-string property as plain text: a placeholder for an undecodable one
     (amqp_decode.Unreadable, a str subclass) would not encode in a frame to the agent."""
-    return None if value is None else str.__str__(value) if isinstance(value, str) else None
+    if value is None or type(value) is str:
+        return value  # the common cases, without a conversion (this runs per property)
+    return str.__str__(value) if isinstance(value, str) else None
 
 
 def _props_from_aiormq(p: spec.Basic.Properties) -> MessageProps:

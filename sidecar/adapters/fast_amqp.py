@@ -412,6 +412,13 @@ class FastConnection(aiormq.Connection):
     async def _frames(self, data: bytes, max_frame: int) -> int:
         """Dispatch every complete frame in ``data``; returns where the rest starts, or -1
         after Connection.Close-Ok."""
+        try:
+            return await self._frames_of(data, max_frame)
+        except (ValueError, struct.error, IndexError) as exc:
+            # Fields the broker framed wrongly: a protocol error, as in aiormq's reader.
+            raise InvalidFrameError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _frames_of(self, data: bytes, max_frame: int) -> int:
         offset = 0
         size_all = len(data)
         consumers = self.consumers
@@ -439,13 +446,6 @@ class FastConnection(aiormq.Connection):
 
     def _fast_frame(self, kind: int, channel: int, data: bytes, start: int, end: int) -> bool:
         """Handle a frame of a registered channel; False to give it to aiormq instead."""
-        try:
-            return self._fast_frame_of(kind, channel, data, start, end)
-        except (ValueError, struct.error, IndexError) as exc:
-            # Method fields the broker framed wrongly: a protocol error, like aiormq's.
-            raise InvalidFrameError(f"{type(exc).__name__}: {exc}") from exc
-
-    def _fast_frame_of(self, kind: int, channel: int, data: bytes, start: int, end: int) -> bool:
         incoming = self._incoming.get(channel)
         if kind == _METHOD_FRAME:
             if incoming is not None:
