@@ -74,6 +74,13 @@ def test_aiormq_connection_internals_are_where_the_fast_path_expects() -> None:
     for duty in ("connection_unblocked.set()", "connected.set()", "__heartbeat()"):
         assert duty in reader_source, f"aiormq's reader no longer does {duty}"
     assert "await ch.frames.put((weight, frame))" in reader_source
+    # ``send`` writes past the queue only when it is empty: that is safe because aiormq's
+    # writer writes each frame it takes from the queue with no await in between.
+    writer_source = inspect.getsource(aiormq.Connection._Connection__writer)  # type: ignore[attr-defined]
+    assert "async for channel_frame in frame_iterator:" in writer_source
+    assert "writer.write(channel_frame.payload)" in writer_source
+    generator_source = inspect.getsource(aiormq.connection.FrameGenerator.__anext__)
+    assert "await self.queue.get()" in generator_source
     for handler in ("CloseOk", "Close", "Heartbeat", "Blocked", "Unblocked", "UpdateSecretOk"):
         assert f"{handler}()" in reader_source
     assert {f.name for f in ChannelFrame.__dataclass_fields__.values()} == {

@@ -568,9 +568,10 @@ class Broker:
                 # One frame blob per pass, through aiormq's write queue (ordered with
                 # everything else on the connection).
                 payload = _settle_frames(channel.number, plan)
-                await gen.consume_conn.write_queue.put(
-                    ChannelFrame(payload=payload, should_close=False)
-                )
+                if not gen.consume_conn.send(payload):
+                    await gen.consume_conn.write_queue.put(
+                        ChannelFrame(payload=payload, should_close=False)
+                    )
             if gen.writer_passed is not None:
                 gen.writer_passed.set()
 
@@ -632,7 +633,7 @@ class Broker:
         while requests:
             self._publish_fast(requests.popleft(), 1, touched)
         for publisher in touched:
-            publisher.flush_soon()
+            publisher.flush()
 
     def _publish_fast(
         self, request: _PublishRequest, attempt: int, touched: set[Publisher]

@@ -58,6 +58,7 @@ SUPPORTED_PAMQP = ("4.0.",)
 # aiormq private names this module relies on; tests/test_fast_amqp.py checks each exists.
 CONNECTION_INTERNALS = (
     "_Connection__reader",
+    "_Connection__writer",
     "_Connection__heartbeat",
     "_Connection__connection_unblocked",
     "_Connection__last_frame_time",
@@ -72,6 +73,9 @@ CONNECTION_INTERNALS = (
 )
 
 READ_SIZE = 256 * 1024
+# Above this many bytes waiting in the socket's buffer, writes go through aiormq's writer,
+# which drains: the broker is not reading (a resource alarm), so stop piling up here.
+WRITE_BUFFER_HIGH = 1024 * 1024
 _HEADER = struct.Struct(">BHI")
 _METHOD = struct.Struct(">I")
 _CONTENT = struct.Struct(">HHQH")
@@ -274,6 +278,8 @@ class Publisher:
             return
         payload = b"".join(self.out)
         self.out.clear()
+        if self.connection.send(payload):
+            return
         frame = ChannelFrame(payload=payload, should_close=False)
         try:
             self.connection.write_queue.put_nowait(frame)
@@ -364,6 +370,30 @@ class FastConnection(aiormq.Connection):
         self.consumers: dict[int, dict[str, DeliveryCallback]] = {}
         self.publishers: dict[int, Publisher] = {}
         self._incoming: dict[int, _Incoming] = {}
+        self._stream_writer: asyncio.StreamWriter | None = None
+
+    async def _Connection__writer(self, writer: asyncio.StreamWriter) -> None:
+        # aiormq's writer, unchanged; the stream is kept for ``send``.
+        self._stream_writer = writer
+        internals: Any = aiormq.Connection
+        await internals._Connection__writer(self, writer)
+
+    def send(self, payload: bytes) -> bool:
+        """Write whole frames straight to the socket, sparing the writer task a wake-up
+        per burst. Only when nothing is queued for aiormq's writer (so nothing can be
+        overtaken: its writer writes what it takes from the queue without awaiting in
+        between) and the socket buffer is not backed up. False: use the write queue."""
+        writer = self._stream_writer
+        if (
+            writer is None
+            or not self.write_queue.empty()
+            or writer.is_closing()
+            or self.is_closed
+            or writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH
+        ):
+            return False
+        writer.write(payload)
+        return True
 
     def consume_fast(
         self, channel_number: int, consumer_tag: str, callback: DeliveryCallback
