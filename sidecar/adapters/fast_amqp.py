@@ -193,8 +193,9 @@ class Publisher:
     """Publishes with confirms on one aiormq channel (opened with confirms on a
     ``FastConnection``), one write per burst, its own confirm table.
 
-    ``publish`` marshals and buffers; ``flush`` writes the buffer as one frame into
-    aiormq's write queue (so it stays ordered with every other frame on the connection).
+    ``publish`` marshals and buffers; ``flush`` writes the buffer as one blob, straight to
+    the socket when nothing is queued ahead of it, else through aiormq's write queue (so it
+    stays ordered with every other frame on the connection).
     Each publish's ``on_done`` is called once: None when the broker acked it, else the
     exception (``Returned``, ``Nacked``, or why the channel closed)."""
 
@@ -212,7 +213,6 @@ class Publisher:
         self.out: list[bytes] = []
         self.closed: BaseException | None = None
         self._putting = False
-        self._flush_scheduled = False
         connection.publishers[self.number] = self
         channel.closing.add_done_callback(self._on_channel_closed)
 
@@ -260,17 +260,6 @@ class Publisher:
         self.by_message_id[message_id] = tag
         self.tag_message_id[tag] = message_id
         self.out.extend(frames)
-
-    def flush_soon(self) -> None:
-        """Flush on the loop's next pass: publishes that arrive meanwhile (the trio-asyncio
-        hop hands them over one at a time) share the write."""
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.connection.loop.call_soon(self._scheduled_flush)
-
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
-        self.flush()
 
     def flush(self) -> None:
         """Write everything published since the last flush as one frame blob."""
