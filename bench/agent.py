@@ -15,7 +15,7 @@ import time
 import trio
 from trio_websocket import wrap_client_stream
 
-from bench.common import body_of, emit, latency_summary, stamp_of
+from bench.common import body_of, cpu_seconds, emit, latency_summary, stamp_of
 from sidecar import protocol as p
 from sidecar.client import AgentClient, connect_unix, open_agent
 
@@ -23,7 +23,7 @@ from sidecar.client import AgentClient, connect_unix, open_agent
 async def consume(socket: str, queue: str, count: int, batch: int, idle: float) -> None:
     async with open_agent(socket, agent="bench-consume", queues=[queue]) as a:
         emit(event="ready")
-        n, first, last_progress = 0, 0.0, time.monotonic()
+        n, first, last_progress, cpu0 = 0, 0.0, time.monotonic(), 0.0
         while n < count:
             messages = await a.pull(batch, wait=1.0)
             if not messages:
@@ -31,15 +31,16 @@ async def consume(socket: str, queue: str, count: int, batch: int, idle: float) 
                     break
                 continue
             if n == 0:
-                first = time.time()
+                first, cpu0 = time.time(), cpu_seconds()
             await a.ack([m.id for m in messages])
             n += len(messages)
             last_progress = time.monotonic()
-        last = time.time()
+        last, cpu_s = time.time(), cpu_seconds() - cpu0
         elapsed = last - first
         emit(
             event="result",
             n=n,
+            cpu_s=cpu_s,
             complete=n >= count,
             first=first,
             last=last,
@@ -163,15 +164,22 @@ async def publish(socket: str, queue: str, count: int, size: int, window: int) -
             all_done.set()
 
         nursery.start_soon(reader)
-        start = time.time()
+        start, cpu0 = time.time(), cpu_seconds()
         for ref in range(1, count + 1):
             await credit.acquire()
             await client.send(p.Publish(ref=ref, body=body, queue=queue))
         await all_done.wait()
-        elapsed = time.time() - start
+        elapsed, cpu_s = time.time() - start, cpu_seconds() - cpu0
         await ws.aclose()
         nursery.cancel_scope.cancel()
-    emit(event="result", n=count, elapsed=elapsed, rate=result["ok"] / elapsed, **result)
+    emit(
+        event="result",
+        n=count,
+        elapsed=elapsed,
+        rate=result["ok"] / elapsed,
+        cpu_s=cpu_s,
+        **result,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

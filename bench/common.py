@@ -60,5 +60,21 @@ def latency_summary(lat_ms: list[float]) -> dict[str, float]:
     }
 
 
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of a process, from /proc/PID/stat. CPU per message stays
+    meaningful on a busy shared machine, where rates do not."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    # After the command name: state is field 3, utime field 14, stime field 15.
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def per_10k(cpu_s: float, n: int) -> float:
+    return cpu_s / n * 10_000 if n > 0 else math.nan
+
+
 def now() -> float:
     return time.time()

@@ -25,7 +25,7 @@ from typing import Any
 import aiormq
 from pamqp import commands as spec
 
-from bench.common import BROKER_URL, body_of, emit, latency_summary, stamp_of
+from bench.common import BROKER_URL, body_of, cpu_seconds, emit, latency_summary, stamp_of
 
 
 def persistent() -> spec.Basic.Properties:
@@ -59,7 +59,7 @@ async def consume(queue: str, count: int, ack: str, prefetch: int, idle: float) 
     conn = await aiormq.connect(BROKER_URL)
     channel = await conn.channel(publisher_confirms=False)
     await channel.basic_qos(prefetch_count=prefetch)
-    state = {"n": 0, "first": 0.0, "last": 0.0}
+    state = {"n": 0, "first": 0.0, "last": 0.0, "cpu0": 0.0, "cpu1": 0.0}
     done = asyncio.Event()
     every = 50 if ack == "multi50" else 1
     to_ack: asyncio.Queue[int] = asyncio.Queue()
@@ -74,6 +74,7 @@ async def consume(queue: str, count: int, ack: str, prefetch: int, idle: float) 
         n = state["n"] = state["n"] + 1
         if n == 1:
             state["first"] = time.time()
+            state["cpu0"] = cpu_seconds()
         tag = message.delivery.delivery_tag
         if every == 1:
             await channel.basic_ack(tag)
@@ -84,6 +85,7 @@ async def consume(queue: str, count: int, ack: str, prefetch: int, idle: float) 
                 while not to_ack.empty():
                     await asyncio.sleep(0.001)
             state["last"] = time.time()
+            state["cpu1"] = cpu_seconds()
             done.set()
 
     writer_task = asyncio.get_running_loop().create_task(writer())
@@ -91,6 +93,7 @@ async def consume(queue: str, count: int, ack: str, prefetch: int, idle: float) 
     complete = await _wait_or_idle(done, lambda: state["n"], idle)
     if not complete:
         state["last"] = time.time()
+        state["cpu1"] = cpu_seconds()
     writer_task.cancel()
     with contextlib.suppress(Exception):
         await conn.close()
@@ -103,6 +106,7 @@ async def consume(queue: str, count: int, ack: str, prefetch: int, idle: float) 
         first=state["first"],
         last=state["last"],
         rate=(n - 1) / elapsed if elapsed > 0 and n > 1 else 0.0,
+        cpu_s=state["cpu1"] - state["cpu0"],
     )
 
 
@@ -121,10 +125,20 @@ async def latency(queue: str, count: int, prefetch: int, idle: float) -> None:
 
     await channel.basic_consume(queue, on_message)
     emit(event="ready")
+    cpu0, t0 = cpu_seconds(), time.monotonic()
     complete = await _wait_or_idle(done, lambda: len(lat), idle)
+    cpu_s, wall = cpu_seconds() - cpu0, time.monotonic() - t0
     with contextlib.suppress(Exception):
         await conn.close()
-    emit(event="result", complete=complete, received=len(lat), **latency_summary(lat), lat=lat)
+    emit(
+        event="result",
+        complete=complete,
+        received=len(lat),
+        **latency_summary(lat),
+        lat=lat,
+        cpu_s=cpu_s,
+        cpu_share=cpu_s / wall if wall > 0 else 0.0,
+    )
 
 
 async def paced(queue: str, rate: float, duration: float, size: int) -> None:
@@ -180,7 +194,7 @@ async def publish(queue: str, count: int, size: int, window: int) -> None:
         finally:
             sem.release()
 
-    start = time.time()
+    start, cpu0 = time.time(), cpu_seconds()
     for _ in range(count):
         await sem.acquire()
         task = loop.create_task(one())
@@ -188,10 +202,10 @@ async def publish(queue: str, count: int, size: int, window: int) -> None:
         task.add_done_callback(tasks.discard)
     for _ in range(window):
         await sem.acquire()
-    elapsed = time.time() - start
+    elapsed, cpu_s = time.time() - start, cpu_seconds() - cpu0
     with contextlib.suppress(Exception):
         await conn.close()
-    emit(event="result", n=count, errors=errors, elapsed=elapsed, rate=count / elapsed)
+    emit(event="result", n=count, errors=errors, elapsed=elapsed, rate=count / elapsed, cpu_s=cpu_s)
 
 
 async def fill(queue: str, count: int, size: int) -> None:

@@ -27,27 +27,33 @@ def render(res: dict[str, Any]) -> str:
         "",
     ]
     for size, c in res.get("consume", {}).items():
-        out += [f"### Consume, {size}-byte messages (msg/s; ratio = sidecar / baseline)", ""]
+        out += [
+            f"### Consume, {size}-byte messages (msg/s and CPU-s per 10,000 messages)",
+            "",
+            "CPU: the baseline's own process; for the sidecar, sidecar + agent processes. "
+            "Ratios: sidecar / multi-50 baseline (for CPU lower is better).",
+            "",
+        ]
+        keys = ("base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50")
         out.append(
             "| pair | direct ack-each | direct ack x50 | sidecar b1 | sidecar b10 | "
-            "sidecar b50 | b50/each | b50/x50 | b10/each | b10/x50 | b1/each |"
+            "sidecar b50 | b50/x50 rate | b50/x50 CPU | b1/b50 rate |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
-        for i, p in enumerate(c["pairs"], 1):
-            r, q = p["rates"], p["ratios"]
+        out.append("|---|---|---|---|---|---|---|---|---|")
+
+        def cell(r: dict[str, float], k: str) -> str:
+            cpu = r.get(f"cpu_{k}")
+            return f0(r[k]) + (f" ({cpu:.2f})" if cpu is not None else "")
+
+        rows = [(str(i), p["rates"], p["ratios"]) for i, p in enumerate(c["pairs"], 1)]
+        rows.append(("**median**", c["median_rates"], c["median_ratios"]))
+        for label, r, q in rows:
             out.append(
-                f"| {i} | {f0(r['base_each'])} | {f0(r['base_multi50'])} | {f0(r['sc_b1'])} | "
-                f"{f0(r['sc_b10'])} | {f0(r['sc_b50'])} | {f2(q['sc_b50_vs_each'])} | "
-                f"{f2(q['sc_b50_vs_multi50'])} | {f2(q['sc_b10_vs_each'])} | "
-                f"{f2(q['sc_b10_vs_multi50'])} | {f2(q['sc_b1_vs_each'])} |"
+                f"| {label} | "
+                + " | ".join(cell(r, k) for k in keys)
+                + f" | {f2(q['sc_b50_vs_multi50'])} | {f2(q.get('cpu_sc_b50_vs_multi50', 0))} | "
+                f"{f2(q.get('sc_b1_vs_b50', 0))} |"
             )
-        r, q = c["median_rates"], c["median_ratios"]
-        out.append(
-            f"| **median** | {f0(r['base_each'])} | {f0(r['base_multi50'])} | {f0(r['sc_b1'])} | "
-            f"{f0(r['sc_b10'])} | {f0(r['sc_b50'])} | **{f2(q['sc_b50_vs_each'])}** | "
-            f"**{f2(q['sc_b50_vs_multi50'])}** | {f2(q['sc_b10_vs_each'])} | "
-            f"{f2(q['sc_b10_vs_multi50'])} | {f2(q['sc_b1_vs_each'])} |"
-        )
         out.append("")
     if "drain_patch" in res:
         d = res["drain_patch"]
@@ -67,7 +73,11 @@ def render(res: dict[str, Any]) -> str:
             "added p50 | added p99 | added p99.9 |"
         )
         out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        shares = []
         for rate, lat in res["latency"].items():
+            if "median_cpu_share" in lat:
+                cs = lat["median_cpu_share"]
+                shares.append(f"| {rate}/s | {cs['direct']:.1%} | {cs['sidecar']:.1%} |")
             rows = [(str(i), p) for i, p in enumerate(lat["pairs"], 1)]
             rows.append(("**median**", lat["median"]))
             for label, p in rows:
@@ -78,21 +88,32 @@ def render(res: dict[str, Any]) -> str:
                     f"{f2(a['p99'])} | {f2(a['p999'])} |"
                 )
         out.append("")
+        if shares:
+            out += [
+                "CPU share of one core during the paced run (plain ack-each consumer vs "
+                "sidecar process):",
+                "",
+                "| rate | plain consumer | sidecar |",
+                "|---|---|---|",
+                *shares,
+                "",
+            ]
     if "publish" in res:
         out += ["### Publish with confirms (msg/s, window 256 outstanding)", ""]
-        out.append("| size | pair | direct | via sidecar | ratio |")
-        out.append("|---|---|---|---|---|")
+        out.append(
+            "| size | pair | direct | via sidecar | ratio | CPU-s/10k direct | "
+            "sidecar + agent | CPU ratio |"
+        )
+        out.append("|---|---|---|---|---|---|---|---|")
         for size, pub in res["publish"].items():
-            for i, p in enumerate(pub["pairs"], 1):
+            rows = [(str(i), p) for i, p in enumerate(pub["pairs"], 1)]
+            rows.append(("**median**", {**pub["median"]}))
+            for label, p in rows:
                 out.append(
-                    f"| {size} B | {i} | {f0(p['direct'])} | {f0(p['sidecar'])} | "
-                    f"{f2(p['ratio'])} |"
+                    f"| {size} B | {label} | {f0(p['direct'])} | {f0(p['sidecar'])} | "
+                    f"{f2(p['ratio'])} | {f2(p.get('direct_cpu_per_10k', 0))} | "
+                    f"{f2(p.get('sidecar_cpu_per_10k', 0))} | {f2(p.get('cpu_ratio', 0))} |"
                 )
-            mm = pub["median"]
-            out.append(
-                f"| {size} B | **median** | {f0(mm['direct'])} | {f0(mm['sidecar'])} | "
-                f"**{f2(mm['ratio'])}** |"
-            )
         out.append("")
     if "failure" in res:
         out += ["### Failure path (messages/s fully dead-lettered into SQLite)", ""]

@@ -14,7 +14,7 @@ from typing import Any
 import psutil
 
 from bench import procs
-from bench.common import tier_queue_names, unique_queue
+from bench.common import cpu_seconds, per_10k, tier_queue_names, unique_queue
 
 
 @dataclass
@@ -68,6 +68,7 @@ def consume_direct(count: int, size: int, ack: str) -> dict[str, Any]:
         r = procs.direct_run(
             "consume", "--queue", q, "--count", str(count), "--ack", ack, timeout=600
         )
+    r["cpu_per_10k"] = per_10k(r.get("cpu_s", float("nan")), r["n"])
     return r
 
 
@@ -101,6 +102,7 @@ def consume_sidecar(
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
+            sc_cpu0 = cpu_seconds(sc.pid)
             ag = procs.agent(
                 f"agent-consume-b{batch}",
                 "consume",
@@ -113,6 +115,7 @@ def consume_sidecar(
                 str(batch),
             )
             r = ag.result(timeout=600)
+            r["sidecar_cpu_s"] = cpu_seconds(sc.pid) - sc_cpu0
             if spy is not None:
                 import signal
 
@@ -120,6 +123,9 @@ def consume_sidecar(
                 spy.wait(timeout=30)
     r["batch"] = batch
     r["drain_patch"] = drain_patch
+    r["agent_cpu_s"] = r.get("cpu_s", float("nan"))
+    r["cpu_per_10k"] = per_10k(r["sidecar_cpu_s"] + r["agent_cpu_s"], r["n"])
+    r["sidecar_cpu_per_10k"] = per_10k(r["sidecar_cpu_s"], r["n"])
     return r
 
 
@@ -144,13 +150,28 @@ def run_consume(s: Settings) -> dict[str, Any]:
                 if not r.get("complete"):
                     log(f"consume {key} size {size}: INCOMPLETE {r}")
                 row[key] = r["rate"]
-                log(f"consume size={size} pair={i + 1} {key}: {r['rate']:.0f} msg/s")
-            ratios = {
-                f"{b}_vs_each": row[b] / row["base_each"] for b in ("sc_b1", "sc_b10", "sc_b50")
-            } | {
-                f"{b}_vs_multi50": row[b] / row["base_multi50"]
-                for b in ("sc_b1", "sc_b10", "sc_b50")
-            }
+                row[f"cpu_{key}"] = r["cpu_per_10k"]
+                log(
+                    f"consume size={size} pair={i + 1} {key}: {r['rate']:.0f} msg/s, "
+                    f"{r['cpu_per_10k']:.3f} CPU-s/10k"
+                    + (
+                        f" (sidecar {r['sidecar_cpu_per_10k']:.3f})"
+                        if "sidecar_cpu_per_10k" in r
+                        else ""
+                    )
+                )
+            ratios = (
+                {f"{b}_vs_each": row[b] / row["base_each"] for b in ("sc_b1", "sc_b10", "sc_b50")}
+                | {
+                    f"{b}_vs_multi50": row[b] / row["base_multi50"]
+                    for b in ("sc_b1", "sc_b10", "sc_b50")
+                }
+                | {
+                    f"cpu_{b}_vs_multi50": row[f"cpu_{b}"] / row["cpu_base_multi50"]
+                    for b in ("sc_b1", "sc_b10", "sc_b50")
+                }
+                | {"sc_b1_vs_b50": row["sc_b1"] / row["sc_b50"]}
+            )
             pairs.append({"rates": row, "ratios": ratios})
         out[str(size)] = {
             "pairs": pairs,
@@ -200,7 +221,7 @@ def latency_direct(rate: float, duration: float) -> dict[str, Any]:
 
 def latency_sidecar(rate: float, duration: float, batch: int = 10) -> dict[str, Any]:
     count = int(rate * duration)
-    with Queues("latency") as q, procs.sidecar("sidecar-latency", batch=batch) as (_sc, ready, _t):
+    with Queues("latency") as q, procs.sidecar("sidecar-latency", batch=batch) as (sc, ready, _t):
         rx = procs.agent(
             "agent-latency",
             "latency",
@@ -213,11 +234,13 @@ def latency_sidecar(rate: float, duration: float, batch: int = 10) -> dict[str, 
             str(batch),
         )
         rx.wait_event("ready", 30)
+        cpu0, t0 = cpu_seconds(sc.pid), time.monotonic()
         pub = procs.direct(
             "paced", "paced", "--queue", q, "--rate", str(rate), "--duration", str(duration)
         )
         p = pub.result(timeout=duration * 4 + 30)
         r = rx.result(timeout=60)
+        r["sidecar_cpu_share"] = (cpu_seconds(sc.pid) - cpu0) / (time.monotonic() - t0)
     r["publisher"] = _strip(p)
     return r
 
@@ -234,6 +257,11 @@ def run_latency(s: Settings) -> dict[str, Any]:
                 hist = {"direct": d.get("lat", [])[::5], "sidecar": sc.get("lat", [])[::5]}
             added = {k: sc[k] - d[k] for k in ("p50", "p99", "p999")}
             pairs.append({"direct": _strip(d), "sidecar": _strip(sc), "added": added})
+            pairs[-1]["cpu_share"] = {
+                "direct": d.get("cpu_share"),
+                "sidecar": sc.get("sidecar_cpu_share"),
+                "agent": sc.get("cpu_share"),
+            }
             log(
                 f"latency {rate:.0f}/s pair={i + 1}: direct p50 {d['p50']:.2f} p99 {d['p99']:.2f}"
                 f" | sidecar p50 {sc['p50']:.2f} p99 {sc['p99']:.2f} ms"
@@ -244,6 +272,10 @@ def run_latency(s: Settings) -> dict[str, Any]:
             "median": {
                 side: {k: med([p[side][k] for p in pairs]) for k in ("p50", "p99", "p999")}
                 for side in ("direct", "sidecar", "added")
+            },
+            "median_cpu_share": {
+                side: med([p["cpu_share"][side] or float("nan") for p in pairs])
+                for side in ("direct", "sidecar", "agent")
             },
             "samples_pair1": hist,
         }
@@ -267,7 +299,8 @@ def publish_direct(count: int, size: int, window: int) -> dict[str, Any]:
 
 
 def publish_sidecar(count: int, size: int, window: int) -> dict[str, Any]:
-    with Queues("publish", tiers=False) as q, procs.sidecar("sidecar-publish") as (_sc, ready, _t):
+    with Queues("publish", tiers=False) as q, procs.sidecar("sidecar-publish") as (sc, ready, _t):
+        sc_cpu0 = cpu_seconds(sc.pid)
         ag = procs.agent(
             "agent-publish",
             "publish",
@@ -281,7 +314,10 @@ def publish_sidecar(count: int, size: int, window: int) -> dict[str, Any]:
             "--window",
             str(window),
         )
-        return ag.result(timeout=600)
+        r = ag.result(timeout=600)
+        r["sidecar_cpu_s"] = cpu_seconds(sc.pid) - sc_cpu0
+        r["cpu_per_10k"] = per_10k(r["sidecar_cpu_s"] + r["cpu_s"], r["n"])
+        return r
 
 
 def run_publish(s: Settings) -> dict[str, Any]:
@@ -291,11 +327,15 @@ def run_publish(s: Settings) -> dict[str, Any]:
         for i in range(s.pairs):
             d = publish_direct(s.publish_messages, size, s.window)
             sc = publish_sidecar(s.publish_messages, size, s.window)
+            d_cpu = per_10k(d["cpu_s"], d["n"])
             pairs.append(
                 {
                     "direct": d["rate"],
                     "sidecar": sc["rate"],
                     "ratio": sc["rate"] / d["rate"],
+                    "direct_cpu_per_10k": d_cpu,
+                    "sidecar_cpu_per_10k": sc["cpu_per_10k"],
+                    "cpu_ratio": sc["cpu_per_10k"] / d_cpu,
                     "sidecar_errors": sc.get("errors", 0),
                     "sidecar_throttled": sc.get("throttled", 0),
                 }
@@ -303,11 +343,13 @@ def run_publish(s: Settings) -> dict[str, Any]:
             log(
                 f"publish size={size} pair={i + 1}: direct {d['rate']:.0f} sidecar "
                 f"{sc['rate']:.0f} msg/s (errors {sc.get('errors')}, throttled "
-                f"{sc.get('throttled')})"
+                f"{sc.get('throttled')}); CPU-s/10k direct {d_cpu:.3f} "
+                f"sidecar+agent {sc['cpu_per_10k']:.3f}"
             )
+        keys = ("direct", "sidecar", "ratio", "direct_cpu_per_10k", "sidecar_cpu_per_10k")
         out[str(size)] = {
             "pairs": pairs,
-            "median": {k: med([p[k] for p in pairs]) for k in ("direct", "sidecar", "ratio")},
+            "median": {k: med([p[k] for p in pairs]) for k in (*keys, "cpu_ratio")},
         }
     return out
 

@@ -47,6 +47,12 @@ def _repaired(what: str) -> Unreadable:
     return Unreadable(f"<unreadable {what}>")
 
 
+def repaired(what: str) -> Unreadable:
+    """A placeholder for an undecodable ``what``, counted as a repair (for decoders
+    outside pamqp's tables: the broker adapter's own frame parser)."""
+    return _repaired(what)
+
+
 def take_repairs() -> int:
     """Values repaired since the last call (for a counter metric)."""
     global _repairs

@@ -23,21 +23,23 @@ import contextlib
 import logging
 import random
 import struct
+import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import aiormq
 import aiormq.exceptions
 import trio
-from aiormq.abc import DeliveredMessage
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as spec
 
 from sidecar.adapters import amqp_decode
 from sidecar.adapters.aio_loop import make_bridge
+from sidecar.adapters.fast_amqp import Delivery, FastConnection, Nacked, Publisher, Returned
 from sidecar.core.messages import (
     Inbound,
     Inbox,
@@ -65,7 +67,9 @@ _BROKER_ERRORS = (
 def _text(value: Any) -> str | None:
     """A short-string property as plain text: a placeholder for an undecodable one
     (amqp_decode.Unreadable, a str subclass) would not encode in a frame to the agent."""
-    return None if value is None else str.__str__(value) if isinstance(value, str) else None
+    if value is None or type(value) is str:
+        return value  # the common cases, without a conversion (this runs per property)
+    return str.__str__(value) if isinstance(value, str) else None
 
 
 def _props_from_aiormq(p: spec.Basic.Properties) -> MessageProps:
@@ -135,6 +139,8 @@ class _Generation:
         self.publish_conn: Any = None
         self.consume_channel: Any = None
         self.publish_channel: Any = None
+        self.publisher: Publisher | None = None  # pipelined publishes on publish_channel
+        self.consumer_queues: dict[str, str] = {}  # consumer tag -> queue, whole generation
         self.consumers: dict[str, str] = {}  # queue -> consumer tag
         self.declared: set[str] = set()  # queues checked and given their delay tiers
         self.outstanding: dict[int, None] = {}  # delivered, not yet settled; ordered by tag
@@ -152,6 +158,35 @@ class _Generation:
 
 T = TypeVar("T")
 _PublishRequest = tuple[_Generation, bytes, str, str, MessageProps, PublishCallback]
+
+_ACK_METHOD = b"\x00\x3c\x00\x50"
+_NACK_METHOD = b"\x00\x3c\x00\x78"
+
+
+def _settle_frames(channel: int, plan: list[tuple[int, bool, bool]]) -> bytes:
+    """Basic.Ack / Basic.Nack(requeue) frames for a settle plan, as one blob: one write
+    per writer pass instead of one queue put per frame."""
+    out = []
+    for tag, multiple, requeue in plan:
+        if requeue:
+            out.append(
+                struct.pack(">BHI", 1, channel, 13) + _NACK_METHOD + struct.pack(">QB", tag, 2)
+            )
+        else:
+            out.append(
+                struct.pack(">BHI", 1, channel, 13)
+                + _ACK_METHOD
+                + struct.pack(">QB", tag, 1 if multiple else 0)
+            )
+        out.append(b"\xce")
+    return b"".join(out)
+
+
+async def _open_connection(url: str) -> FastConnection:
+    """(loop) A connection with the fast receive path (see fast_amqp)."""
+    connection = FastConnection(url)
+    await connection.connect()
+    return connection
 
 
 class Handoff(Generic[T]):
@@ -279,15 +314,16 @@ class Broker:
         self.inbox.start_generation(gen.number)
         self._lost = trio.Event()
         gen.consume_conn = await self.bridge.call(
-            aiormq.connect, connection_url(self.url, f"{self.name}-consume", self.heartbeat)
+            _open_connection, connection_url(self.url, f"{self.name}-consume", self.heartbeat)
         )
         gen.publish_conn = await self.bridge.call(
-            aiormq.connect, connection_url(self.url, f"{self.name}-publish", self.heartbeat)
+            _open_connection, connection_url(self.url, f"{self.name}-publish", self.heartbeat)
         )
         gen.consume_channel = await self.bridge.call(
             gen.consume_conn.channel, publisher_confirms=False
         )
         gen.publish_channel = await self.bridge.call(gen.publish_conn.channel)
+        gen.publisher = Publisher(gen.publish_conn, gen.publish_channel)
         self.publish_error = ""
         lost = self._lost
 
@@ -356,30 +392,30 @@ class Broker:
             return
         channel = gen.consume_channel
         await self.bridge.call(channel.basic_qos, prefetch_count=self.prefetch)
-
-        def on_message(message: DeliveredMessage) -> None:
-            self._on_delivery(gen, queue, message)
-
-        ok = await self.bridge.call(channel.basic_consume, queue, on_message)
+        # Deliveries reach _on_delivery straight from the connection's frame parser; the
+        # tag is ours so the route exists before the broker's first delivery can arrive.
+        tag = f"{self.name}.{gen.number}.{uuid.uuid4().hex}"
+        gen.consumer_queues[tag] = queue
+        gen.consume_conn.consume_fast(channel.number, tag, partial(self._on_delivery, gen))
+        ok = await self.bridge.call(channel.basic_consume, queue, _never_called, consumer_tag=tag)
         gen.consumers[queue] = ok.consumer_tag
 
-    def _on_delivery(self, gen: _Generation, queue: str, message: DeliveredMessage) -> None:
+    def _on_delivery(self, gen: _Generation, delivery: Delivery) -> None:
+        """(loop) One complete delivery, from the consuming connection's frame parser."""
         if gen is not self._gen:
             return
-        # A consumer's callback gets Basic.Deliver only, and every delivery carries a tag.
-        d = cast(spec.Basic.Deliver, message.delivery)
-        tag = cast(int, d.delivery_tag)
+        tag = delivery.delivery_tag
         gen.outstanding[tag] = None
         self._arrivals.put(
             Inbound(
                 generation=gen.number,
                 tag=tag,
-                queue=queue,
-                body=message.body,
-                props=_props_from_aiormq(message.header.properties),
-                routing_key=_text(d.routing_key) or "",
-                exchange=_text(d.exchange) or "",
-                redelivered=bool(d.redelivered),
+                queue=gen.consumer_queues.get(delivery.consumer_tag, ""),
+                body=delivery.body,
+                props=_props_from_aiormq(delivery.properties),
+                routing_key=_text(delivery.routing_key) or "",
+                exchange=_text(delivery.exchange) or "",
+                redelivered=delivery.redelivered,
             )
         )
 
@@ -441,6 +477,11 @@ class Broker:
                 await self.bridge.call(gen.consume_channel.basic_cancel, tag)
             except _BROKER_ERRORS as exc:
                 log.warning("cancel consumer on %s: %s", queue, exc)
+            else:
+                # Cancel-Ok came after the tag's last delivery, which is handed over by now:
+                # forget the route, or every prefetch change would leave one behind.
+                gen.consume_conn.consumers.get(gen.consume_channel.number, {}).pop(tag, None)
+                gen.consumer_queues.pop(tag, None)
             gen.consumers.pop(queue, None)
 
     # --- settling ------------------------------------------------------------------------
@@ -472,11 +513,17 @@ class Broker:
                     self.stale_acks += 1  # already settled: never send a tag twice
                     continue
                 (gen.to_requeue if requeue else gen.to_ack).add(tag)
-            for tag, multiple, requeue in self._settle_plan(gen):
-                if requeue:
-                    await channel.basic_nack(tag, multiple=False, requeue=True, wait=False)
-                else:
-                    await channel.basic_ack(tag, multiple=multiple, wait=False)
+            plan = self._settle_plan(gen)
+            if plan:
+                if channel.is_closed:
+                    raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+                # One frame blob per pass, through aiormq's write queue (ordered with
+                # everything else on the connection).
+                payload = _settle_frames(channel.number, plan)
+                if not gen.consume_conn.send(payload):
+                    await gen.consume_conn.write_queue.put(
+                        ChannelFrame(payload=payload, should_close=False)
+                    )
             if gen.writer_passed is not None:
                 gen.writer_passed.set()
 
@@ -531,45 +578,88 @@ class Broker:
         self._publishes.put((gen, body, exchange, routing_key, props, on_done))
 
     def _start_publishes(self, requests: deque[_PublishRequest]) -> None:
-        """(loop) One task per publish: aiormq's confirm handling is per publish."""
+        """(loop) The burst goes out as one write per publishing channel, confirms
+        pipelined: no task per publish. Only a publish that needs a round trip first (an
+        exchange not seen yet, a channel to reopen) takes a task."""
+        touched: set[Publisher] = set()
         while requests:
-            gen, body, exchange, routing_key, props, on_done = requests.popleft()
-            task = self.bridge.create_task(
-                self._publish_one(gen, body, exchange, routing_key, props)
-            )
-            task.add_done_callback(partial(self._publish_done, on_done))
+            self._publish_fast(requests.popleft(), 1, touched)
+        for publisher in touched:
+            publisher.flush()
 
-    async def _publish_one(
-        self, gen: _Generation, body: bytes, exchange: str, routing_key: str, props: MessageProps
-    ) -> Any:
+    def _publish_fast(
+        self, request: _PublishRequest, attempt: int, touched: set[Publisher]
+    ) -> None:
+        """(loop) Marshal one publish into its channel's burst, or hand it to
+        ``_publish_slow`` when something must be awaited first."""
+        gen, body, exchange, routing_key, props, on_done = request
+        publisher = gen.publisher
+        if (
+            (attempt == 1 and exchange and exchange not in gen.exchanges)
+            or publisher is None
+            or publisher.closed is not None
+            or gen.publish_channel.is_closed
+        ):
+            self.bridge.create_task(self._publish_slow(request, attempt))
+            return
+        try:
+            publisher.publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=_props_to_aiormq(props),
+                mandatory=True,
+                on_done=partial(self._published, request, attempt),
+            )
+        except (TypeError, ValueError, OverflowError, struct.error) as exc:
+            # Raised while marshalling, before anything was queued: the message itself.
+            self._confirms.put((on_done, f"{UNENCODABLE}{exc}"))
+            return
+        touched.add(publisher)
+
+    async def _publish_slow(self, request: _PublishRequest, attempt: int) -> None:
         """(loop) Publish on the generation's channel without letting one bad publish break
         the others. A publish to a missing exchange makes the broker close the channel
         (404), and every later publish on it failed for good: unknown exchanges are
         checked first on a throwaway channel, and a channel the broker closed anyway
         (an exchange deleted meanwhile, a 406) is reopened, with one more try for a
         publish that was only caught in the close."""
-        if exchange and exchange not in gen.exchanges:
-            if not await self._exchange_exists(gen, exchange):
-                raise PublishRefused(f"exchange {exchange!r} does not exist (404)")
-            gen.exchanges.add(exchange)
-        for attempt in (1, 2):
-            channel = await self._publish_channel(gen)
-            try:
-                return await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=_props_to_aiormq(props),
-                    mandatory=True,
-                )
-            except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.ChannelClosed):
-                if attempt == 2 or gen.publish_conn.is_closed:
-                    raise
-                gen.exchanges.discard(exchange)
-            except (TypeError, ValueError, OverflowError, struct.error) as exc:
-                # Raised while marshalling, before anything was sent: the message itself.
-                raise PublishRefused(f"{UNENCODABLE}{exc}") from exc
-        raise AssertionError("unreachable")
+        gen, _body, exchange, _routing_key, _props, on_done = request
+        try:
+            if attempt == 1 and exchange and exchange not in gen.exchanges:
+                if not await self._exchange_exists(gen, exchange):
+                    raise PublishRefused(f"exchange {exchange!r} does not exist (404)")
+                gen.exchanges.add(exchange)
+            await self._publish_channel(gen)
+        except asyncio.CancelledError:
+            self._confirms.put((on_done, "publish cancelled"))
+            raise
+        except Exception as exc:
+            self._confirms.put((on_done, _publish_error(exc)))
+            return
+        touched: set[Publisher] = set()
+        # The exchange is now known (or this is the retry, which skips the check).
+        self._publish_fast(request, attempt, touched)
+        for publisher in touched:
+            publisher.flush()
+
+    def _published(
+        self, request: _PublishRequest, attempt: int, error: BaseException | None
+    ) -> None:
+        """(loop) The outcome of one publish: a publish caught in a channel close gets one
+        more try on a reopened channel; everything else goes back to trio, batched."""
+        gen, _body, exchange, _routing_key, _props, on_done = request
+        if (
+            isinstance(
+                error, aiormq.exceptions.ChannelInvalidStateError | aiormq.exceptions.ChannelClosed
+            )
+            and attempt == 1
+            and not gen.publish_conn.is_closed
+        ):
+            gen.exchanges.discard(exchange)
+            self.bridge.create_task(self._publish_slow(request, 2))
+            return
+        self._confirms.put((on_done, None if error is None else _publish_error(error)))
 
     async def _publish_channel(self, gen: _Generation) -> Any:
         """(loop) The generation's publishing channel, reopened if the broker closed it."""
@@ -586,6 +676,7 @@ class Broker:
                     # No way to publish on this connection: start a fresh one.
                     self.bridge.to_trio(self._lost.set)
                     raise
+                gen.publisher = Publisher(gen.publish_conn, gen.publish_channel)
                 self.publish_error = ""
                 self.publish_channel_reopens += 1
                 log.info("publishing channel reopened (generation %d)", gen.number)
@@ -602,10 +693,6 @@ class Broker:
             if not channel.is_closed:
                 await channel.close()
         return True
-
-    def _publish_done(self, on_done: PublishCallback, task: asyncio.Task[Any]) -> None:
-        """(loop) Hand the outcome back to trio, batched with any others."""
-        self._confirms.put((on_done, _confirm_error(task)))
 
     @staticmethod
     def _deliver_confirms(results: deque[tuple[PublishCallback, str | None]]) -> None:
@@ -687,19 +774,21 @@ class Broker:
         return tier_queue_name(self.tier_prefix, queue, ttl)
 
 
-def _confirm_error(future: asyncio.Future[Any]) -> str | None:
-    if future.cancelled():
-        return "publish cancelled"
-    exc = future.exception()
-    if exc is None:
-        confirm = future.result()
-        if isinstance(confirm, spec.Basic.Nack):
-            return "broker refused the message (nack)"
-        return None
-    if isinstance(exc, aiormq.exceptions.PublishError):
+async def _never_called(_message: DeliveredMessage) -> None:
+    """aiormq wants a consumer callback; the fast receive path delivers instead."""
+    log.error("a delivery took aiormq's own path: the fast receive path missed it")
+
+
+def _publish_error(exc: BaseException) -> str:
+    """What a publisher is told when its publish failed."""
+    if isinstance(exc, Nacked):
+        return "broker refused the message (nack)"
+    if isinstance(exc, Returned):
         return f"unroutable: no queue is bound for this exchange and routing key ({exc})"
     if isinstance(exc, PublishRefused):
         return str(exc)
     if isinstance(exc, aiormq.exceptions.ChannelClosed):
         return f"refused by the broker: {exc}"
+    if isinstance(exc, asyncio.CancelledError):
+        return "publish cancelled"
     return f"{type(exc).__name__}: {exc}"

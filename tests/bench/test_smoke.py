@@ -32,6 +32,9 @@ def test_bench_quick_smoke() -> None:
     for key in ("base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50"):
         assert consume["median_rates"][key] > 0, key
     assert consume["median_ratios"]["sc_b50_vs_each"] > 0
+    # CPU-seconds per 10,000 messages, from /proc/PID/stat, next to every consume rate.
+    for key in ("base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50"):
+        assert 0 < consume["median_rates"][f"cpu_{key}"] < 1000, key
     for reason in ("NETWORK_ERROR", "VALIDATION_FAILED"):
         failure = res["failure"][reason]
         assert failure["median_rate"] > 0, reason

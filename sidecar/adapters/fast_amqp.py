@@ -1,0 +1,617 @@
+"""aiormq with a receive path that costs per read, not per frame, and publishes per burst.
+
+Measured (bench/RESULTS.md): most of the sidecar's CPU went to aiormq's per-frame and
+per-delivery bookkeeping, not to AMQP itself. ``FrameReceiver.get_frame`` makes three
+``readexactly`` calls, takes a lock and builds a ``BytesIO`` for every frame; each frame
+then crosses an ``asyncio.Queue`` into ``Channel._reader``; each delivery gets a task and
+two FutureStore callbacks. ``FastConnection`` replaces only the connection's reader loop:
+it reads what the socket has, cuts every complete frame out of it, and
+
+* hands Basic.Deliver + content header + body on a *consuming* channel to a plain
+  callback, in wire order, without a task or a queue hop;
+* takes Basic.Ack / Nack / Return on a *publishing* channel straight to its
+  ``Publisher``, which keeps the confirm table (``publish`` writes one frame blob per
+  burst, no task per message);
+* gives every other frame to aiormq exactly as aiormq's own reader would (channel 0 to the
+  connection's handlers, the rest into the channel's frame queue), so channel open and
+  close, RPCs, heartbeats, blocking and errors are still aiormq's.
+
+It reaches into aiormq's private names (``_Connection__reader`` and friends), so it is
+bounded to the versions it was written for (``SUPPORTED_AIORMQ``) and
+tests/test_fast_amqp.py fails loudly when one of those internals moves.
+
+Hostile input: header values are decoded with pamqp's decoders, which ``amqp_decode``
+makes tolerant, so a value pamqp cannot represent becomes a placeholder. A property block
+that cannot be decoded at all (truncated, an unknown field type) costs only that message's
+properties (a placeholder header says so), never the connection: killing the connection
+would make the broker redeliver the same message to the next one, forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+from collections.abc import Callable
+from importlib.metadata import version
+from typing import Any
+from uuid import uuid4
+
+import aiormq
+import pamqp.frame
+from aiormq.abc import ChannelFrame
+from aiormq.exceptions import AMQPConnectionError, InvalidFrameError
+from pamqp import commands as spec
+from pamqp import decode as pamqp_decode
+from pamqp import encode as pamqp_encode
+from pamqp.body import ContentBody
+from pamqp.header import ContentHeader
+from pamqp.heartbeat import Heartbeat
+
+from sidecar.adapters import amqp_decode
+
+log = logging.getLogger("sidecar.broker")
+
+SUPPORTED_AIORMQ = ("7.2.",)
+SUPPORTED_PAMQP = ("4.0.",)
+
+# aiormq private names this module relies on; tests/test_fast_amqp.py checks each exists.
+CONNECTION_INTERNALS = (
+    "_Connection__reader",
+    "_Connection__writer",
+    "_Connection__heartbeat",
+    "_Connection__connection_unblocked",
+    "_Connection__last_frame_time",
+    "_Connection__heartbeat_grace_timeout",
+    "_Connection__handle_close_ok",
+    "_Connection__handle_close",
+    "_Connection__handle_heartbeat",
+    "_Connection__handle_channel_close_ok",
+    "_Connection__handle_channel_update_secret_ok",
+    "_Connection__handle_connection_blocked",
+    "_Connection__handle_connection_unblocked",
+)
+
+READ_SIZE = 256 * 1024
+# Above this many bytes waiting in the socket's buffer, writes go through aiormq's writer,
+# which drains: the broker is not reading (a resource alarm), so stop piling up here.
+WRITE_BUFFER_HIGH = 1024 * 1024
+_HEADER = struct.Struct(">BHI")
+_METHOD = struct.Struct(">I")
+_CONTENT = struct.Struct(">HHQH")
+_LONGLONG = struct.Struct(">Q")
+_SHORT = struct.Struct(">H")
+_FRAME_END = 0xCE
+_METHOD_FRAME, _HEADER_FRAME, _BODY_FRAME = 1, 2, 3
+
+_DELIVER = spec.Basic.Deliver.index
+_ACK = spec.Basic.Ack.index
+_NACK = spec.Basic.Nack.index
+_RETURN = spec.Basic.Return.index
+
+UNREADABLE_PROPERTIES = "x-sidecar-unreadable-properties"
+
+# Basic.Properties in wire order: (attribute, flag bit, pamqp type name).
+_PROPERTIES = tuple(
+    (name, spec.Basic.Properties.flags[name], getattr(spec.Basic.Properties, "_" + name))
+    for name in spec.Basic.Properties.__slots__
+)
+
+
+_NO_PROPERTIES = spec.Basic.Properties()
+
+
+def versions_supported() -> bool:
+    return version("aiormq").startswith(SUPPORTED_AIORMQ) and version("pamqp").startswith(
+        SUPPORTED_PAMQP
+    )
+
+
+class Delivery:
+    """One complete Basic.Deliver: method fields, properties and the whole body."""
+
+    __slots__ = (
+        "body",
+        "consumer_tag",
+        "delivery_tag",
+        "exchange",
+        "properties",
+        "redelivered",
+        "routing_key",
+    )
+
+    def __init__(
+        self,
+        consumer_tag: str,
+        delivery_tag: int,
+        redelivered: bool,
+        exchange: str,
+        routing_key: str,
+    ) -> None:
+        self.consumer_tag = consumer_tag
+        self.delivery_tag = delivery_tag
+        self.redelivered = redelivered
+        self.exchange = exchange
+        self.routing_key = routing_key
+        self.properties = _NO_PROPERTIES  # replaced by the content header's
+        self.body = b""
+
+
+DeliveryCallback = Callable[[Delivery], None]
+
+
+def _short_str(data: bytes, offset: int) -> tuple[int, str]:
+    """A short string at ``offset``; text that is not UTF-8 becomes a placeholder."""
+    length = data[offset]
+    end = offset + 1 + length
+    if end > len(data):
+        raise ValueError("short string exceeds the frame")
+    raw = data[offset + 1 : end]
+    try:
+        return end, raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return end, amqp_decode.repaired("short string")
+
+
+def decode_properties(flags: int, data: bytes) -> spec.Basic.Properties:
+    """Basic.Properties from a content header's property block, through pamqp's decoders
+    (looked up at call time, so the tolerant ones from ``amqp_decode`` apply)."""
+    props = spec.Basic.Properties()
+    if flags & 1:
+        raise ValueError("property flags continue beyond Basic's 14 properties")
+    methods = pamqp_decode.METHODS
+    offset = 0
+    for name, flag, kind in _PROPERTIES:
+        if flags & flag:
+            if offset > len(data):
+                raise ValueError("property block truncated")
+            consumed, value = methods[kind](data[offset:] if offset else data)
+            offset += consumed
+            setattr(props, name, value)
+    if offset > len(data):
+        raise ValueError("property block truncated")
+    return props
+
+
+class _Incoming:
+    """Content being assembled on one channel: after a method with content, its header,
+    then body frames until ``body_size`` bytes arrived."""
+
+    __slots__ = ("body_size", "delivery", "message_id", "parts", "received", "returned", "slow")
+
+    def __init__(self) -> None:
+        self.delivery: Delivery | None = None
+        self.returned: tuple[int, str] | None = None  # (reply code, text) of a Basic.Return
+        self.message_id: str | None = None  # what a Basic.Return is matched by
+        self.body_size = -1  # -1: header not seen yet
+        self.parts: list[bytes] = []
+        self.received = 0
+        self.slow = False  # content of a frame aiormq handles: passed to its queue
+
+
+class Publisher:
+    """Publishes with confirms on one aiormq channel (opened with confirms on a
+    ``FastConnection``), one write per burst, its own confirm table.
+
+    ``publish`` marshals and buffers; ``flush`` writes the buffer as one blob, straight to
+    the socket when nothing is queued ahead of it, else through aiormq's write queue (so it
+    stays ordered with every other frame on the connection).
+    Each publish's ``on_done`` is called once: None when the broker acked it, else the
+    exception (``Returned``, ``Nacked``, or why the channel closed)."""
+
+    def __init__(self, connection: FastConnection, channel: Any) -> None:
+        self.connection = connection
+        self.channel = channel
+        self.number: int = channel.number
+        self.max_body: int = channel.max_content_size
+        self.tag = 0
+        # Tags grow with each publish, and dicts keep insertion order: the oldest first.
+        self.pending: dict[int, Callable[[BaseException | None], None]] = {}
+        self.returned: dict[int, BaseException] = {}
+        self.by_message_id: dict[str, int] = {}
+        self.tag_message_id: dict[int, str] = {}
+        self.out: list[bytes] = []
+        self.closed: BaseException | None = None
+        self._putting = False
+        connection.publishers[self.number] = self
+        channel.closing.add_done_callback(self._on_channel_closed)
+
+    def publish(
+        self,
+        body: bytes,
+        *,
+        exchange: str,
+        routing_key: str,
+        properties: spec.Basic.Properties,
+        mandatory: bool,
+        on_done: Callable[[BaseException | None], None],
+    ) -> None:
+        """Queue one publish for the next ``flush``. Raises (TypeError, ValueError,
+        OverflowError, struct.error) before anything is queued when the message cannot be
+        marshalled."""
+        if self.closed is not None:
+            raise self.closed
+        if not properties.message_id:
+            # Basic.Return names a message only by its properties: give each an id.
+            properties.message_id = uuid4().hex
+        method = (
+            b"\x00\x3c\x00\x28\x00\x00"
+            + pamqp_encode.short_string(exchange)
+            + pamqp_encode.short_string(routing_key)
+            + (b"\x01" if mandatory else b"\x00")
+        )
+        number = self.number
+        frames = [
+            _HEADER.pack(_METHOD_FRAME, number, len(method)),
+            method,
+            b"\xce",
+            pamqp.frame.marshal(ContentHeader(0, len(body), properties), number),
+        ]
+        step = self.max_body
+        for start in range(0, len(body), step):
+            part = body[start : start + step]
+            frames.append(_HEADER.pack(_BODY_FRAME, number, len(part)))
+            frames.append(part)
+            frames.append(b"\xce")
+        self.tag += 1
+        tag = self.tag
+        self.pending[tag] = on_done
+        message_id = str(properties.message_id)
+        self.by_message_id[message_id] = tag
+        self.tag_message_id[tag] = message_id
+        self.out.extend(frames)
+
+    def flush(self) -> None:
+        """Write everything published since the last flush as one frame blob."""
+        if not self.out or self._putting:
+            return
+        payload = b"".join(self.out)
+        self.out.clear()
+        if self.connection.send(payload):
+            return
+        frame = ChannelFrame(payload=payload, should_close=False)
+        try:
+            self.connection.write_queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            # The writer is behind: wait for room, and keep later bursts behind this one.
+            self._putting = True
+            self.connection.create_task(self._put(frame))
+
+    async def _put(self, frame: ChannelFrame) -> None:
+        try:
+            await self.connection.write_queue.put(frame)
+        finally:
+            self._putting = False
+        self.flush()
+
+    def _settle(self, tag: int, error: BaseException | None) -> None:
+        on_done = self.pending.pop(tag, None)
+        message_id = self.tag_message_id.pop(tag, None)
+        if message_id is not None and self.by_message_id.get(message_id) == tag:
+            del self.by_message_id[message_id]
+        if on_done is None:
+            return
+        error = self.returned.pop(tag, error)
+        try:
+            on_done(error)
+        except Exception:
+            log.exception("publish callback failed")
+
+    def on_confirm(self, tag: int, multiple: bool, ack: bool) -> None:
+        error = None if ack else Nacked(tag)
+        if not multiple:
+            self._settle(tag, error)
+            return
+        pending = self.pending
+        while pending:
+            oldest = next(iter(pending))
+            if oldest > tag:
+                break
+            self._settle(oldest, error)
+
+    def on_return(self, reply_code: int, reply_text: str, message_id: str | None) -> None:
+        tag = self.by_message_id.get(message_id) if message_id else None
+        if tag is None or tag not in self.pending:
+            log.warning("returned message matches no publish (%s %s)", reply_code, reply_text)
+            return
+        # The broker still confirms a returned message: report the return then.
+        self.returned[tag] = Returned(reply_code, reply_text)
+
+    def _on_channel_closed(self, closing: asyncio.Future[Any]) -> None:
+        if closing.cancelled():
+            reason: BaseException = aiormq.exceptions.ChannelInvalidStateError("channel closed")
+        else:
+            reason = closing.exception() or aiormq.exceptions.ChannelInvalidStateError(
+                "channel closed"
+            )
+        self.fail_all(reason)
+
+    def fail_all(self, reason: BaseException) -> None:
+        """Every publish not yet confirmed fails with ``reason`` (the channel is gone)."""
+        self.closed = reason
+        if self.connection.publishers.get(self.number) is self:
+            del self.connection.publishers[self.number]
+        self.out.clear()
+        self.returned.clear()
+        while self.pending:
+            self._settle(next(iter(self.pending)), reason)
+
+
+class Returned(Exception):
+    """The broker returned a mandatory publish: no queue is bound for it."""
+
+    def __init__(self, reply_code: int, reply_text: str) -> None:
+        super().__init__(f"{reply_code} {reply_text}")
+        self.reply_code = reply_code
+
+
+class Nacked(Exception):
+    """The broker refused a publish (basic.nack)."""
+
+
+class FastConnection(aiormq.Connection):
+    """An aiormq connection whose reader parses every complete frame per read and serves
+    registered consuming and publishing channels synchronously (see the module doc)."""
+
+    def __init__(self, url: Any, **kwargs: Any) -> None:
+        super().__init__(url, **kwargs)
+        # channel number -> consumer tag -> callback
+        self.consumers: dict[int, dict[str, DeliveryCallback]] = {}
+        self.publishers: dict[int, Publisher] = {}
+        self._incoming: dict[int, _Incoming] = {}
+        self._stream_writer: asyncio.StreamWriter | None = None
+
+    async def _Connection__writer(self, writer: asyncio.StreamWriter) -> None:
+        # aiormq's writer, unchanged; the stream is kept for ``send``.
+        self._stream_writer = writer
+        internals: Any = aiormq.Connection
+        await internals._Connection__writer(self, writer)
+
+    def send(self, payload: bytes) -> bool:
+        """Write whole frames straight to the socket, sparing the writer task a wake-up
+        per burst. Only when nothing is queued for aiormq's writer (so nothing can be
+        overtaken: its writer writes what it takes from the queue without awaiting in
+        between) and the socket buffer is not backed up. False: use the write queue."""
+        writer = self._stream_writer
+        if (
+            writer is None
+            or not self.write_queue.empty()
+            or writer.is_closing()
+            or self.is_closed
+            or writer.transport.get_write_buffer_size() > WRITE_BUFFER_HIGH
+        ):
+            return False
+        writer.write(payload)
+        return True
+
+    def consume_fast(
+        self, channel_number: int, consumer_tag: str, callback: DeliveryCallback
+    ) -> None:
+        """Route deliveries for ``consumer_tag`` on the channel to ``callback`` (register it
+        before Basic.Consume: deliveries may arrive before its ConsumeOk is read)."""
+        self.consumers.setdefault(channel_number, {})[consumer_tag] = callback
+
+    async def _Connection__reader(self, frame_receiver: Any) -> None:
+        # aiormq's name-mangled privates, listed in CONNECTION_INTERNALS.
+        internals: Any = self
+        internals._Connection__connection_unblocked.set()
+        self.connected.set()
+        if self.heartbeat_timeout > 0:
+            self.create_task(internals._Connection__heartbeat())
+        reader: asyncio.StreamReader = frame_receiver.reader
+        tune = getattr(self, "connection_tune", None)
+        # A frame beyond the negotiated maximum is a protocol error, not a reason to buffer.
+        max_frame = max(int(getattr(tune, "frame_max", 0) or 0), 4096) + 8
+        rest = b""
+        try:
+            while True:
+                try:
+                    chunk = await reader.read(READ_SIZE)
+                except OSError as exc:
+                    raise AMQPConnectionError(f"Server communication error: {exc!r}") from exc
+                if not chunk:
+                    if rest:
+                        raise AMQPConnectionError(
+                            "Server connection unexpectedly closed "
+                            f"with {len(rest)} bytes of a frame read"
+                        )
+                    return
+                internals._Connection__last_frame_time = self.loop.time()
+                data = rest + chunk if rest else chunk
+                offset = await self._frames(data, max_frame)
+                if offset < 0:
+                    return  # Connection.Close-Ok: the last frame on the connection
+                rest = data[offset:]
+        except asyncio.CancelledError:
+            if self.is_connection_was_stuck:
+                log.warning("broker connection %r was stuck: no frames for too long", self)
+                self._writer_task.cancel()
+            raise
+
+    async def _frames(self, data: bytes, max_frame: int) -> int:
+        """Dispatch every complete frame in ``data``; returns where the rest starts, or -1
+        after Connection.Close-Ok."""
+        try:
+            return await self._frames_of(data, max_frame)
+        except (ValueError, struct.error, IndexError) as exc:
+            # Fields the broker framed wrongly: a protocol error, as in aiormq's reader.
+            raise InvalidFrameError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _frames_of(self, data: bytes, max_frame: int) -> int:
+        offset = 0
+        size_all = len(data)
+        consumers = self.consumers
+        publishers = self.publishers
+        while size_all - offset >= 8:
+            kind, channel, size = _HEADER.unpack_from(data, offset)
+            if size > max_frame:
+                raise InvalidFrameError(f"frame of {size} bytes exceeds the negotiated maximum")
+            end = offset + 7 + size
+            if end >= size_all:
+                break
+            if data[end] != _FRAME_END:
+                raise InvalidFrameError("frame end marker missing")
+            start = offset + 7
+            offset = end + 1
+            if (
+                channel
+                and (channel in consumers or channel in publishers)
+                and self._fast_frame(kind, channel, data, start, end)
+            ):
+                continue
+            if await self._slow_frame(data[start - 7 : end + 1]):
+                return -1
+        return offset
+
+    def _fast_frame(self, kind: int, channel: int, data: bytes, start: int, end: int) -> bool:
+        """Handle a frame of a registered channel; False to give it to aiormq instead."""
+        incoming = self._incoming.get(channel)
+        if kind == _METHOD_FRAME:
+            if incoming is not None:
+                raise InvalidFrameError(f"method frame inside content on channel {channel}")
+            index = _METHOD.unpack_from(data, start)[0]
+            if index == _DELIVER and channel in self.consumers:
+                self._incoming[channel] = self._deliver(data, start + 4, end)
+                return True
+            publisher = self.publishers.get(channel)
+            if publisher is not None:
+                if index in (_ACK, _NACK):
+                    if end - start < 13:
+                        raise InvalidFrameError("Basic.Ack or Nack shorter than its fields")
+                    tag = _LONGLONG.unpack_from(data, start + 4)[0]
+                    publisher.on_confirm(tag, bool(data[start + 12] & 1), index == _ACK)
+                    return True
+                if index == _RETURN:
+                    if end - start < 7:
+                        raise InvalidFrameError("Basic.Return shorter than its fields")
+                    code = _SHORT.unpack_from(data, start + 4)[0]
+                    _, text = _short_str(data, start + 6)
+                    pending = _Incoming()
+                    pending.returned = (code, text)
+                    self._incoming[channel] = pending
+                    return True
+            return False
+        if incoming is None or incoming.slow:
+            return False
+        if kind == _HEADER_FRAME:
+            if incoming.body_size >= 0 or end - start < 14:
+                raise InvalidFrameError(f"unexpected content header on channel {channel}")
+            _class, _weight, body_size, flags = _CONTENT.unpack_from(data, start)
+            properties = self._properties(flags, data[start + 14 : end])
+            incoming.body_size = body_size
+            if incoming.delivery is not None:
+                incoming.delivery.properties = properties
+            else:
+                message_id = properties.message_id
+                incoming.message_id = message_id if isinstance(message_id, str) else None
+        elif kind == _BODY_FRAME:
+            if incoming.body_size < 0:
+                raise InvalidFrameError(f"content body before its header on channel {channel}")
+            incoming.parts.append(data[start:end])
+            incoming.received += end - start
+            if incoming.received > incoming.body_size:
+                raise InvalidFrameError(f"content body longer than announced on {channel}")
+        else:
+            raise InvalidFrameError(f"unexpected frame type {kind} on channel {channel}")
+        if incoming.received >= incoming.body_size >= 0:
+            del self._incoming[channel]
+            self._complete(channel, incoming)
+        return True
+
+    def _deliver(self, data: bytes, offset: int, end: int) -> _Incoming:
+        offset, consumer_tag = _short_str(data, offset)
+        tag = _LONGLONG.unpack_from(data, offset)[0]
+        redelivered = bool(data[offset + 8] & 1)
+        offset, exchange = _short_str(data, offset + 9)
+        offset, routing_key = _short_str(data, offset)
+        if offset > end:
+            raise InvalidFrameError("Basic.Deliver exceeds its frame")
+        incoming = _Incoming()
+        incoming.delivery = Delivery(consumer_tag, tag, redelivered, exchange, routing_key)
+        return incoming
+
+    @staticmethod
+    def _properties(flags: int, block: bytes) -> spec.Basic.Properties:
+        try:
+            return decode_properties(flags, block)
+        except (ValueError, struct.error, IndexError, KeyError, TypeError, RecursionError) as exc:
+            log.warning("message properties cannot be decoded (%s): delivered without", exc)
+            return spec.Basic.Properties(
+                headers={UNREADABLE_PROPERTIES: amqp_decode.repaired("properties")}
+            )
+
+    def _complete(self, channel: int, incoming: _Incoming) -> None:
+        body = incoming.parts[0] if len(incoming.parts) == 1 else b"".join(incoming.parts)
+        delivery = incoming.delivery
+        if delivery is None:
+            publisher = self.publishers.get(channel)
+            if publisher is not None and incoming.returned is not None:
+                publisher.on_return(*incoming.returned, incoming.message_id)
+            return
+        delivery.body = body
+        callback = self.consumers.get(channel, {}).get(delivery.consumer_tag)
+        if callback is None:
+            log.warning("delivery for unknown consumer %r dropped", delivery.consumer_tag)
+            return
+        try:
+            callback(delivery)
+        except Exception:
+            log.exception("delivery callback failed")
+
+    async def _slow_frame(self, raw: bytes) -> bool:
+        """A frame as aiormq's reader handles it; True after Connection.Close-Ok."""
+        try:
+            _, channel, frame = pamqp.frame.unmarshal(raw)
+        except Exception as exc:  # pamqp raises more than its own exception type
+            raise InvalidFrameError(str(exc)) from exc
+        if channel == 0:
+            internals: Any = self  # aiormq's name-mangled handlers (CONNECTION_INTERNALS)
+            match frame:
+                case spec.Connection.CloseOk():
+                    await internals._Connection__handle_close_ok(frame)
+                    return True
+                case spec.Connection.Close():
+                    await internals._Connection__handle_close(frame)
+                case Heartbeat():
+                    await internals._Connection__handle_heartbeat(frame)
+                case spec.Channel.CloseOk():
+                    await internals._Connection__handle_channel_close_ok(frame)
+                case spec.Connection.UpdateSecretOk():
+                    await internals._Connection__handle_channel_update_secret_ok(frame)
+                case spec.Connection.Blocked():
+                    await internals._Connection__handle_connection_blocked(frame)
+                case spec.Connection.Unblocked():
+                    await internals._Connection__handle_connection_unblocked(frame)
+                case _:
+                    log.error("Unexpected frame %r", frame)
+            return False
+        ch = self.channels.get(channel)
+        if ch is None:
+            log.error("Got frame for closed channel %d: %r", channel, frame)
+            return False
+        if channel in self.publishers or channel in self.consumers:
+            self._track_slow_content(channel, frame, len(raw) - 8)
+        if isinstance(frame, spec.Channel.Close | spec.Channel.CloseOk):
+            self.channels.pop(channel, None)
+            self.consumers.pop(channel, None)
+            self._incoming.pop(channel, None)
+        await ch.frames.put((0, frame))
+        return False
+
+    def _track_slow_content(self, channel: int, frame: Any, size: int) -> None:
+        """On a registered channel, keep the content of a frame aiormq handles (a
+        Basic.GetOk, a Deliver for a consumer not registered here) going to aiormq too."""
+        if isinstance(frame, spec.Basic.GetOk | spec.Basic.Return | spec.Basic.Deliver):
+            pending = _Incoming()
+            pending.slow = True
+            self._incoming[channel] = pending
+            return
+        pending_slow = self._incoming.get(channel)
+        if pending_slow is None:
+            return
+        if isinstance(frame, ContentHeader):
+            pending_slow.body_size = frame.body_size
+        elif isinstance(frame, ContentBody):
+            pending_slow.received += size
+        if pending_slow.received >= pending_slow.body_size >= 0:
+            del self._incoming[channel]
