@@ -25,8 +25,10 @@ def unique_queue(tag: str) -> str:
 
 
 def tier_queue_names(queue: str, tiers: list[float]) -> list[str]:
-    # Same formula as sidecar.adapters.broker.tier_queue_name (not imported: no trio here).
-    return [f"{TIER_PREFIX}.{queue}.{round(t * 1000)}ms" for t in tiers]
+    # The daemon's own formula: sidecar.core is pure, so importing it brings in no trio.
+    from sidecar.core.messages import tier_queue_name
+
+    return [tier_queue_name(TIER_PREFIX, queue, t) for t in tiers]
 
 
 def body_of(size: int, stamp_ns: int | None = None) -> bytes:
