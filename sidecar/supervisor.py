@@ -26,7 +26,7 @@ from sidecar.policy.pressure import PressureLevel, degradation_actions
 from sidecar.runtime.backpressure import BackpressureMonitor, PublishGate
 from sidecar.runtime.dlq import DeadLetterWriter
 from sidecar.runtime.engine import Engine, MetricsMeter
-from sidecar.runtime.observability import Observability
+from sidecar.runtime.observability import Observability, ObservabilitySettings
 from sidecar.runtime.session import Session
 from sidecar.store.opening import open_store
 from sidecar.store.spool import SpoolingStore
@@ -54,7 +54,9 @@ class Sidecar:
             name=f"sidecar-{config.identity.host}",
             hop=config.broker.hop,
         )
-        self.obs = Observability(config, self.metrics, self.store)
+        self.obs = Observability(
+            ObservabilitySettings.from_config(config), self.metrics, self.store
+        )
         self.dlq = DeadLetterWriter(self.store, on_written=self.obs.on_dead_letter)
         ledger = ledger_from(
             config, random=random.Random().random, meter=MetricsMeter(self.metrics)
@@ -112,7 +114,9 @@ class Sidecar:
     async def _serve_agent(self, ws: WebSocketConnection, conn_id: int, over_tcp: bool) -> None:
         session = Session(
             ws,
-            config=self.config,
+            agent=self.config.agent,
+            throttle=self.config.throttle,
+            host=self.config.identity.host,
             engine=self.engine,
             broker=self.broker,
             gate=self.gate,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import urllib.request
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ import trio
 from sidecar.config import Config
 from sidecar.metrics import Metrics
 from sidecar.policies import alert_config_from
-from sidecar.policy.alerts import Alert, AlertRules
+from sidecar.policy.alerts import Alert, AlertConfig, AlertRules
 from sidecar.policy.breaker import BreakerState
 from sidecar.policy.depth import DepthLevel
 from sidecar.policy.pressure import PressureLevel
@@ -74,12 +75,33 @@ def _post(request: urllib.request.Request) -> None:
     urllib.request.urlopen(request, timeout=5).close()
 
 
+@dataclass(frozen=True, slots=True)
+class ObservabilitySettings:
+    """What observability needs of the configuration, taken once at start."""
+
+    alerts: AlertConfig
+    webhook: str
+    host: str
+    metrics_interval: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> ObservabilitySettings:
+        return cls(
+            alerts=alert_config_from(config),
+            webhook=config.alerts.webhook,
+            host=config.identity.host,
+            metrics_interval=config.store.metrics_interval,
+        )
+
+
 class Observability:
-    def __init__(self, config: Config, metrics: Metrics, store: SpoolingStore) -> None:
-        self.config = config
+    def __init__(
+        self, settings: ObservabilitySettings, metrics: Metrics, store: SpoolingStore
+    ) -> None:
+        self.settings = settings
         self.metrics = metrics
         self.store = store
-        self.rules = AlertRules(alert_config_from(config))
+        self.rules = AlertRules(settings.alerts)
         self.recent_alerts: list[dict[str, Any]] = []
         self.dlq: dict[str, Any] = {"size": 0, "top_failures": [], "oldest": None, "newest": None}
         self.history: list[dict[str, Any]] = []
@@ -122,14 +144,14 @@ class Observability:
             self.metrics.alerts.labels(alert.name, str(alert.severity)).inc()
             log.warning("ALERT %s", json.dumps(entry, sort_keys=True))
             self.recent_alerts = [entry, *self.recent_alerts[:49]]
-            if self.config.alerts.webhook:
+            if self.settings.webhook:
                 try:
                     self._webhook_send.send_nowait(alert)
                 except trio.WouldBlock:
                     log.error("alert webhook is backed up; dropping %s", alert.name)
 
     async def _deliver_webhooks(self) -> None:
-        url = self.config.alerts.webhook
+        url = self.settings.webhook
         async for alert in self._webhook_recv:
             body = json.dumps(
                 {
@@ -137,7 +159,7 @@ class Observability:
                     "severity": str(alert.severity),
                     "message": alert.message,
                     "labels": dict(alert.labels),
-                    "host": self.config.identity.host,
+                    "host": self.settings.host,
                 }
             ).encode()
             request = urllib.request.Request(
@@ -207,7 +229,7 @@ class Observability:
         """The seed's ``db.metrics`` records, so history survives restarts. Skipped under
         CRITICAL memory pressure (the seed's "disable analytics collection")."""
         while True:
-            await trio.sleep(self.config.store.metrics_interval)
+            await trio.sleep(self.settings.metrics_interval)
             if self.engine.pressure >= PressureLevel.CRITICAL:
                 continue
             now = datetime.now(UTC)
@@ -258,7 +280,7 @@ class Observability:
         engine = self.engine.status()
         depth_levels = {q: v["level"] for q, v in bp["queues"].items()}
         return {
-            "host": self.config.identity.host,
+            "host": self.settings.host,
             "summary": {
                 "breaker": self._breaker_view(),
                 "sessions": [

@@ -24,7 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sidecar import limits
 from sidecar import protocol as p
-from sidecar.config import Config
+from sidecar.config import AgentConfig, ThrottleConfig
 from sidecar.core.messages import MessageProps
 from sidecar.core.port import BrokerPort
 from sidecar.metrics import Metrics
@@ -65,7 +65,9 @@ class Session:
         self,
         ws: WebSocketConnection,
         *,
-        config: Config,
+        agent: AgentConfig,
+        throttle: ThrottleConfig,
+        host: str,
         engine: Engine,
         broker: BrokerPort,
         gate: PublishGate,
@@ -75,7 +77,10 @@ class Session:
         consume: Callable[[str], Any],
     ) -> None:
         self.ws = ws
-        self.config = config
+        # Only the settings a session uses: the agent's limits, its publish queue, our name.
+        self.agent_settings = agent
+        self.throttle = throttle
+        self.host = host
         self.engine = engine
         self.broker = broker
         self.gate = gate
@@ -210,7 +215,7 @@ class Session:
         return False
 
     def _check_hello(self, hello: p.Hello) -> p.ProtocolError | None:
-        token = self.config.agent.token
+        token = self.agent_settings.token
         if (self.over_tcp or token) and not (
             token and hello.token and secrets.compare_digest(hello.token, token)
         ):
@@ -233,9 +238,9 @@ class Session:
         return self._queued_count
 
     def _welcome(self) -> p.Welcome:
-        a = self.config.agent
+        a = self.agent_settings
         return p.Welcome(
-            session=f"{self.config.identity.host}/{self.id}",
+            session=f"{self.host}/{self.id}",
             protocol=p.PROTOCOL_VERSION,
             limits=p.Limits(
                 max_batch=a.batch_size,
@@ -275,7 +280,7 @@ class Session:
         self.pulling = True
         assert self._nursery is not None, "frames are handled only while the session runs"
         self._nursery.start_soon(
-            self._pull, min(frame.max, self.config.agent.batch_size), frame.wait
+            self._pull, min(frame.max, self.agent_settings.batch_size), frame.wait
         )
 
     async def _pull(self, want: int, wait: float) -> None:
@@ -335,7 +340,7 @@ class Session:
             if wait <= 0:
                 self._send_publish(item)
                 return
-        q = self.config.throttle
+        q = self.throttle
         if self._queued_count >= q.queue or self._queued_bytes + item.size > q.queue_bytes:
             self._throttle(frame, target)
             return
@@ -440,7 +445,7 @@ class Session:
         return 0.0
 
     def _check_publish(self, frame: p.Publish) -> str | None:
-        a = self.config.agent
+        a = self.agent_settings
         if len(frame.body) > a.max_body_bytes:
             return f"body of {len(frame.body)} bytes exceeds max_body_bytes {a.max_body_bytes}"
         if frame.queue is not None and not _QUEUE_NAME.match(frame.queue):

@@ -24,7 +24,7 @@ from sidecar.policy.breaker import BreakerConfig, BreakerState, KeyedBreakers
 from sidecar.policy.failure import error_signature
 from sidecar.policy.pressure import PressureLevel
 from sidecar.runtime.dlq import DeadLetterWriter
-from sidecar.runtime.observability import DLQ_REFRESH, Observability
+from sidecar.runtime.observability import DLQ_REFRESH, Observability, ObservabilitySettings
 from sidecar.store.opening import open_store
 from sidecar.store.records import PatternRow
 from sidecar.store.spool import SpoolingStore
@@ -97,7 +97,11 @@ class FakeBroker:
 
 def make_obs(tmp_path: Path, store: Any = None, writer: Any = None, **alerts: Any) -> Observability:
     config = make_config(tmp_path, ["obs.q"], alerts=alerts)
-    obs = Observability(config, Metrics(), store if store is not None else FakeStore())
+    obs = Observability(
+        ObservabilitySettings.from_config(config),
+        Metrics(),
+        store if store is not None else FakeStore(),
+    )
     obs.bind(FakeEngine(), FakeMonitor(), FakeBroker(), writer or InlineWriter())  # type: ignore[arg-type]
     return obs
 
@@ -282,7 +286,7 @@ async def test_webhook_receives_alert_json(tmp_path, webhook_server):
         "severity": "INFO",
         "message": "new dead-letter pattern: TIMEOUT:request timed out after <n>ms",
         "labels": {"signature": "TIMEOUT:request timed out after <n>ms", "reason": "TIMEOUT"},
-        "host": obs.config.identity.host,
+        "host": obs.settings.host,
     }
 
 
@@ -313,7 +317,7 @@ async def test_snapshot_writes_dlq_size_and_queue_depth(tmp_path):
     store = real_store(tmp_path)
     try:
         config = make_config(tmp_path, ["obs.q"], store={"metrics_interval": 0.05})
-        obs = Observability(config, Metrics(), store)
+        obs = Observability(ObservabilitySettings.from_config(config), Metrics(), store)
         writer = DeadLetterWriter(store)
         obs.bind(FakeEngine(), FakeMonitor({"obs.q": FakeQueue(7)}), FakeBroker(), writer)  # type: ignore[arg-type]
         obs.dlq = {**obs.dlq, "size": 3}
@@ -335,7 +339,7 @@ async def test_snapshot_skipped_under_critical_pressure(tmp_path):
     store = real_store(tmp_path)
     try:
         config = make_config(tmp_path, ["obs.q"], store={"metrics_interval": 0.02})
-        obs = Observability(config, Metrics(), store)
+        obs = Observability(ObservabilitySettings.from_config(config), Metrics(), store)
         engine = FakeEngine(pressure=PressureLevel.CRITICAL)
         obs.bind(engine, FakeMonitor(), FakeBroker(), DeadLetterWriter(store))  # type: ignore[arg-type]
         with trio.fail_after(10):

@@ -227,7 +227,9 @@ def make_session(*, over_tcp: bool = False) -> Session:
     engine = FakeEngine()
     session = Session(
         None,  # type: ignore[arg-type]  # never touched by _dispatch
-        config=CONFIG,
+        agent=CONFIG.agent,
+        throttle=CONFIG.throttle,
+        host=CONFIG.identity.host,
         engine=engine,  # type: ignore[arg-type]
         broker=engine.broker,  # type: ignore[arg-type]
         gate=FakeGate(),  # type: ignore[arg-type]

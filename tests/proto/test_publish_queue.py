@@ -48,7 +48,9 @@ def make(rate: float, burst: float, queue: int, queue_bytes: int = 1 << 20) -> S
     engine = Engine()
     return Session(
         None,  # type: ignore[arg-type]  # _dispatch and _pump never touch the socket
-        config=config,
+        agent=config.agent,
+        throttle=config.throttle,
+        host=config.identity.host,
         engine=engine,  # type: ignore[arg-type]
         broker=engine.broker,  # type: ignore[arg-type]
         gate=gate,
