@@ -182,6 +182,14 @@ def test_the_meter_hears_of_every_session_delivery_ack_and_retry():
         ("failed", "work", "PROCESSING_ERROR", 4.0),
         ("retried", "work", 1.0, 1),
     ]
+    assert (first.id, second.id) == (1, 2)
+    assert ledger.counts == dict.fromkeys(ledger.counts, 0) | {
+        "delivered": 2,
+        "acked": 1,
+        "failed": 1,
+        "retried": 1,
+    }
+    assert ledger.sessions[1].pid is None
     assert ledger.close_session(2, crashed=False, at=at(15.0)) == []
     assert meter.take() == [("agents", 1)]
     # A session closed twice still reports the count, and asks for nothing.
@@ -216,6 +224,13 @@ def test_the_meter_hears_of_dead_letters_parks_stale_answers_and_trips():
         ("breaker_tripped",),
         ("retried", "work", 1.0, 1),
     ]
+    assert ledger.counts == dict.fromkeys(ledger.counts, 0) | {
+        "delivered": 4,
+        "failed": 3,
+        "retried": 2,
+        "dead_lettered": 1,
+        "stale": 1,
+    }
 
 
 def test_the_meter_hears_of_crash_parks_malformed_messages_and_repaired_headers():
@@ -252,7 +267,14 @@ def test_the_meter_hears_of_crash_parks_malformed_messages_and_repaired_headers(
         ("malformed", attempts.ATTEMPTS, 1),
         ("malformed", attempts.LAST_REASON, 1),
     ]
-    assert ledger.counts["ignored_headers"] == 5
+    assert ledger.counts == dict.fromkeys(ledger.counts, 0) | {
+        "delivered": 3,
+        "crashes": 1,
+        "parked": 2,
+        "dead_lettered": 1,
+        "malformed": 1,
+        "ignored_headers": 5,
+    }
 
 
 # --- records and copies ------------------------------------------------------------------
@@ -261,6 +283,7 @@ def test_the_meter_hears_of_crash_parks_malformed_messages_and_repaired_headers(
 def test_a_dead_letter_record_carries_every_field_of_the_message_and_the_failure():
     ledger = make_ledger()
     ledger.open_session(1, "agent-a", "3.1", 4242)
+    assert ledger.sessions[1].pid == 4242
     headers = {
         "tenant": b"acme",
         attempts.ATTEMPTS: 1,
@@ -687,7 +710,8 @@ def test_a_session_at_its_in_flight_limit_gets_nothing_and_the_inbox_is_untouche
 def test_the_deadline_timer_is_told_only_when_the_earliest_deadline_moves_earlier():
     ledger = make_ledger()
     ledger.open_session(1, "a", "1.0", None)
-    assert ledger.next_deadline() is None
+    assert ledger.next_deadline() is None and ledger.deadline_moved is False
+    assert ledger.draining is False
     (d1,) = ledger.pull(1, 1, inbox_of(message(1)), at=at(0.0)).deliveries
     assert ledger.deadline_moved and ledger.next_deadline() == 30.0
     ledger.deadline_moved = False
@@ -703,12 +727,13 @@ def test_the_deadline_timer_is_told_only_when_the_earliest_deadline_moves_earlie
 def test_answered_deadlines_are_dropped_once_they_outnumber_what_is_in_flight():
     ledger = make_ledger()
     ledger.open_session(1, "a", "1.0", None)
-    (d,) = ledger.pull(1, 1, inbox_of(message(1)), at=at(0.0)).deliveries
+    d, other = ledger.pull(1, 2, inbox_of(message(1), message(2)), at=at(0.0)).deliveries
+    ledger.extend(1, [other.id], 110.0, now=0.0)
     # Each extension leaves the previous deadline behind; the earliest stays reported
-    # (a harmless early wake-up) until the stale ones outnumber twice the in-flight plus 1024.
+    # (a harmless early wake-up) until the entries outnumber twice the in-flight plus 1024.
     for _ in range(1025):
         ledger.extend(1, [d.id], 100.0, now=0.0)
-    assert ledger.next_deadline() == 30.0
+    assert ledger.next_deadline() == 30.0  # 1028 entries for 2 in flight
     ledger.extend(1, [d.id], 100.0, now=0.0)
     assert ledger.next_deadline() == 100.0
 
@@ -747,3 +772,192 @@ def test_a_tick_charges_only_what_is_due_in_deadline_order():
 def test_parks_this_attempt_are_read_from_any_plain_header_value(value: Any, parks: int):
     headers = {} if value is None else {attempts.PARKED: value}
     assert parked_this_attempt(message(1, headers)) == parks
+
+
+# --- answers -----------------------------------------------------------------------------
+
+
+def test_an_unknown_id_in_a_list_does_not_stop_the_ones_after_it():
+    ledger = make_ledger()
+    ledger.open_session(1, "a", "1.0", None)
+    d1, d2 = ledger.pull(1, 2, inbox_of(message(1), message(2)), at=at(0.0)).deliveries
+    assert ledger.extend(1, [999, d1.id], 50.0, now=0.0) == [999]
+    assert ledger.next_deadline() == 30.0  # d2's
+    ledger.ack(1, [d2.id], now=1.0)
+    assert ledger.tick(at=at(30.0)) == []  # d1 was extended
+    unknown, commands = ledger.ack(1, [998, d1.id], now=2.0)
+    assert unknown == [998] and [c.message.tag for c in commands] == [1]
+
+
+def test_a_retry_copy_records_the_failure_in_its_headers():
+    ledger = make_ledger(draw=0.0)
+    ledger.open_session(1, "a", "2.5", None)
+    (d,) = ledger.pull(1, 1, inbox_of(message(1)), at=at(0.0)).deliveries
+    (copy,) = ledger.fail(1, d.id, "PROCESSING_ERROR", "boom", None, at=at(1.0)) or []
+    assert isinstance(copy, Republish)
+    headers = copy.props.headers
+    assert headers[attempts.REDUCED_SCOPE] is False
+    assert headers[attempts.LAST_ERROR] == "boom"
+    assert attempts.read_failures(headers) == [
+        {
+            "attempt": 1,
+            "reason": "PROCESSING_ERROR",
+            "error": "boom",
+            "at": "2026-01-02T03:04:05Z",
+            "host": "test-host",
+            "agentVersion": "2.5",
+        }
+    ]
+    assert ledger.counts["retried"] == 1
+
+
+@pytest.mark.parametrize(("retry_after", "error"), [(20.0, "slow down"), (None, "retry after 20s")])
+def test_a_rate_limited_message_waits_as_long_as_it_was_told(retry_after: float | None, error: str):
+    ledger = make_ledger(draw=0.5)
+    ledger.open_session(1, "a", "1.0", None)
+    (d,) = ledger.pull(1, 1, inbox_of(message(1)), at=at(0.0)).deliveries
+    (copy,) = ledger.fail(1, d.id, "RATE_LIMITED", error, retry_after, at=at(1.0)) or []
+    assert isinstance(copy, Republish)
+    assert copy.tier == 30.0 and copy.props.expiration == "18000"
+
+
+def test_a_timeout_during_a_drain_is_requeued_and_reported_uncharged():
+    ledger = make_ledger()
+    ledger.open_session(1, "a", "1.0", None)
+    (d,) = ledger.pull(1, 1, inbox_of(message(1)), at=at(0.0)).deliveries
+    ledger.start_drain()
+    assert ledger.draining is True
+    commands = ledger.tick(at=at(30.0))
+    assert [(type(c), getattr(c, "requeue", None)) for c in commands] == [
+        (Settle, True),
+        (NotifyTimeout, None),
+    ]
+    assert commands[0].message.tag == 1
+    assert commands[1] == NotifyTimeout(1, d.id, False)
+    assert ledger.counts["failed"] == 0 and ledger.counts["timeouts"] == 1
+
+
+def test_a_timeout_parked_by_an_open_breaker_is_reported_uncharged():
+    meter = RecordingMeter()
+    ledger = make_ledger(meter=meter, breaker={"failure_threshold": 1, "open_timeout": 100.0})
+    ledger.open_session(1, "a", "1.0", None)
+    (d,) = ledger.pull(1, 1, inbox_of(message(1)), at=at(0.0)).deliveries
+    trip(ledger, 1.0)
+    meter.take()
+    commands = ledger.tick(at=at(30.0))
+    (park,) = only(commands, Republish)
+    assert park.props.headers[attempts.PARKED] == 1
+    assert only(commands, NotifyTimeout) == [NotifyTimeout(1, d.id, False)]
+    assert ("parked", "work", "circuit_open") in meter.take()
+
+
+def test_a_keyed_park_waits_the_open_time_left_even_below_the_next_tier():
+    meter = RecordingMeter()
+    ledger = make_ledger(
+        meter=meter, breaker={"key_header": "host", "failure_threshold": 1, "open_timeout": 4.0}
+    )
+    ledger.open_session(1, "a", "1.0", None)
+    (d,) = ledger.pull(1, 1, inbox_of(message(1, {"host": "h"})), at=at(0.0)).deliveries
+    ledger.fail(1, d.id, "NETWORK_ERROR", "503", None, at=at(0.0))
+    meter.take()
+    (park,) = ledger.pull(1, 5, inbox_of(message(2, {"host": "h"})), at=at(2.0)).commands
+    assert isinstance(park, Republish)
+    # 2s left: the 5s tier, but the copy waits only the 2s (less 10% jitter).
+    assert park.tier == 5.0 and park.props.expiration == "1800"
+    assert ("parked", "work", "key_circuit_open") in meter.take()
+
+
+def test_a_message_without_the_key_header_is_unkeyed():
+    ledger = make_ledger(breaker={"key_header": "host", "failure_threshold": 1})
+    ledger.open_session(1, "a", "1.0", None)
+    (d,) = ledger.pull(1, 1, inbox_of(message(1)), at=at(0.0)).deliveries
+    ledger.fail(1, d.id, "NETWORK_ERROR", "503", None, at=at(0.0))
+    assert ledger.keyed.open_keys(0.5) == []
+    assert ledger.breaker.state(0.5) is BreakerState.OPEN
+
+
+def test_a_malformed_keyed_probe_frees_its_keys_slot():
+    ledger = make_ledger(
+        breaker={"key_header": "host", "failure_threshold": 1, "open_timeout": 10.0}
+    )
+    ledger.open_session(1, "a", "1.0", None)
+    (d,) = ledger.pull(1, 1, inbox_of(message(1, {"host": "h"})), at=at(0.0)).deliveries
+    ledger.fail(1, d.id, "NETWORK_ERROR", "503", None, at=at(0.0))
+    bad = message(2, {"host": "h", "deep": deep(MAX_NESTING + 2)})
+    pulled = ledger.pull(1, 5, inbox_of(bad, message(3, {"host": "h"})), at=at(10.0))
+    assert [d.body for d in pulled.deliveries] == [b"m3"]
+    assert [type(c) for c in pulled.commands] == [WriteDeadLetter]
+    assert pulled.commands[0].record.deadLetteredAt == WALL
+
+
+def test_answers_from_an_earlier_probe_round_do_not_decide_the_current_one():
+    ledger = make_ledger(
+        breaker={"failure_threshold": 1, "open_timeout": 10.0, "half_open_probes": 3}
+    )
+    trip(ledger, 0.0)
+    ledger.open_session(1, "a", "1.0", None)
+    inbox = inbox_of(message(1), message(2), message(3))
+    a, b, c = ledger.pull(1, 5, inbox, at=at(10.0)).deliveries
+    ledger.fail(1, a.id, "NETWORK_ERROR", "503", None, at=at(10.0))
+    assert ledger.breaker.state(10.0) is BreakerState.OPEN
+    half_open = 10.0 + ledger.breaker.retry_in(10.0)
+    assert ledger.breaker.state(half_open) is BreakerState.HALF_OPEN
+    ledger.ack(1, [b.id], now=half_open)
+    assert ledger.breaker.state(half_open) is BreakerState.HALF_OPEN
+    ledger.fail(1, c.id, "NETWORK_ERROR", "503", None, at=at(half_open))
+    assert ledger.breaker.state(half_open) is BreakerState.HALF_OPEN
+
+
+def _bad_input(ledger: Ledger, n: int, now: float) -> list[Command]:
+    return ledger.fail(1, n, "VALIDATION_FAILED", "bad", None, at=at(now)) or []
+
+
+def _on_a_lost_connection(ledger: Ledger, n: int, now: float) -> list[Command]:
+    return ledger.fail(1, n, "NETWORK_ERROR", "x", None, at=at(now, live=2)) or []
+
+
+def _clean_close(ledger: Ledger, n: int, now: float) -> list[Command]:
+    return ledger.close_session(1, crashed=False, at=at(now))
+
+
+def _crash(ledger: Ledger, n: int, now: float) -> list[Command]:
+    return ledger.close_session(1, crashed=True, at=at(now))
+
+
+def _during_a_drain(ledger: Ledger, n: int, now: float) -> list[Command]:
+    ledger.start_drain()
+    return ledger.fail(1, n, "NETWORK_ERROR", "x", None, at=at(now)) or []
+
+
+ENDINGS = [
+    (_bad_input, [WriteDeadLetter]),
+    (_on_a_lost_connection, []),
+    (_clean_close, [Settle, Settle]),
+    (_crash, [Republish, Republish]),
+    (_during_a_drain, [Settle]),
+]
+
+
+def held_then_tripped() -> tuple[Ledger, int]:
+    ledger = make_ledger(breaker={"failure_threshold": 1, "open_timeout": 10.0})
+    ledger.open_session(1, "a", "1.0", None)
+    n, _ = ledger.pull(1, 2, inbox_of(message(1), message(2)), at=at(0.0)).deliveries
+    trip(ledger, 1.0)
+    return ledger, n.id
+
+
+@pytest.mark.parametrize(("end", "kinds"), ENDINGS)
+def test_a_delivery_held_across_a_trip_can_end_while_the_breaker_is_open(end: Any, kinds: Any):
+    ledger, n = held_then_tripped()
+    assert [type(c) for c in end(ledger, n, 5.0)] == kinds
+    assert ledger.breaker.state(5.0) is BreakerState.OPEN
+
+
+@pytest.mark.parametrize(("end", "kinds"), ENDINGS)
+def test_a_delivery_that_was_no_probe_frees_no_probe_slot(end: Any, kinds: Any):
+    ledger, n = held_then_tripped()
+    ledger.open_session(2, "b", "1.0", None)
+    (probe,) = ledger.pull(2, 5, inbox_of(message(3), message(4)), at=at(11.0)).deliveries
+    assert [type(c) for c in end(ledger, n, 11.0)] == kinds
+    assert not ledger.breaker.allow(11.0)
+    assert ledger.owned_by(2, probe.id)
