@@ -961,3 +961,15 @@ def test_a_delivery_that_was_no_probe_frees_no_probe_slot(end: Any, kinds: Any):
     assert [type(c) for c in end(ledger, n, 11.0)] == kinds
     assert not ledger.breaker.allow(11.0)
     assert ledger.owned_by(2, probe.id)
+
+
+def test_a_message_not_even_a_dead_letter_can_describe_is_left_to_the_broker():
+    # An integer too long to print: neither a breaker key nor a record id can be made of
+    # it. Requeueing would loop, so nothing is sent for it; the next message still flows.
+    ledger = make_ledger(breaker={"key_header": "host"})
+    ledger.open_session(1, "a", "1.0", None)
+    inbox = inbox_of(message(1, {"host": 10**5000}), message(2))
+    pulled = ledger.pull(1, 5, inbox, at=at(0.0))
+    assert [d.body for d in pulled.deliveries] == [b"m2"]
+    assert pulled.commands == [] and len(inbox) == 0
+    assert ledger.counts["malformed"] == 1 and ledger.counts["dead_lettered"] == 0
