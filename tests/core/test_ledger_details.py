@@ -448,6 +448,8 @@ def test_a_delivery_carries_what_the_agent_needs_and_none_of_our_headers():
     )
     original = Inbound(GEN, 5, "work", b"body", props, "rk.5", "ex", True)
     (delivery,) = ledger.pull(1, 1, inbox_of(original), at=at(0.0)).deliveries
+    held = ledger.in_flight[delivery.id]
+    assert (held.id, held.message, held.session, held.deadline) == (delivery.id, original, 1, 12.0)
     assert (
         delivery.queue,
         delivery.body,
