@@ -147,3 +147,21 @@ def test_an_entry_read_back_is_cut_and_cleaned():
             "agentVersion": "",
         }
     ]
+
+
+def test_an_entry_read_back_cuts_host_and_agent_version():
+    forged = entry(1, host="h" * 200, agentVersion="v" * 200)
+    (read,) = read_failures({FAILURES: json.dumps([forged])})
+    assert (read["host"], read["agentVersion"]) == ("h" * 128, "v" * 128)
+
+
+def test_an_entry_time_is_read_from_its_first_forty_characters_only():
+    def at_of(fraction_digits: int) -> str:
+        return "2026-01-02T03:04:05." + "1" * fraction_digits + "+00:00"
+
+    assert len(at_of(14)) == 40
+    assert read_failures({FAILURES: json.dumps([entry(1, at=at_of(14))])}) == [
+        entry(1, at=at_of(14))
+    ]
+    # Cut at forty characters, a longer one is no longer a time: dropped.
+    assert read_failures({FAILURES: json.dumps([entry(1, at=at_of(15))])}) == []
