@@ -165,3 +165,7 @@ def test_an_entry_time_is_read_from_its_first_forty_characters_only():
     ]
     # Cut at forty characters, a longer one is no longer a time: dropped.
     assert read_failures({FAILURES: json.dumps([entry(1, at=at_of(15))])}) == []
+
+
+def test_an_entry_time_with_a_lower_case_zone_letter_is_not_a_time():
+    assert read_failures({FAILURES: json.dumps([entry(1, at="2026-01-02T03:04:05z")])}) == []
