@@ -975,3 +975,16 @@ def test_a_message_not_even_a_dead_letter_can_describe_is_left_to_the_broker():
     assert [d.body for d in pulled.deliveries] == [b"m2"]
     assert pulled.commands == [] and len(inbox) == 0
     assert ledger.counts["malformed"] == 1 and ledger.counts["dead_lettered"] == 0
+
+
+def test_a_failure_whose_copy_cannot_be_built_is_caught_at_the_message_boundary():
+    # Handed out fine, but neither a retry copy's id nor a record can be made of it: the
+    # error stays with this message (left to the broker), the ledger carries on.
+    ledger = make_ledger()
+    ledger.open_session(1, "a", "1.0", None)
+    odd = message(1, {"n": 10**5000})
+    d, other = ledger.pull(1, 2, inbox_of(odd, message(2)), at=at(0.0)).deliveries
+    assert ledger.fail(1, d.id, "PROCESSING_ERROR", "x", None, at=at(1.0)) == []
+    assert ledger.counts["malformed"] == 1 and ledger.counts["dead_lettered"] == 0
+    (settle,) = ledger.ack(1, [other.id], now=2.0)[1]
+    assert settle == Settle(message(2))
