@@ -988,3 +988,43 @@ def test_a_failure_whose_copy_cannot_be_built_is_caught_at_the_message_boundary(
     assert ledger.counts["malformed"] == 1 and ledger.counts["dead_lettered"] == 0
     (settle,) = ledger.ack(1, [other.id], now=2.0)[1]
     assert settle == Settle(message(2))
+
+
+def test_every_count_adds_up_over_repeated_events():
+    ledger = make_ledger(deadline=5.0)
+    ledger.headers_repaired(1)
+    ledger.headers_repaired(1)
+    for tag in (1, 2):
+        ledger.open_session(tag, "a", "1.0", None)
+        ledger.pull(tag, 1, inbox_of(message(tag)), at=at(0.0))
+        ledger.close_session(tag, crashed=True, at=at(1.0))
+    ledger.open_session(3, "a", "1.0", None)
+    a, b = ledger.pull(3, 2, inbox_of(message(3), message(4)), at=at(2.0)).deliveries
+    ledger.ack(3, [a.id, b.id], now=3.0)
+    ledger.pull(3, 2, inbox_of(message(5), message(6)), at=at(3.0))
+    ledger.tick(at=at(8.0))
+    ledger.settle_refused()
+    ledger.settle_refused()
+    for tag in (7, 8):
+        ledger.confirmed(message(tag), "message cannot be encoded in AMQP: x", at=at(9.0))
+    assert ledger.counts == {
+        "delivered": 6,
+        "acked": 2,
+        "failed": 4,
+        "retried": 4,
+        "dead_lettered": 2,
+        "timeouts": 2,
+        "crashes": 2,
+        "parked": 0,
+        "stale": 2,
+        "malformed": 2,
+        "ignored_headers": 2,
+    }
+
+
+def test_a_crash_with_several_messages_parks_them_in_the_first_tier():
+    ledger = make_ledger()
+    ledger.open_session(1, "a", "1.0", None)
+    ledger.pull(1, 2, inbox_of(message(1), message(2)), at=at(0.0))
+    parks = ledger.close_session(1, crashed=True, at=at(1.0))
+    assert [(p.tier, p.props.expiration) for p in parks] == [(1.0, "900"), (1.0, "900")]
