@@ -130,3 +130,45 @@ def test_the_policy_refuses_a_retry_rule_for_a_declared_permanent_reason():
     book = ReasonBook([ReasonSpec("BAD_PDF", ReasonKind.PERMANENT, breaker=False)])
     with pytest.raises(ValueError, match="permanent"):
         RetryPolicy(rules={"BAD_PDF": ReasonRule("retry", "exponential")}, reasons=book)
+
+
+def test_an_override_changes_only_the_breaker_flag_of_a_built_in_reason():
+    book = ReasonBook(
+        overrides=[
+            ReasonSpec(
+                "PROCESSING_ERROR", ReasonKind.PERMANENT, breaker=True, agent_may_send=False
+            ),
+            ReasonSpec("AGENT_CRASH", ReasonKind.PERMANENT, breaker=False, agent_may_send=True),
+        ]
+    )
+    assert book.get("PROCESSING_ERROR") == ReasonSpec(
+        "PROCESSING_ERROR", ReasonKind.TRANSIENT, breaker=True, agent_may_send=True
+    )
+    assert book.get("AGENT_CRASH") == ReasonSpec(
+        "AGENT_CRASH", ReasonKind.TRANSIENT, breaker=False, agent_may_send=False
+    )
+
+
+def test_an_override_of_an_unknown_reason_is_refused_by_name():
+    with pytest.raises(ValueError) as caught:
+        ReasonBook(overrides=[ReasonSpec("HTTP_503", ReasonKind.TRANSIENT, breaker=True)])
+    assert str(caught.value) == "HTTP_503 is not a built-in reason"
+
+
+def test_a_book_takes_up_to_64_custom_reasons():
+    specs = [ReasonSpec(f"R{i}", ReasonKind.TRANSIENT, breaker=False) for i in range(65)]
+    book = ReasonBook(specs[:64])
+    assert book.names() == [*BUILTIN_REASONS, *(f"R{i}" for i in range(64))]
+    assert "R63" in book and "R64" not in book and book.get("R64") is None
+    with pytest.raises(ValueError) as caught:
+        ReasonBook(specs)
+    assert str(caught.value) == "at most 64 custom reasons, got 65"
+
+
+def test_a_custom_reason_name_is_refused_with_the_rule_it_breaks():
+    with pytest.raises(ValueError) as caught:
+        ReasonBook([ReasonSpec("http_503", ReasonKind.TRANSIENT, breaker=False)])
+    assert str(caught.value) == (
+        "reason name 'http_503': expected upper-case letters, digits and _"
+        " (at most 64, starting with a letter)"
+    )
