@@ -51,7 +51,8 @@ mapfile -t unit_tests < <(
 
 if [ "$report_only" -eq 0 ]; then
     echo "== broker-free unit tests, with any broker connection failing the run"
-    timeout 1800 "$PY" -m pytest -q -rfE -p no:cacheprovider --no-broker "${unit_tests[@]}"
+    timeout 1800 "$PY" -m pytest -q -rfE -p no:cacheprovider --no-broker -m "not integration" \
+        "${unit_tests[@]}"
 
     globs=()
     for module in "${modules[@]}"; do
