@@ -211,6 +211,11 @@ class Engine:
                 self.on_timeout(command.session, command.delivery_id, command.charged)
             elif isinstance(command, BreakerChanged):
                 self._breaker_changed.set()
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        """After any event: wake the drain when nothing is held, and the deadline watcher
+        when the earliest deadline moved."""
         if not self.ledger.in_flight:
             self._settled.set()
         if self.ledger.deadline_moved:
@@ -298,7 +303,7 @@ class Engine:
 
     def extend(self, session: int, ids: list[int], seconds: float) -> list[int]:
         unknown = self.ledger.extend(session, ids, seconds, now=self.clock())
-        self._run([])
+        self._wake_waiters()
         return unknown
 
     def fail(
