@@ -17,6 +17,8 @@ from sidecar.commands import (
     EXIT_USAGE,
     add_config_flags,
     config_from_args,
+    positive_number,
+    whole_number,
 )
 from sidecar.config import ConfigError, example_toml, load_config
 
@@ -62,26 +64,6 @@ def cmd_config_example(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _positive_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1 or value > 1_000_000:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 1000000: {text!r}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 86400:
-        raise argparse.ArgumentTypeError(f"must be > 0 and at most 86400: {text!r}")
-    return value
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar import demo
 
@@ -122,11 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--seconds",
-        type=_positive_seconds,
+        type=positive_number(most=86400),
         default=40.0,
         help="stop after this long even if messages are still in flight",
     )
-    demo.add_argument("--messages", type=_positive_count, default=400, help="messages to publish")
+    demo.add_argument(
+        "--messages", type=whole_number(1, 1_000_000), default=400, help="messages to publish"
+    )
     demo.add_argument(
         "--broker", default="amqp://guest:guest@127.0.0.1:5672/", help="AMQP URL of RabbitMQ"
     )

@@ -1,8 +1,11 @@
-"""What the ``sidecar`` command and the operator tools share: exit codes and config flags."""
+"""What the ``sidecar`` command and the operator tools share: exit codes, config flags and
+argument types."""
 
 from __future__ import annotations
 
 import argparse
+import math
+from collections.abc import Callable
 from typing import Any
 
 from sidecar.config import Config, load_config
@@ -39,3 +42,41 @@ def config_from_args(args: argparse.Namespace) -> Config:
     for queue in getattr(args, "queue", None) or []:
         overrides.setdefault("broker", {}).setdefault("queues", []).append(queue)
     return load_config(args.config, overrides=overrides)
+
+
+def whole_number(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least`` (and at most ``most``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if most is not None and not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"must be between {least} and {most}: {text!r}")
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}: {text!r}")
+        return value
+
+    return parse
+
+
+def positive_number(most: float = math.inf) -> Callable[[str], float]:
+    """An argparse type: a finite number above 0 (and at most ``most``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not (0 < value <= most and math.isfinite(value)):
+            limit = f" and at most {most:g}" if math.isfinite(most) else ""
+            raise argparse.ArgumentTypeError(f"must be > 0{limit}: {text!r}")
+        return value
+
+    return parse
+
+
+nonnegative_int = whole_number(0)
+positive_int = whole_number(1)
+positive_float = positive_number()

@@ -183,34 +183,6 @@ def parse_when(text: str, *, now: datetime | None = None) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """A count that must be at least 1 (``--limit 0`` would silently select nothing)."""
-    value = nonnegative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from exc
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
-    return value
-
-
 def add_filter_flags(parser: argparse.ArgumentParser) -> None:
     # dest names avoid config_from_args' own --queue/--http handling.
     parser.add_argument("--queue", dest="f_queue", metavar="Q", help="original queue")

@@ -11,7 +11,15 @@ from typing import Any
 
 import msgspec
 
-from sidecar.commands import EXIT_OK, EXIT_PARTIAL, EXIT_REFUSED, EXIT_USAGE
+from sidecar.commands import (
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_REFUSED,
+    EXIT_USAGE,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 from sidecar.store.base import DeadLetterStore, PatternKey
 from sidecar.store.records import DeadLetterRecord, PatternRow
 from sidecar.tools.amqp import Amqp, QueueMissing
@@ -26,10 +34,7 @@ from sidecar.tools.common import (
     iso,
     load,
     match_case,
-    nonnegative_int,
     parse_when,
-    positive_float,
-    positive_int,
     store_from,
     table,
     to_json,

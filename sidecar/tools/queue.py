@@ -16,7 +16,7 @@ from typing import Any
 
 import aiormq
 
-from sidecar.commands import EXIT_OK, EXIT_PARTIAL, EXIT_REFUSED
+from sidecar.commands import EXIT_OK, EXIT_PARTIAL, EXIT_REFUSED, positive_int
 from sidecar.tools.amqp import Amqp, QueueMissing, copy_properties
 from sidecar.tools.common import (
     Progress,
@@ -24,7 +24,6 @@ from sidecar.tools.common import (
     add_common,
     emit_json,
     load,
-    positive_int,
     tool,
 )
 from sidecar.tools.dlq import confirm
