@@ -1,5 +1,7 @@
 """A Python client for agents: connect to the sidecar's Unix socket, then either hand it a
-handler (``await agent.run(handle)``) or pull, ack, fail, extend and publish yourself.
+handler (``await agent.run(handle)``), take messages one at a time (``async for message in
+agent.messages():`` answering each with ``message.ack()``/``fail``/``extend``), or pull,
+ack, fail, extend and publish yourself.
 Written for trio; ``sidecar.client_asyncio`` offers the same calls for asyncio programs, and
 proto/PROTOCOL.md describes the protocol for any language (see proto/node/agent.js).
 
