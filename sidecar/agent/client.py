@@ -346,11 +346,17 @@ class AgentCalls:
 
     async def _receive_batch(self) -> None:
         """Wait for the pull that is out and buffer its batch."""
-        try:
-            messages = await self._next_batch()
-        except SidecarError:
-            self._prefetch.pull_answered()
-            raise
+        while True:
+            try:
+                messages = await self._next_batch()
+                break
+            except SidecarError as exc:
+                if exc.code == "pull_in_progress":
+                    # A pull whose sender was cancelled mid-send went out after all: its
+                    # batch is the one to wait for.
+                    continue
+                self._prefetch.pull_answered()
+                raise
         self._prefetch.arrived(messages, self._now())
 
     async def pull(self, max: int = 10, wait: float = 1.0) -> list[p.Delivery]:

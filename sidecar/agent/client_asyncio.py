@@ -140,6 +140,8 @@ class AsyncioAgent(AgentCalls):
                 if not future.done():
                     future.set_exception(SidecarClosed("connection to the sidecar closed"))
             self._batches.put_nowait(SidecarClosed("connection to the sidecar closed"))
+            if self._keeper_task is not None:
+                self._keeper_task.cancel()
 
     def _route(self, frame: Any) -> None:
         if isinstance(frame, p.Batch):

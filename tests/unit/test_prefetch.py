@@ -138,12 +138,18 @@ class ScriptedSidecar:
             )
         )
         self._nursery: trio.Nursery | None = None
+        self.pulling = False
 
     # the client's side of the socket
     async def send_message(self, data: bytes | str) -> None:
         frame = self.codec.decode_agent(data)
         self.sent.append(frame)
         if isinstance(frame, p.Pull):
+            if self.pulling:  # one pull at a time, as the sidecar requires
+                error = p.Error(code="pull_in_progress", message="wait for the batch")
+                await self._to_client.send(self.codec.encode(error, binary=True))
+                return
+            self.pulling = True
             assert self._nursery is not None
             self._nursery.start_soon(self._answer, frame)
 
@@ -156,6 +162,7 @@ class ScriptedSidecar:
                 await self.arrived.wait()
                 self.arrived = trio.Event()
         batch = [self.queue.popleft() for _ in range(min(pull.max, len(self.queue)))]
+        self.pulling = False
         await self._to_client.send(self.codec.encode(p.Batch(messages=batch), binary=True))
 
     def offer(self, messages: list[p.Delivery]) -> None:
@@ -264,4 +271,24 @@ async def test_a_stop_ends_the_loop_with_its_acks_sent(autojump_clock: trio.abc.
             await message.ack()
         assert seen == [1, 2]
         assert [i for a in sidecar.frames(p.Ack) for i in a.ids] == [1, 2]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_pull_sent_by_a_cancelled_caller_is_waited_for(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    sidecar = ScriptedSidecar()
+    async with trio.open_nursery() as nursery:
+        client = await connected(nursery, sidecar)
+        # A pull whose caller was cancelled right after the frame went out: the client
+        # did not get to note it, so its next pull is refused as pull_in_progress.
+        await client.send(p.Pull(max=5, wait=3.0))
+        sidecar.offer(deliveries(1, 2))
+        seen = []
+        async for message in client.messages(batch=5, wait=1.0):
+            seen.append(message.id)
+            await message.ack()
+            if len(seen) == 2:
+                break
+        assert seen == [1, 2] and not client.errors
         nursery.cancel_scope.cancel()
