@@ -5,6 +5,7 @@ was pulled ahead coming back when the agent stops early."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -104,3 +105,61 @@ async def test_asyncio_loop_left_early_returns_the_rest_uncharged(tmp_path, uniq
     assert sorted(rest["seen"]) == [(b, 1) for b in bodies(30)[4:]]
     assert counts["acked"] == 30 and counts["crashes"] == 0 and counts["timeouts"] == 0
     assert await queue_count(queue) == 0
+
+
+def cancelled_then_resumed(
+    socket: str, queue: str, idle: threading.Event, filled: threading.Event
+) -> dict[str, Any]:
+    """Cancel the loop while it waits on an empty queue, then loop again once the test
+    has published: the long poll cut short is still out, and its batch is not lost."""
+
+    async def main() -> dict[str, Any]:
+        seen: list[bytes] = []
+        async with await AsyncioAgent.connect(socket, agent="aio", queues=[queue]) as agent:
+            messages = agent.messages(batch=10, wait=5.0)
+            try:
+                await asyncio.wait_for(anext(messages), 0.3)
+                cancelled = False
+            except TimeoutError:
+                cancelled = True
+            idle.set()
+            await asyncio.get_running_loop().run_in_executor(None, filled.wait, 30)
+            async for message in agent.messages(batch=10, wait=0.5):
+                seen.append(message.body)
+                await message.ack()
+                if len(seen) == 12:
+                    break
+            errors = [e.code for e in agent.errors]
+        return {"seen": seen, "cancelled": cancelled, "errors": errors}
+
+    result: dict[str, Any] = in_asyncio(main)
+    return result
+
+
+async def test_asyncio_loop_cancelled_while_waiting_then_resumed(tmp_path, unique_queue):
+    queue = unique_queue()
+    config = make_config(tmp_path, [queue])
+    idle, filled = threading.Event(), threading.Event()
+    with trio.fail_after(60):
+        async with running_sidecar(config) as sidecar:
+            async with trio.open_nursery() as nursery:
+                results: list[dict[str, Any]] = []
+
+                async def agent() -> None:
+                    results.append(
+                        await trio.to_thread.run_sync(
+                            cancelled_then_resumed, config.agent.socket, queue, idle, filled
+                        )
+                    )
+
+                nursery.start_soon(agent)
+                await trio.to_thread.run_sync(idle.wait, 30)
+                await publish_many(queue, bodies(12))
+                filled.set()
+            await until(lambda: not sidecar.broker.unsettled)
+            counts = dict(sidecar.engine.counts)
+    (result,) = results
+    assert result["cancelled"] is True
+    assert result["seen"] == bodies(12)
+    assert "pull_in_progress" not in result["errors"]
+    assert counts["acked"] == 12 and counts["crashes"] == 0
