@@ -143,14 +143,15 @@ def run_consume(s: Settings) -> dict[str, Any]:
         pairs = []
         for i in range(s.pairs):
             row: dict[str, float] = {}
-            # A B A B: baseline, sidecar, baseline, sidecar, sidecar.
+            # A B A B: baseline, sidecar, baseline, sidecar; then batch 50 and one at a
+            # time, in turn first (they are compared with each other).
+            last_two = [("sc_b50", "sidecar", 50), ("sc_each", "sidecar-each", 50)]
             for key, kind, arg in (
                 ("base_each", "direct", "each"),
                 ("sc_b1", "sidecar", 1),
                 ("base_multi50", "direct", "multi50"),
                 ("sc_b10", "sidecar", 10),
-                ("sc_b50", "sidecar", 50),
-                ("sc_each", "sidecar-each", 50),
+                *(last_two if i % 2 == 0 else last_two[::-1]),
             ):
                 if kind == "direct":
                     r = consume_direct(s.messages, size, str(arg))
