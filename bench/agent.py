@@ -1,6 +1,7 @@
 """Agent roles that talk to a sidecar over its Unix socket (trio + sidecar.client).
 
 python -m bench.agent consume --socket S --queue Q --count N --batch B
+python -m bench.agent consume-each --socket S --queue Q --count N --batch B
 python -m bench.agent latency --socket S --queue Q --count N --batch B
 python -m bench.agent fail    --socket S --queue Q --count N --batch B --reason R --store URL
 python -m bench.agent publish --socket S --queue Q --count N --size B --window W
@@ -34,6 +35,35 @@ async def consume(socket: str, queue: str, count: int, batch: int, idle: float) 
                 first, cpu0 = time.time(), cpu_seconds()
             await a.ack([m.id for m in messages])
             n += len(messages)
+            last_progress = time.monotonic()
+        last, cpu_s = time.time(), cpu_seconds() - cpu0
+        elapsed = last - first
+        emit(
+            event="result",
+            n=n,
+            cpu_s=cpu_s,
+            complete=n >= count,
+            first=first,
+            last=last,
+            rate=(n - 1) / elapsed if elapsed > 0 and n > 1 else 0.0,
+            errors=[e.code for e in a.errors][:5],
+        )
+
+
+async def consume_each(socket: str, queue: str, count: int, batch: int, idle: float) -> None:
+    """One message at a time through ``messages()`` (it pulls ``batch`` ahead)."""
+    async with open_agent(socket, agent="bench-consume-each", queues=[queue]) as a:
+        emit(event="ready")
+        n, first, last_progress, cpu0 = 0, 0.0, time.monotonic(), 0.0
+
+        def done() -> bool:
+            return n >= count or time.monotonic() - last_progress > idle
+
+        async for message in a.messages(batch=batch, wait=1.0, stop=done):
+            if n == 0:
+                first, cpu0 = time.time(), cpu_seconds()
+            await message.ack()
+            n += 1
             last_progress = time.monotonic()
         last, cpu_s = time.time(), cpu_seconds() - cpu0
         elapsed = last - first
@@ -184,7 +214,7 @@ async def publish(socket: str, queue: str, count: int, size: int, window: int) -
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="bench.agent")
-    ap.add_argument("mode", choices=["consume", "latency", "fail", "publish"])
+    ap.add_argument("mode", choices=["consume", "consume-each", "latency", "fail", "publish"])
     ap.add_argument("--socket", required=True)
     ap.add_argument("--queue", required=True)
     ap.add_argument("--count", type=int, default=1000)
@@ -198,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if a.mode == "consume":
         trio.run(consume, a.socket, a.queue, a.count, a.batch, a.idle)
+    elif a.mode == "consume-each":
+        trio.run(consume_each, a.socket, a.queue, a.count, a.batch, a.idle)
     elif a.mode == "latency":
         trio.run(latency, a.socket, a.queue, a.count, a.batch, a.idle)
     elif a.mode == "fail":

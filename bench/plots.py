@@ -25,18 +25,19 @@ def plot_all(res: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _consume(c: dict[str, Any], path: Path) -> Path:
-    keys = ["base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50"]
+    keys = ["base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50", "sc_each"]
     labels = [
         "direct\nack each",
         "direct\nack x50",
         "sidecar\nbatch 1",
         "sidecar\nbatch 10",
         "sidecar\nbatch 50",
+        "sidecar 1-by-1\nmessages()",
     ]
     fig, axes = plt.subplots(1, len(c), figsize=(5.5 * len(c), 4), squeeze=False)
     for ax, (size, data) in zip(axes[0], c.items(), strict=True):
         vals = [data["median_rates"][k] for k in keys]
-        colors = ["#888", "#555", "#4a8", "#2a6", "#184"]
+        colors = ["#888", "#555", "#4a8", "#2a6", "#184", "#18a"]
         ax.bar(labels, vals, color=colors)
         for pair in data["pairs"]:
             ax.plot(labels, [pair["rates"][k] for k in keys], "k.", alpha=0.6)

@@ -34,14 +34,17 @@ def render(res: dict[str, Any]) -> str:
             "Ratios: sidecar / multi-50 baseline (for CPU lower is better).",
             "",
         ]
-        keys = ("base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50")
+        keys = ("base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50", "sc_each")
         out.append(
             "| pair | direct ack-each | direct ack x50 | sidecar b1 | sidecar b10 | "
-            "sidecar b50 | b50/x50 rate | b50/x50 CPU | b1/b50 rate |"
+            "sidecar b50 | sidecar 1-by-1 via messages() | b50/x50 rate | b50/x50 CPU | "
+            "b1/b50 rate | 1-by-1/b50 rate |"
         )
-        out.append("|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
 
         def cell(r: dict[str, float], k: str) -> str:
+            if k not in r:  # results from before a variant existed
+                return "-"
             cpu = r.get(f"cpu_{k}")
             return f0(r[k]) + (f" ({cpu:.2f})" if cpu is not None else "")
 
@@ -52,7 +55,7 @@ def render(res: dict[str, Any]) -> str:
                 f"| {label} | "
                 + " | ".join(cell(r, k) for k in keys)
                 + f" | {f2(q['sc_b50_vs_multi50'])} | {f2(q.get('cpu_sc_b50_vs_multi50', 0))} | "
-                f"{f2(q.get('sc_b1_vs_b50', 0))} |"
+                f"{f2(q.get('sc_b1_vs_b50', 0))} | {f2(q.get('sc_each_vs_b50', 0))} |"
             )
         out.append("")
     if "drain_patch" in res:

@@ -73,8 +73,16 @@ def consume_direct(count: int, size: int, ack: str) -> dict[str, Any]:
 
 
 def consume_sidecar(
-    count: int, size: int, batch: int, *, drain_patch: bool = True, profile: str | None = None
+    count: int,
+    size: int,
+    batch: int,
+    *,
+    drain_patch: bool = True,
+    profile: str | None = None,
+    one_by_one: bool = False,
 ) -> dict[str, Any]:
+    """The agent pulls ``batch`` and acks them in one frame, or (``one_by_one``) takes
+    one message at a time through the client's ``messages()``, which pulls ``batch`` ahead."""
     prefetch = max(100, 2 * batch)
     with Queues("consume") as q:
         _fill(q, count, size)
@@ -104,8 +112,8 @@ def consume_sidecar(
                 )
             sc_cpu0 = cpu_seconds(sc.pid)
             ag = procs.agent(
-                f"agent-consume-b{batch}",
-                "consume",
+                f"agent-consume-{'each' if one_by_one else 'b'}{batch}",
+                "consume-each" if one_by_one else "consume",
                 ready["socket"],
                 "--queue",
                 q,
@@ -135,18 +143,22 @@ def run_consume(s: Settings) -> dict[str, Any]:
         pairs = []
         for i in range(s.pairs):
             row: dict[str, float] = {}
-            # A B A B: baseline, sidecar, baseline, sidecar, sidecar.
+            # A B A B: baseline, sidecar, baseline, sidecar; then batch 50 and one at a
+            # time, in turn first (they are compared with each other).
+            last_two = [("sc_b50", "sidecar", 50), ("sc_each", "sidecar-each", 50)]
             for key, kind, arg in (
                 ("base_each", "direct", "each"),
                 ("sc_b1", "sidecar", 1),
                 ("base_multi50", "direct", "multi50"),
                 ("sc_b10", "sidecar", 10),
-                ("sc_b50", "sidecar", 50),
+                *(last_two if i % 2 == 0 else last_two[::-1]),
             ):
                 if kind == "direct":
                     r = consume_direct(s.messages, size, str(arg))
                 else:
-                    r = consume_sidecar(s.messages, size, int(arg))
+                    r = consume_sidecar(
+                        s.messages, size, int(arg), one_by_one=kind == "sidecar-each"
+                    )
                 if not r.get("complete"):
                     log(f"consume {key} size {size}: INCOMPLETE {r}")
                 row[key] = r["rate"]
@@ -171,6 +183,8 @@ def run_consume(s: Settings) -> dict[str, Any]:
                     for b in ("sc_b1", "sc_b10", "sc_b50")
                 }
                 | {"sc_b1_vs_b50": row["sc_b1"] / row["sc_b50"]}
+                | {"sc_each_vs_b50": row["sc_each"] / row["sc_b50"]}
+                | {"cpu_sc_each_vs_b50": row["cpu_sc_each"] / row["cpu_sc_b50"]}
             )
             pairs.append({"rates": row, "ratios": ratios})
         out[str(size)] = {

@@ -19,6 +19,12 @@ from sidecar.agent.client import (
     InvalidRequest as InvalidRequest,
 )
 from sidecar.agent.client import (
+    Message as Message,
+)
+from sidecar.agent.client import (
+    Messages as Messages,
+)
+from sidecar.agent.client import (
     PublishRefused as PublishRefused,
 )
 from sidecar.agent.client import (

@@ -114,26 +114,23 @@ async def demo(
         async with open_agent(
             config.agent.socket, agent="demo-scraper", version="1.2.3", queues=[queue]
         ) as agent:
-            while True:
-                for m in await agent.pull(10, wait=0.5):
-                    outcome = plan.get(m.message_id or "", "ok")
-                    if outcome == "ok" or (
-                        outcome != "POISON" and m.attempt >= 2 and outcome != "VALIDATION_FAILED"
-                    ):
-                        processed.add(m.message_id or "")
-                        await agent.ack([m.id])
-                    elif outcome == "TIMEOUT":
-                        pass  # hang past the deadline: the sidecar charges TIMEOUT
-                    elif outcome == "RATE_LIMITED":
-                        await agent.fail(
-                            m.id, "RATE_LIMITED", "429 Too Many Requests; retry-after=2"
-                        )
-                    elif outcome == "POISON":
-                        await agent.fail(m.id, "NETWORK_ERROR", "read ECONNRESET from upstream")
-                    elif outcome == "VALIDATION_FAILED":
-                        await agent.fail(m.id, "VALIDATION_FAILED", "missing field url in job")
-                    else:
-                        await agent.fail(m.id, outcome, "connect ECONNRESET 10.0.0.7:443")
+            async for m in agent.messages(batch=10, wait=0.5):
+                outcome = plan.get(m.message_id or "", "ok")
+                if outcome == "ok" or (
+                    outcome != "POISON" and m.attempt >= 2 and outcome != "VALIDATION_FAILED"
+                ):
+                    processed.add(m.message_id or "")
+                    await m.ack()
+                elif outcome == "TIMEOUT":
+                    pass  # hang past the deadline: the sidecar charges TIMEOUT
+                elif outcome == "RATE_LIMITED":
+                    await m.fail("RATE_LIMITED", "429 Too Many Requests; retry-after=2")
+                elif outcome == "POISON":
+                    await m.fail("NETWORK_ERROR", "read ECONNRESET from upstream")
+                elif outcome == "VALIDATION_FAILED":
+                    await m.fail("VALIDATION_FAILED", "missing field url in job")
+                else:
+                    await m.fail(outcome, "connect ECONNRESET 10.0.0.7:443")
 
     def dead_lettered() -> int:
         return sidecar.store.count(RecordFilter(queue=queue))

@@ -1,5 +1,7 @@
 """A Python client for agents: connect to the sidecar's Unix socket, then either hand it a
-handler (``await agent.run(handle)``) or pull, ack, fail, extend and publish yourself.
+handler (``await agent.run(handle)``), take messages one at a time (``async for message in
+agent.messages():`` answering each with ``message.ack()``/``fail``/``extend``), or pull,
+ack, fail, extend and publish yourself.
 Written for trio; ``sidecar.client_asyncio`` offers the same calls for asyncio programs, and
 proto/PROTOCOL.md describes the protocol for any language (see proto/node/agent.js).
 
@@ -29,16 +31,18 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
 
 from sidecar import protocol as p
+from sidecar.agent.prefetch import Prefetch
 
 log = logging.getLogger("sidecar.client")
 
@@ -152,20 +156,157 @@ def reason_for(
 Handler = Callable[[p.Delivery], Awaitable[Any] | Any]
 
 
+class Message:
+    """One delivery handed out by ``messages()``, with the calls that answer it. The
+    delivery's fields are readable here too (``message.body``, ``message.attempt``, ...)."""
+
+    __slots__ = ("_calls", "delivery")
+
+    def __init__(self, delivery: p.Delivery, calls: AgentCalls) -> None:
+        self.delivery = delivery
+        self._calls = calls
+
+    async def ack(self) -> None:
+        """Done. The ack goes out with the others of the same burst: at the latest when
+        the agent next waits (for input or anything else), or after ``ACK_DELAY``."""
+        self._calls._ack_soon(self.delivery.id)
+
+    async def fail(self, reason: str, error: str = "", retry_after: float | None = None) -> None:
+        await self._calls.fail(self.delivery.id, reason, error, retry_after)
+
+    async def extend(self, seconds: float) -> None:
+        await self._calls.extend([self.delivery.id], seconds)
+
+    @property
+    def id(self) -> int:
+        return self.delivery.id
+
+    @property
+    def queue(self) -> str:
+        return self.delivery.queue
+
+    @property
+    def body(self) -> bytes:
+        return self.delivery.body
+
+    @property
+    def attempt(self) -> int:
+        return self.delivery.attempt
+
+    @property
+    def deadline(self) -> float:
+        return self.delivery.deadline
+
+    @property
+    def headers(self) -> dict[str, Any]:
+        return self.delivery.headers
+
+    @property
+    def routing_key(self) -> str:
+        return self.delivery.routing_key
+
+    @property
+    def exchange(self) -> str:
+        return self.delivery.exchange
+
+    @property
+    def message_id(self) -> str | None:
+        return self.delivery.message_id
+
+    @property
+    def content_type(self) -> str | None:
+        return self.delivery.content_type
+
+    @property
+    def priority(self) -> int | None:
+        return self.delivery.priority
+
+    @property
+    def redelivered(self) -> bool:
+        return self.delivery.redelivered
+
+    @property
+    def reduced_scope(self) -> bool:
+        return self.delivery.reduced_scope
+
+    def __repr__(self) -> str:
+        return f"Message(id={self.id}, queue={self.queue!r}, attempt={self.attempt})"
+
+
+class Messages:
+    """The iterator ``messages()`` returns: one delivery per step, a pull kept in flight
+    while the agent works on the buffered ones."""
+
+    def __init__(
+        self, calls: AgentCalls, batch: int, wait: float, stop: Callable[[], bool] | None
+    ) -> None:
+        self._calls = calls
+        self._batch = batch
+        self._wait = wait
+        self._stop = stop
+
+    def __aiter__(self) -> Messages:
+        return self
+
+    async def __anext__(self) -> Message:
+        calls, prefetch = self._calls, self._calls._prefetch
+        prefetch.resumed(calls._now())
+        while True:
+            if self._stop is not None and self._stop():
+                await calls._flush_acks()
+                raise StopAsyncIteration
+            now = calls._now()
+            if prefetch.acks_overdue(now):
+                await calls._flush_acks()
+            want = prefetch.want(
+                batch=self._batch,
+                held=len(calls._held),
+                limits=calls.welcome.limits if calls.welcome is not None else None,
+                batch_size=calls._batch_size(),
+            )
+            if want:
+                # Acks first: the sidecar counts unanswered deliveries against the limit.
+                await calls._flush_acks()
+                await calls._send_pull(want, self._wait)
+            if prefetch.head_due(now):
+                await calls._extend_buffered(now)
+            delivery = prefetch.take(calls._held, now)
+            if delivery is not None:
+                calls._wake_keeper()
+                return Message(delivery, calls)
+            await calls._flush_acks()  # never hold an ack while waiting for input
+            await calls._receive_batch()
+
+
 class AgentCalls:
-    """The calls shared by every transport: subclasses provide ``send``, ``pull`` and
-    ``welcome``, and feed batches and errors through ``_track_batch``/``_track_error``."""
+    """The calls shared by every transport: subclasses provide ``send``, ``_next_batch``,
+    the clock and the keeper's sleep, and feed batches and errors through
+    ``_track_batch``/``_track_error``."""
 
     welcome: p.Welcome | None
+    pressure: p.Pressure | None
 
     def _init_calls(self) -> None:
         self.errors: list[p.Error] = []  # errors no call was waiting for, newest last
         self._held: set[int] = set()
+        self._prefetch = Prefetch()
 
     async def send(self, frame: p.Frame) -> None:
         raise NotImplementedError
 
-    async def pull(self, max: int = 10, wait: float = 1.0) -> list[p.Delivery]:
+    async def _next_batch(self) -> list[p.Delivery]:
+        """The answer to the pull that is out (raises what the sidecar refused it with)."""
+        raise NotImplementedError
+
+    def _now(self) -> float:
+        raise NotImplementedError
+
+    def _wake_keeper(self) -> None:
+        """Let the keeper run once the agent's task next waits."""
+        raise NotImplementedError
+
+    async def _doze(self, until: float | None) -> None:
+        """Sleep until woken, or until ``until`` (the event loop's clock) if given."""
         raise NotImplementedError
 
     def _track_batch(self, batch: p.Batch) -> None:
@@ -191,10 +332,94 @@ class AgentCalls:
                 ids=unknown,
             )
 
+    def _batch_size(self) -> int:
+        """The batch size the sidecar's memory pressure allows now."""
+        if self.pressure is not None:
+            return self.pressure.batch_size
+        return self.welcome.batch_size if self.welcome is not None else 1
+
+    # --- pulling -------------------------------------------------------------------------
+
+    async def _send_pull(self, want: int, wait: float) -> None:
+        await self.send(p.Pull(max=want, wait=wait))
+        self._prefetch.pulled()
+
+    async def _receive_batch(self) -> None:
+        """Wait for the pull that is out and buffer its batch."""
+        while True:
+            try:
+                messages = await self._next_batch()
+                break
+            except SidecarError as exc:
+                if exc.code == "pull_in_progress":
+                    # A pull whose sender was cancelled mid-send went out after all: its
+                    # batch is the one to wait for.
+                    continue
+                self._prefetch.pull_answered()
+                raise
+        self._prefetch.arrived(messages, self._now())
+
+    async def pull(self, max: int = 10, wait: float = 1.0) -> list[p.Delivery]:
+        """Up to ``max`` deliveries, waiting at most ``wait`` seconds for the first. What
+        ``messages()`` buffered and did not hand out comes first, without a new pull."""
+        prefetch = self._prefetch
+        if prefetch.pulling:
+            await self._receive_batch()
+        if prefetch.buffer:
+            return prefetch.take_many(max, self._held)
+        await self._send_pull(max, wait)
+        await self._receive_batch()
+        return prefetch.take_many(len(prefetch.buffer), self._held)
+
+    def messages(
+        self, *, batch: int = 50, wait: float = 5.0, stop: Callable[[], bool] | None = None
+    ) -> Messages:
+        """Deliveries one at a time, for ``async for message in agent.messages():``.
+
+        Answer each with ``await message.ack()`` / ``fail(...)`` / ``extend(...)``. Behind
+        it, up to ``batch`` deliveries (within the Welcome's limits) are pulled ahead while
+        the agent works, and acks of a burst go out in one frame. The loop ends when
+        ``stop()`` is true (checked before each message and after each idle ``wait``).
+
+        Leaving the loop early keeps what was pulled ahead held by this connection: the
+        next ``messages()`` or ``pull()`` hands it out first, and closing the connection
+        (1000, as ``open_agent`` does) returns it to the queue uncharged. A buffered
+        delivery has its deadline moved while the agent works on the message handed out
+        last; left alone after the loop, it runs to its deadline (charged TIMEOUT)."""
+        return Messages(self, batch, wait, stop)
+
+    # --- answers -------------------------------------------------------------------------
+
     async def ack(self, ids: list[int]) -> None:
         self._check_held(ids)
         self._held.difference_update(ids)
         await self.send(p.Ack(ids=ids))
+
+    def _ack_soon(self, delivery_id: int) -> None:
+        self._check_held([delivery_id])
+        self._held.discard(delivery_id)
+        self._prefetch.ack_later(delivery_id, self._now())
+        self._wake_keeper()
+
+    async def _flush_acks(self) -> None:
+        if self._prefetch.pending_acks:
+            await self.send(p.Ack(ids=self._prefetch.take_acks()))
+
+    async def _extend_buffered(self, now: float) -> None:
+        for seconds, ids in self._prefetch.extensions(now).items():
+            await self.send(p.Extend(ids=ids, seconds=seconds))
+
+    async def _keep(self) -> None:
+        """Runs beside the agent for the life of the connection: sends waiting acks as
+        soon as the agent's task waits for anything, and extends buffered deliveries while
+        the agent works on the message handed out last."""
+        prefetch = self._prefetch
+        while True:
+            engaged = prefetch.last_handed in self._held
+            await self._doze(prefetch.next_due(engaged))
+            await self._flush_acks()
+            if prefetch.last_handed in self._held:
+                await self._extend_buffered(self._now())
 
     async def fail(
         self, id: int, reason: str, error: str = "", retry_after: float | None = None
@@ -217,22 +442,22 @@ class AgentCalls:
     async def _handle_one(
         self,
         handler: Handler,
-        message: p.Delivery,
+        message: Message,
         mapping: Iterable[tuple[type[BaseException], str]],
     ) -> None:
         try:
-            result = handler(message)
+            result = handler(message.delivery)
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
             reason, error, retry_after = reason_for(exc, mapping)
             try:
-                await self.fail(message.id, reason, error, retry_after)
+                await message.fail(reason, error, retry_after)
             except UnknownReason:
                 log.warning("handler raised unknown reason %r; failing as PROCESSING_ERROR", reason)
-                await self.fail(message.id, "PROCESSING_ERROR", error, retry_after)
+                await message.fail("PROCESSING_ERROR", error, retry_after)
             return
-        await self.ack([message.id])
+        await message.ack()
 
     async def run_batches(
         self,
@@ -243,17 +468,17 @@ class AgentCalls:
         reasons: Mapping[type[BaseException], str] | None = None,
         stop: Callable[[], bool] = lambda: False,
     ) -> None:
-        """Pull and handle messages until ``stop()`` is true: each message is acked when the
-        handler returns, and failed with the reason its exception maps to when it raises
-        (``Failure`` names one; ``reasons`` adds or overrides mappings for exception types).
-        A message whose deadline expired meanwhile is skipped, not an error."""
+        """Handle messages one at a time (through ``messages()``) until ``stop()`` is true:
+        each message is acked when the handler returns, and failed with the reason its
+        exception maps to when it raises (``Failure`` names one; ``reasons`` adds or
+        overrides mappings for exception types). A message whose deadline expired
+        meanwhile is skipped, not an error."""
         mapping = [*(reasons or {}).items(), *DEFAULT_REASONS]
-        while not stop():
-            for message in await self.pull(batch, wait):
-                try:
-                    await self._handle_one(handler, message, mapping)
-                except UnknownDelivery as exc:
-                    log.warning("message %s was taken back before its answer: %s", exc.ids, exc)
+        async for message in self.messages(batch=batch, wait=wait, stop=stop):
+            try:
+                await self._handle_one(handler, message, mapping)
+            except UnknownDelivery as exc:
+                log.warning("message %s was taken back before its answer: %s", exc.ids, exc)
 
 
 # --- trio --------------------------------------------------------------------------------
@@ -273,6 +498,7 @@ class AgentClient(AgentCalls):
         self._published: dict[int, trio.MemorySendChannel[p.Published | SidecarError]] = {}
         self._welcome = trio.Event()
         self._fatal: p.Error | None = None
+        self._keeper_wake = trio.Event()
 
     async def send(self, frame: p.Frame) -> None:
         await self.ws.send_message(self.codec.encode(frame, binary=self.binary))
@@ -335,8 +561,7 @@ class AgentClient(AgentCalls):
                 pass
         self._track_error(frame)
 
-    async def pull(self, max: int = 10, wait: float = 1.0) -> list[p.Delivery]:
-        await self.send(p.Pull(max=max, wait=wait))
+    async def _next_batch(self) -> list[p.Delivery]:
         try:
             answer = await self._batches.receive()
         except trio.EndOfChannel:
@@ -344,6 +569,22 @@ class AgentClient(AgentCalls):
         if isinstance(answer, SidecarError):
             raise answer
         return answer.messages
+
+    def _now(self) -> float:
+        return trio.current_time()
+
+    def _wake_keeper(self) -> None:
+        self._keeper_wake.set()
+
+    async def _doze(self, until: float | None) -> None:
+        with trio.move_on_at(math.inf if until is None else until):
+            await self._keeper_wake.wait()
+        self._keeper_wake = trio.Event()
+
+    async def keeper(self) -> None:
+        """The keeper (see ``AgentCalls._keep``) until the connection closes."""
+        with suppress(ConnectionClosed, trio.ClosedResourceError, trio.BrokenResourceError):
+            await self._keep()
 
     async def publish_once(
         self, body: bytes, *, queue: str | None = None, **fields: Any
@@ -423,11 +664,14 @@ async def open_agent(
             )
             client = AgentClient(ws, binary=binary)
             nursery.start_soon(client.reader)
+            nursery.start_soon(client.keeper)
             try:
                 await client.hello(agent, queues, version=version, token=token)
                 yield client
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    with suppress(ConnectionClosed, trio.ClosedResourceError):
+                        await client._flush_acks()  # acks given are acks sent
                     await ws.aclose(code=1000)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

@@ -18,6 +18,7 @@ Handlers, the exception-to-reason mapping and the typed errors are those of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import sys
@@ -60,6 +61,8 @@ class AsyncioAgent(AgentCalls):
         self._accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._welcome_future: asyncio.Future[p.Welcome] = asyncio.get_running_loop().create_future()
         self._task: asyncio.Task[None] | None = None
+        self._keeper_wake = asyncio.Event()
+        self._keeper_task: asyncio.Task[None] | None = None
         self.pressure: p.Pressure | None = None
 
     @classmethod
@@ -81,6 +84,7 @@ class AsyncioAgent(AgentCalls):
             p.Hello(agent=agent, version=version, pid=os.getpid(), queues=queues, token=token)
         )
         await client._welcome_future
+        client._keeper_task = asyncio.get_running_loop().create_task(client._keeper())
         return client
 
     @property
@@ -136,6 +140,8 @@ class AsyncioAgent(AgentCalls):
                 if not future.done():
                     future.set_exception(SidecarClosed("connection to the sidecar closed"))
             self._batches.put_nowait(SidecarClosed("connection to the sidecar closed"))
+            if self._keeper_task is not None:
+                self._keeper_task.cancel()
 
     def _route(self, frame: Any) -> None:
         if isinstance(frame, p.Batch):
@@ -166,14 +172,29 @@ class AsyncioAgent(AgentCalls):
             return
         self._track_error(frame)
 
-    async def pull(self, max: int = 10, wait: float = 1.0) -> list[p.Delivery]:
-        await self.send(p.Pull(max=max, wait=wait))
+    async def _next_batch(self) -> list[p.Delivery]:
         answer = await self._batches.get()
         if isinstance(answer, BaseException):
             if isinstance(answer, SidecarClosed):
                 self._batches.put_nowait(answer)  # every later pull fails the same way
             raise answer
         return answer.messages
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def _wake_keeper(self) -> None:
+        self._keeper_wake.set()
+
+    async def _doze(self, until: float | None) -> None:
+        timeout = None if until is None else max(0.0, until - self._now())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._keeper_wake.wait(), timeout)
+        self._keeper_wake.clear()
+
+    async def _keeper(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):  # the connection closed
+            await self._keep()
 
     async def publish_once(
         self, body: bytes, *, queue: str | None = None, **fields: Any
@@ -210,7 +231,10 @@ class AsyncioAgent(AgentCalls):
 
     async def close(self) -> None:
         """A clean close: whatever the agent still holds is requeued, not charged."""
+        if self._keeper_task is not None:
+            self._keeper_task.cancel()
         try:
+            await self._flush_acks()  # acks given are acks sent
             self._writer.write(self._ws.send(CloseConnection(code=1000)))
             await self._writer.drain()
         except (ConnectionError, RuntimeError):

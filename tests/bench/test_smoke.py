@@ -29,11 +29,11 @@ def test_bench_quick_smoke() -> None:
     res = json.loads(new[-1].read_text())
     assert {"meta", "consume", "failure", "targets"} <= res.keys()
     consume = res["consume"]["200"]
-    for key in ("base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50"):
+    for key in ("base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50", "sc_each"):
         assert consume["median_rates"][key] > 0, key
     assert consume["median_ratios"]["sc_b50_vs_each"] > 0
     # CPU-seconds per 10,000 messages, from /proc/PID/stat, next to every consume rate.
-    for key in ("base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50"):
+    for key in ("base_each", "base_multi50", "sc_b1", "sc_b10", "sc_b50", "sc_each"):
         assert 0 < consume["median_rates"][f"cpu_{key}"] < 1000, key
     for reason in ("NETWORK_ERROR", "VALIDATION_FAILED"):
         failure = res["failure"][reason]
