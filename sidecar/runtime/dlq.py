@@ -22,7 +22,7 @@ from typing import TypeVar
 import msgspec
 import trio
 
-from sidecar.store.base import StoreUnavailable
+from sidecar.store.base import PutResult, StoreUnavailable, put_each
 from sidecar.store.records import DeadLetterRecord
 from sidecar.store.spool import SpoolingStore
 
@@ -135,7 +135,7 @@ class DeadLetterWriter:
 
         def write_batch() -> list[tuple[_Pending, bool]] | None:
             try:
-                results = self.store.put_many([item.record for item in batch])
+                results = self._put_many([item.record for item in batch])
                 refused = [
                     (item, result)
                     for item, result in zip(batch, results, strict=True)
@@ -163,6 +163,18 @@ class DeadLetterWriter:
         self.healthy = healthy
         return written
 
+    def _put_many(self, records: list[DeadLetterRecord]) -> list[PutResult]:
+        """(store thread) The store's ``put_many``; should it fail for another reason than
+        being unavailable (a fault that ought to have stayed with one record), each record
+        is put alone instead, so that one record never stops the writer."""
+        try:
+            return self.store.put_many(records)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            log.exception("writing %d dead letters at once failed; writing each", len(records))
+            return put_each(self.store.put, records)
+
     def _bare_fallbacks(
         self, refused: list[tuple[_Pending, Exception]]
     ) -> dict[int, tuple[_Pending, bool]]:
@@ -181,7 +193,7 @@ class DeadLetterWriter:
             )
             bare.append(_Pending(bare_record(item.record, cause), item.on_durable))
         out: dict[int, tuple[_Pending, bool]] = {}
-        results = self.store.put_many([item.record for item in bare])
+        results = self._put_many([item.record for item in bare])
         for (item, _), fallback, result in zip(refused, bare, results, strict=True):
             if isinstance(result, Exception):
                 # No store takes even the bare record: its message stays unacked, held by

@@ -129,11 +129,14 @@ class SpoolingStore:
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"spool at {self.spool_path}: {action}: {exc}") from exc
 
-    def _append(self, records: Sequence[DeadLetterRecord]) -> None:
-        """Every record in one transaction under synchronous=FULL: one fsync for the
-        batch, and all of it on disk when this returns (or none of it)."""
-        now = to_text(datetime.now(UTC))
-        rows = [(record.id, now, _encoder.encode(record)) for record in records]
+    @staticmethod
+    def _row(record: DeadLetterRecord) -> tuple[str, str, bytes]:
+        """A record as a spool row; raises (before anything is written) if it cannot be."""
+        return record.id, to_text(datetime.now(UTC)), _encoder.encode(record)
+
+    def _append(self, rows: list[tuple[str, str, bytes]]) -> None:
+        """Every row in one transaction under synchronous=FULL: one fsync for the batch,
+        and all of it on disk when this returns (or none of it)."""
 
         def append(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
@@ -158,7 +161,7 @@ class SpoolingStore:
                 return self._call(self.primary.put, record)
             except StoreUnavailable as exc:
                 cause = str(exc)
-        self._spool([record], cause)
+        self._spool([record], [self._row(record)], cause)
         return True
 
     def put_many(self, records: Sequence[DeadLetterRecord]) -> list[PutResult]:
@@ -186,12 +189,23 @@ class SpoolingStore:
                 for (index, _), result in zip(accepted, written, strict=True):
                     results[index] = result
                 return results
-        self._spool(batch, cause)
+        spooled: list[DeadLetterRecord] = []
+        rows: list[tuple[str, str, bytes]] = []
+        for index, record in accepted:
+            try:
+                rows.append(self._row(record))
+                spooled.append(record)
+            except Exception as exc:  # cannot be written as JSON: refused, never spooled
+                results[index] = exc
+        if rows:
+            self._spool(spooled, rows, cause)
         return results
 
-    def _spool(self, records: list[DeadLetterRecord], cause: str) -> None:
+    def _spool(
+        self, records: list[DeadLetterRecord], rows: list[tuple[str, str, bytes]], cause: str
+    ) -> None:
         try:
-            self._append(records)
+            self._append(rows)
         except StoreUnavailable as exc:
             what = (
                 f"dead letter {records[0].id!r}"

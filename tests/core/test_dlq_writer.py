@@ -238,3 +238,31 @@ async def test_a_refused_record_is_kept_bare_and_the_rest_of_its_batch_as_it_is(
     assert huge is not None and huge.attemptCount == 1_000_000
     assert "record refused by the store: OverflowError" in huge.errorMessage
     assert huge.rawBody == records[1].rawBody
+
+
+async def test_a_batch_write_that_fails_unexpectedly_falls_back_to_one_put_each(
+    primary: SqliteStore, reader: SqliteStore, tmp_path: Path
+) -> None:
+    """A fault in ``put_many`` that should have stayed with one record (a bug, say) must
+    not stop the writer: each record is put alone and acked once durable."""
+
+    class FaultyBatches(SpoolingStore):
+        def put_many(self, records: Sequence[DeadLetterRecord]) -> list[PutResult]:
+            raise RuntimeError("a fault in the batch path")
+
+    store = FaultyBatches(primary, tmp_path / "faulty-spool.db")
+    writer = DeadLetterWriter(store)
+    durable: list[str] = []
+    records = [make_record(f"m{i}", lastFailureAt=at(i)) for i in range(3)]
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(writer.run)
+                submit_all(writer, records, durable)
+                await writer.flush()
+                nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+    assert writer.healthy
+    assert durable == ["m0", "m1", "m2"]
+    assert reader.count() == 3

@@ -283,16 +283,19 @@ def test_spool_takes_the_whole_batch_in_one_transaction_while_the_primary_is_dow
     statements = traced(spool._conn)
     batch = [make_record(f"m{i}", lastFailureAt=at(i)) for i in range(20)]
     batch.insert(5, make_record("naive", lastFailureAt=at(1).replace(tzinfo=None)))
+    batch.insert(9, make_record("unstorable", errorMessage=UNSTORABLE))
     results = spool.put_many(batch)
-    assert isinstance(results[5], ValueError)  # bad input is refused, never spooled
-    assert results[:5] + results[6:] == [True] * 20
+    # Bad input is refused, never spooled; the rest of the batch is spooled all the same.
+    assert isinstance(results[5], ValueError)
+    assert isinstance(results[9], UnicodeEncodeError)
+    assert [r for i, r in enumerate(results) if i not in (5, 9)] == [True] * 20
     assert statements.count("BEGIN IMMEDIATE") == 1
     assert statements.count("COMMIT") == 1
     assert spool.spooled() == 20
     primary.down = False
     assert spool.drain() == 20
     assert sorted(r.id for r in spool.find(limit=100)) == sorted(
-        r.id for r in batch if r.id != "naive"
+        r.id for r in batch if r.id not in ("naive", "unstorable")
     )
 
 
