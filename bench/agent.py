@@ -110,7 +110,7 @@ async def fail(
 ) -> None:
     from sidecar.store.opening import open_store
 
-    stats = {"deliveries": 0, "first": 0.0, "done": 0.0, "stored": 0}
+    stats = {"deliveries": 0, "first": 0.0, "done": 0.0, "stored": 0, "cpu0": 0.0, "cpu1": 0.0}
     store = open_store(store_url)
 
     async with open_agent(socket, agent="bench-fail", queues=[queue]) as a:
@@ -120,7 +120,7 @@ async def fail(
             while True:
                 messages = await a.pull(batch, wait=0.5)
                 if messages and not stats["first"]:
-                    stats["first"] = time.time()
+                    stats["first"], stats["cpu0"] = time.time(), cpu_seconds()
                 for m in messages:
                     await a.fail(m.id, reason, "bench: injected failure")
                 stats["deliveries"] += len(messages)
@@ -129,7 +129,7 @@ async def fail(
             while True:
                 stats["stored"] = await trio.to_thread.run_sync(store.count)
                 if stats["stored"] >= count:
-                    stats["done"] = time.time()
+                    stats["done"], stats["cpu1"] = time.time(), cpu_seconds()
                     cancel.cancel()
                     return
                 await trio.sleep(0.02)
@@ -148,6 +148,7 @@ async def fail(
         stored=stats["stored"],
         complete=stats["stored"] == count,
         deliveries=stats["deliveries"],
+        cpu_s=(stats["cpu1"] or cpu_seconds()) - stats["cpu0"] if stats["first"] else math.nan,
         elapsed=elapsed,
         rate=stats["stored"] / elapsed if elapsed and elapsed > 0 else 0.0,
         errors=errors,

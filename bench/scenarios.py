@@ -371,7 +371,8 @@ def run_publish(s: Settings) -> dict[str, Any]:
 def failure_run(count: int, reason: str, batch: int = 10) -> dict[str, Any]:
     with Queues("failure") as q:
         _fill(q, count, 200)
-        with procs.sidecar(f"sidecar-fail-{reason}", batch=batch) as (_sc, ready, tmp):
+        with procs.sidecar(f"sidecar-fail-{reason}", batch=batch) as (sc, ready, tmp):
+            sc_cpu0 = cpu_seconds(sc.pid)
             ag = procs.agent(
                 f"agent-fail-{reason}",
                 "fail",
@@ -387,7 +388,14 @@ def failure_run(count: int, reason: str, batch: int = 10) -> dict[str, Any]:
                 "--store",
                 procs.store_url(tmp),
             )
-            return ag.result(timeout=300)
+            r = ag.result(timeout=300)
+            # From start-up of the agent to its result: the whole run, idle edges included.
+            r["sidecar_cpu_s"] = cpu_seconds(sc.pid) - sc_cpu0
+    r["agent_cpu_s"] = r.get("cpu_s", float("nan"))
+    r["sidecar_cpu_per_10k"] = per_10k(r["sidecar_cpu_s"], r["stored"])
+    r["agent_cpu_per_10k"] = per_10k(r["agent_cpu_s"], r["stored"])
+    r["cpu_per_10k"] = r["sidecar_cpu_per_10k"] + r["agent_cpu_per_10k"]
+    return r
 
 
 def run_failure(s: Settings) -> dict[str, Any]:
@@ -399,11 +407,17 @@ def run_failure(s: Settings) -> dict[str, Any]:
             runs.append(_strip(r))
             log(
                 f"failure {reason} run={i + 1}: {r['rate']:.0f} msg/s dead-lettered, "
-                f"stored {r['stored']}/{r['n']}, deliveries {r['deliveries']}"
+                f"stored {r['stored']}/{r['n']}, deliveries {r['deliveries']}, CPU-s/10k "
+                f"sidecar {r['sidecar_cpu_per_10k']:.2f} agent {r['agent_cpu_per_10k']:.2f}"
             )
         out[reason] = {
             "runs": runs,
             "median_rate": med([r["rate"] for r in runs]),
+            "median_cpu_per_10k": {
+                "sidecar+agent": med([r["cpu_per_10k"] for r in runs]),
+                "sidecar": med([r["sidecar_cpu_per_10k"] for r in runs]),
+                "agent": med([r["agent_cpu_per_10k"] for r in runs]),
+            },
             "nothing_lost": all(r["stored"] == r["n"] for r in runs),
         }
     return out

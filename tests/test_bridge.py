@@ -46,3 +46,23 @@ async def test_trio_cancellation_still_cancels(hop: str) -> None:
             with trio.move_on_after(0.2) as scope:
                 await bridge.call(asyncio.sleep, 10)
             assert scope.cancelled_caught
+
+
+@pytest.mark.parametrize("hop", HOPS)
+async def test_later_never_runs_at_once_and_keeps_order(hop: str) -> None:
+    bridge = make_bridge(hop)
+    ran: list[int] = []
+    with trio.fail_after(30):
+        async with bridge.open():
+            for n in range(5):
+                bridge.to_asyncio_later(ran.append, n)
+            if hop == "trio-asyncio":
+                # Same thread: still queued, the caller has not yielded. (On the thread hop
+                # the loop's own thread may already be running them.)
+                assert ran == []
+
+            async def barrier() -> None:
+                await asyncio.sleep(0)
+
+            await bridge.call(barrier)  # the loop has had its pass since
+            assert ran == [0, 1, 2, 3, 4]

@@ -92,6 +92,10 @@ class Bridge(Protocol):
     def to_asyncio(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run a plain function in the loop's context (maybe at once)."""
 
+    def to_asyncio_later(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run a plain function in the loop's context on its next pass, never at once, so
+        that what the caller queues before it yields is taken in one go."""
+
     def to_trio(self, fn: Callable[..., Any], *args: Any) -> None:
         """From the loop's context, run a plain function in trio's (maybe at once)."""
 
@@ -127,6 +131,10 @@ class TrioAsyncioBridge:
 
     def to_asyncio(self, fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
+
+    def to_asyncio_later(self, fn: Callable[..., Any], *args: Any) -> None:
+        with suppress(RuntimeError):  # the loop closed during shutdown
+            self.loop.call_soon(fn, *args)
 
     def to_trio(self, fn: Callable[..., Any], *args: Any) -> None:
         fn(*args)
@@ -205,6 +213,9 @@ class ThreadBridge:
         assert self.loop is not None
         with suppress(RuntimeError):  # the loop closed during shutdown
             self.loop.call_soon_threadsafe(fn, *args)
+
+    def to_asyncio_later(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.to_asyncio(fn, *args)  # another thread's loop: never at once anyway
 
     def to_trio(self, fn: Callable[..., Any], *args: Any) -> None:
         assert self._token is not None

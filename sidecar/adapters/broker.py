@@ -259,7 +259,11 @@ class Broker:
         self.bridge = make_bridge(hop)
         # Crossings between the loops: deliveries to trio, publishes to the loop, confirms back.
         self._arrivals = Handoff[Inbound](self.bridge.to_trio, self._take_arrivals)
-        self._publishes = Handoff[_PublishRequest](self.bridge.to_asyncio, self._start_publishes)
+        # Publishes wait for the loop's next pass, so a burst (say, the retry copies of a
+        # batch of failures) goes out as one write instead of one write per publish.
+        self._publishes = Handoff[_PublishRequest](
+            self.bridge.to_asyncio_later, self._start_publishes
+        )
         self._confirms = Handoff[tuple[PublishCallback, str | None]](
             self.bridge.to_trio, self._deliver_confirms
         )

@@ -1,15 +1,19 @@
 """Writes dead-letter records durably before their messages are acked.
 
-Records are written in batches from one worker thread (the store API is synchronous), so a
-burst of failures costs one thread hop, not one per message. When the configured store is
-down, the spooling store keeps records in a local durable file and drains them later; only
-when the spool cannot write either (a full disk) is a record left unwritten, its message
-left unacked, and the daemon reported unhealthy so it stops taking work.
+Records are written in batches from one worker thread (the store API is synchronous): what
+was submitted while the thread was busy goes to the store as one ``put_many``, one
+transaction and one disk flush (group commit), so a burst of failures costs one thread hop
+and one fsync, not one per message. Each message is acked only once its batch is durable.
+When the configured store is down, the spooling store keeps records in a local durable file
+and drains them later; only when the spool cannot write either (a full disk) is a batch left
+unwritten, its messages left unacked, and the daemon reported unhealthy so it stops taking
+work.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +22,7 @@ from typing import TypeVar
 import msgspec
 import trio
 
-from sidecar.store.base import StoreUnavailable
+from sidecar.store.base import PutResult, StoreUnavailable, put_each
 from sidecar.store.records import DeadLetterRecord
 from sidecar.store.spool import SpoolingStore
 
@@ -50,6 +54,12 @@ def bare_record(record: DeadLetterRecord, cause: BaseException) -> DeadLetterRec
     )
 
 
+# Group commit: what was submitted while the store thread was busy goes into one
+# transaction, bounded so that one batch never holds the thread (or memory) for long.
+MAX_BATCH_RECORDS = 256
+MAX_BATCH_BYTES = 8 * 1024 * 1024  # message bodies; a larger single record goes alone
+
+
 @dataclass(slots=True)
 class _Pending:
     record: DeadLetterRecord
@@ -72,7 +82,7 @@ class DeadLetterWriter:
         self.limiter = trio.CapacityLimiter(1)
         self.healthy = True
         self.last_error = ""
-        self._pending: list[_Pending] = []
+        self._pending: deque[_Pending] = deque()
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -95,42 +105,56 @@ class DeadLetterWriter:
                     self._idle.set()
                     self._wakeup = trio.Event()
                     await self._wakeup.wait()
-                batch, self._pending = self._pending, []
+                batch = self._take_batch()
                 written = await self._write(batch)
+                if written is None:
+                    # Nothing of the batch is durable: it goes back to the front, in order,
+                    # and we wait a little.
+                    self._pending.extendleft(reversed(batch))
+                    await trio.sleep(self.retry_interval)
+                    continue
+                # Every record of the batch is durable now; only now are their messages acked.
                 for item, new in written:
                     item.on_durable()
                     self.on_written(item.record, new)
-                if len(written) < len(batch):
-                    # Keep order: what failed goes back to the front, and we wait a little.
-                    self._pending = batch[len(written) :] + self._pending
-                    await trio.sleep(self.retry_interval)
 
-    async def _write(self, batch: list[_Pending]) -> list[tuple[_Pending, bool]]:
-        def write_all() -> list[tuple[_Pending, bool]]:
-            done = []
-            for item in batch:
-                try:
-                    done.append((item, self.store.put(item.record)))
-                except StoreUnavailable as exc:
-                    self.last_error = str(exc)
-                    break
-                except Exception as exc:  # a record the store refuses must not stop the writer
-                    fallback = bare_record(item.record, exc)
-                    log.error(
-                        "dead letter %r refused (%s: %s); storing its raw body alone",
-                        item.record.id,
-                        type(exc).__name__,
-                        str(exc)[:200],
-                    )
-                    try:
-                        done.append((_Pending(fallback, item.on_durable), self.store.put(fallback)))
-                    except StoreUnavailable as unavailable:
-                        self.last_error = str(unavailable)
-                        break
-            return done
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        size = 0
+        pending = self._pending
+        while pending and len(batch) < MAX_BATCH_RECORDS:
+            size += len(pending[0].record.rawBody)
+            if batch and size > MAX_BATCH_BYTES:
+                break
+            batch.append(pending.popleft())
+        return batch
 
-        written = await trio.to_thread.run_sync(write_all, limiter=self.limiter)
-        healthy = len(written) == len(batch)
+    async def _write(self, batch: list[_Pending]) -> list[tuple[_Pending, bool]] | None:
+        """Write the batch on the store's thread: what was written (a refused record as
+        its bare fallback) and whether each was new, or None when nothing could be."""
+
+        def write_batch() -> list[tuple[_Pending, bool]] | None:
+            try:
+                results = self._put_many([item.record for item in batch])
+                refused = [
+                    (item, result)
+                    for item, result in zip(batch, results, strict=True)
+                    if isinstance(result, Exception)
+                ]
+                fallbacks = self._bare_fallbacks(refused)
+            except StoreUnavailable as exc:
+                self.last_error = str(exc)
+                return None
+            written: list[tuple[_Pending, bool]] = []
+            for item, result in zip(batch, results, strict=True):
+                if not isinstance(result, Exception):
+                    written.append((item, result))
+                elif (fallback := fallbacks.get(id(item))) is not None:
+                    written.append(fallback)
+            return written
+
+        written = await trio.to_thread.run_sync(write_batch, limiter=self.limiter)
+        healthy = written is not None
         if healthy != self.healthy:
             if healthy:
                 log.info("dead-letter store writable again")
@@ -138,6 +162,51 @@ class DeadLetterWriter:
                 log.error("dead letters cannot be written anywhere: %s", self.last_error)
         self.healthy = healthy
         return written
+
+    def _put_many(self, records: list[DeadLetterRecord]) -> list[PutResult]:
+        """(store thread) The store's ``put_many``; should it fail for another reason than
+        being unavailable (a fault that ought to have stayed with one record), each record
+        is put alone instead, so that one record never stops the writer."""
+        try:
+            return self.store.put_many(records)
+        except StoreUnavailable:
+            raise
+        except Exception:
+            log.exception("writing %d dead letters at once failed; writing each", len(records))
+            return put_each(self.store.put, records)
+
+    def _bare_fallbacks(
+        self, refused: list[tuple[_Pending, Exception]]
+    ) -> dict[int, tuple[_Pending, bool]]:
+        """(store thread) Records the store refused, stored as their bare form instead, so
+        the message is still kept (and then acked) rather than retried forever. Keyed by
+        the refused item's identity."""
+        if not refused:
+            return {}
+        bare: list[_Pending] = []
+        for item, cause in refused:
+            log.error(
+                "dead letter %r refused (%s: %s); storing its raw body alone",
+                item.record.id,
+                type(cause).__name__,
+                str(cause)[:200],
+            )
+            bare.append(_Pending(bare_record(item.record, cause), item.on_durable))
+        out: dict[int, tuple[_Pending, bool]] = {}
+        results = self._put_many([item.record for item in bare])
+        for (item, _), fallback, result in zip(refused, bare, results, strict=True):
+            if isinstance(result, Exception):
+                # No store takes even the bare record: its message stays unacked, held by
+                # the broker, which delivers it again after the next reconnect.
+                log.error(
+                    "dead letter %r refused even bare (%s: %s); its message is left unacked",
+                    item.record.id,
+                    type(result).__name__,
+                    str(result)[:200],
+                )
+                continue
+            out[id(item)] = (fallback, result)
+        return out
 
     async def _drain_spool_forever(self) -> None:
         while True:

@@ -6,8 +6,9 @@ with a limiter of one per store, and both backends' drivers are blocking.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 import msgspec
 
@@ -24,9 +25,11 @@ __all__ = [
     "PATTERN_KEYS",
     "DeadLetterStore",
     "PatternKey",
+    "PutResult",
     "StoreUnavailable",
     "apply_put",
     "apply_reprocess",
+    "put_each",
     "redact_url",
     "scrub",
 ]
@@ -44,6 +47,11 @@ class StoreUnavailable(Exception):
     """
 
 
+PutResult: TypeAlias = bool | Exception
+"""One record's outcome in ``put_many``: what ``put`` would have returned (True when new),
+or the exception with which the store refused that record alone."""
+
+
 @runtime_checkable
 class DeadLetterStore(Protocol):
     """One behavioural contract for every backend (SQLite, MongoDB, the spooling wrapper)."""
@@ -57,6 +65,18 @@ class DeadLetterStore(Protocol):
         lastFailureAt, errorMessage, failureReason, signature, deadLetteredAt, failures and resets
         ``reprocessed`` (it failed again after a reprocess), keeping history and
         reprocessCount. An equal or older one changes nothing.
+        """
+        ...
+
+    def put_many(self, records: Sequence[DeadLetterRecord]) -> list[PutResult]:
+        """``put`` of each record in order, made durable together (one transaction and one
+        disk flush where the backend has transactions): one result per record.
+
+        Records are applied one after the other, so repeats within a batch behave exactly
+        as successive puts. A record the store refuses (what ``put`` would raise other than
+        StoreUnavailable) gets its exception as its result; the others are stored all the
+        same. Raises StoreUnavailable when the store cannot be written: then none of the
+        batch may be taken as durable (the caller puts it again; put is idempotent).
         """
         ...
 
@@ -129,6 +149,22 @@ class DeadLetterStore(Protocol):
 
 
 # --- shared semantics (SQLite applies them in Python; MongoDB mirrors them with operators)
+
+
+def put_each(
+    put: Callable[[DeadLetterRecord], bool], records: Sequence[DeadLetterRecord]
+) -> list[PutResult]:
+    """``put_many`` as one ``put`` per record: for a backend without multi-record
+    transactions, and the fallback of one whose batch a refused record broke."""
+    results: list[PutResult] = []
+    for record in records:
+        try:
+            results.append(put(record))
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # this record alone is refused
+            results.append(exc)
+    return results
 
 
 def apply_put(existing: DeadLetterRecord, new: DeadLetterRecord) -> DeadLetterRecord | None:

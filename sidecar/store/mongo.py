@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -36,8 +36,10 @@ from pymongo.write_concern import WriteConcern
 from sidecar.store.base import (
     PATTERN_KEYS,
     PatternKey,
+    PutResult,
     StoreUnavailable,
     history_entry,
+    put_each,
     redact_url,
     scrub,
 )
@@ -276,6 +278,11 @@ class MongoStore:
                 {"$set": {**{k: doc[k] for k in _UPDATED_ON_REFAIL}, "reprocessed": False}},
             )
             return False
+
+    def put_many(self, records: Sequence[DeadLetterRecord]) -> list[PutResult]:
+        """One acknowledged write per record, in order: MongoDB has no multi-document
+        transaction outside a replica set, and each ``put`` is already idempotent."""
+        return put_each(self.put, records)
 
     def get(self, id: str) -> DeadLetterRecord | None:
         with self._guard("get"):

@@ -35,9 +35,11 @@ from psycopg.conninfo import conninfo_to_dict
 from sidecar.store.base import (
     PATTERN_KEYS,
     PatternKey,
+    PutResult,
     StoreUnavailable,
     apply_put,
     apply_reprocess,
+    put_each,
     redact_url,
     scrub,
 )
@@ -448,32 +450,66 @@ class PostgresStore:
         )
         return cur.fetchone() is not None
 
+    def _put_one(
+        self, cur: psycopg.Cursor[Any], new: DeadLetterRecord, doc: str, exact: bytes | None
+    ) -> bool:
+        # Insert first: of several sidecars putting one id at once, exactly one wins
+        # and the others wait for its commit, then merge under the row lock below.
+        candidate, columns = new, (doc, exact)
+        while True:
+            if self._insert(cur, candidate, *columns):
+                return True
+            existing = self._load(cur, candidate.id, lock=True)
+            if existing is None:  # deleted between the two statements: store it again
+                self._write(cur, candidate)
+                return True
+            if candidate is new and not same_message(existing, new):
+                # Another message holds this id: keep both (records.distinct_id).
+                candidate = msgspec.structs.replace(new, id=distinct_id(new))
+                columns = _doc_columns(candidate)
+                continue
+            merged = apply_put(existing, candidate)
+            if merged is not None:
+                self._write(cur, merged)
+            return False
+
     def put(self, record: DeadLetterRecord) -> bool:
         new = normalise_record(record)
         doc, exact = _doc_columns(new)  # before the transaction: a bad record fails alone
+        return self._call("put", lambda cur: self._put_one(cur, new, doc, exact))
 
-        def run(cur: psycopg.Cursor[Any]) -> bool:
-            # Insert first: of several sidecars putting one id at once, exactly one wins
-            # and the others wait for its commit, then merge under the row lock below.
-            candidate, columns = new, (doc, exact)
-            while True:
-                if self._insert(cur, candidate, *columns):
-                    return True
-                existing = self._load(cur, candidate.id, lock=True)
-                if existing is None:  # deleted between the two statements: store it again
-                    self._write(cur, candidate)
-                    return True
-                if candidate is new and not same_message(existing, new):
-                    # Another message holds this id: keep both (records.distinct_id).
-                    candidate = msgspec.structs.replace(new, id=distinct_id(new))
-                    columns = _doc_columns(candidate)
-                    continue
-                merged = apply_put(existing, candidate)
-                if merged is not None:
-                    self._write(cur, merged)
-                return False
+    def put_many(self, records: Sequence[DeadLetterRecord]) -> list[PutResult]:
+        """All in one transaction (one commit, so one WAL flush). A record the server
+        refuses aborts that transaction: then the batch is put again one record per
+        transaction, so the refusal stays with its record and the others are stored."""
+        results: list[PutResult] = []
+        prepared: list[tuple[int, DeadLetterRecord, str, bytes | None]] = []
+        for record in records:
+            try:
+                new = normalise_record(record)
+                prepared.append((len(results), new, *_doc_columns(new)))
+                results.append(False)  # replaced below
+            except Exception as exc:  # a naive time, a document that is not JSON
+                results.append(exc)
+        if not prepared:
+            return results
+        # Rows are locked in id order, the same in every sidecar, so two batches sharing
+        # ids wait for each other instead of deadlocking. The sort is stable: repeats of
+        # one id keep their order.
+        prepared.sort(key=lambda item: item[1].id)
 
-        return self._call("put", run)
+        def run(cur: psycopg.Cursor[Any]) -> list[bool]:
+            return [self._put_one(cur, new, doc, exact) for _, new, doc, exact in prepared]
+
+        try:
+            written: list[PutResult] = list(self._call("put", run))
+        except StoreUnavailable:
+            raise
+        except Exception:
+            written = put_each(self.put, [records[index] for index, *_ in prepared])
+        for (index, *_), result in zip(prepared, written, strict=True):
+            results[index] = result
+        return results
 
     def get(self, id: str) -> DeadLetterRecord | None:
         return self._call("get", lambda cur: self._load(cur, id, lock=False))

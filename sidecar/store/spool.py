@@ -14,14 +14,14 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import msgspec
 
-from sidecar.store.base import DeadLetterStore, PatternKey, StoreUnavailable
+from sidecar.store.base import DeadLetterStore, PatternKey, PutResult, StoreUnavailable
 from sidecar.store.records import (
     DeadLetterRecord,
     MetricSnapshot,
@@ -129,15 +129,26 @@ class SpoolingStore:
             except sqlite3.Error as exc:
                 raise StoreUnavailable(f"spool at {self.spool_path}: {action}: {exc}") from exc
 
-    def _append(self, record: DeadLetterRecord) -> None:
-        # One autocommitted INSERT under synchronous=FULL: on disk when this returns.
-        self._spool_op(
-            "append",
-            lambda c: c.execute(
-                "INSERT INTO spool (id, spooledAt, doc) VALUES (?, ?, ?)",
-                (record.id, to_text(datetime.now(UTC)), _encoder.encode(record)),
-            ),
-        )
+    @staticmethod
+    def _row(record: DeadLetterRecord) -> tuple[str, str, bytes]:
+        """A record as a spool row; raises (before anything is written) if it cannot be."""
+        return record.id, to_text(datetime.now(UTC)), _encoder.encode(record)
+
+    def _append(self, rows: list[tuple[str, str, bytes]]) -> None:
+        """Every row in one transaction under synchronous=FULL: one fsync for the batch,
+        and all of it on disk when this returns (or none of it)."""
+
+        def append(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT INTO spool (id, spooledAt, doc) VALUES (?, ?, ?)", rows)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        self._spool_op("append", append)
 
     # --- the contract, plus drain/spooled
 
@@ -150,14 +161,69 @@ class SpoolingStore:
                 return self._call(self.primary.put, record)
             except StoreUnavailable as exc:
                 cause = str(exc)
-        try:
-            self._append(record)
-        except StoreUnavailable as exc:
-            raise StoreUnavailable(
-                f"dead letter {record.id!r} not stored: primary unavailable ({cause}) and {exc}"
-            ) from exc
-        log.warning("dead letter %r spooled locally: %s", record.id, cause)
+        self._spool([record], [self._row(record)], cause)
         return True
+
+    def put_many(self, records: Sequence[DeadLetterRecord]) -> list[PutResult]:
+        """The primary's ``put_many``; while it is unavailable the whole batch is spooled
+        in one transaction (each spooled record counts as new). Raises only if the spool
+        fails too."""
+        results: list[PutResult] = []
+        accepted: list[tuple[int, DeadLetterRecord]] = []
+        for record in records:
+            try:
+                accepted.append((len(results), normalise_record(record)))
+                results.append(True)  # spooled, unless the primary says otherwise below
+            except Exception as exc:  # bad input is refused here, never spooled
+                results.append(exc)
+        if not accepted:
+            return results
+        batch = [record for _, record in accepted]
+        cause = f"not retried for {self.retry_primary_after:g}s after: {self._last_error}"
+        if not self._skip_primary():
+            try:
+                written = self._call(self.primary.put_many, batch)
+            except StoreUnavailable as exc:
+                cause = str(exc)
+            else:
+                for (index, _), result in zip(accepted, written, strict=True):
+                    results[index] = result
+                return results
+        spooled: list[DeadLetterRecord] = []
+        rows: list[tuple[str, str, bytes]] = []
+        for index, record in accepted:
+            try:
+                rows.append(self._row(record))
+                spooled.append(record)
+            except Exception as exc:  # cannot be written as JSON: refused, never spooled
+                results[index] = exc
+        if rows:
+            self._spool(spooled, rows, cause)
+        return results
+
+    def _spool(
+        self, records: list[DeadLetterRecord], rows: list[tuple[str, str, bytes]], cause: str
+    ) -> None:
+        try:
+            self._append(rows)
+        except StoreUnavailable as exc:
+            what = (
+                f"dead letter {records[0].id!r}"
+                if len(records) == 1
+                else f"{len(records)} dead letters (first {records[0].id!r})"
+            )
+            raise StoreUnavailable(
+                f"{what} not stored: primary unavailable ({cause}) and {exc}"
+            ) from exc
+        if len(records) == 1:
+            log.warning("dead letter %r spooled locally: %s", records[0].id, cause)
+        else:
+            log.warning(
+                "%d dead letters (first %r) spooled locally: %s",
+                len(records),
+                records[0].id,
+                cause,
+            )
 
     def drain(self, max_items: int = 500) -> int:
         """Replay up to ``max_items`` spooled records into the primary, oldest first.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +22,7 @@ import msgspec
 from sidecar.store.base import (
     PATTERN_KEYS,
     PatternKey,
+    PutResult,
     StoreUnavailable,
     apply_put,
     apply_reprocess,
@@ -310,20 +311,50 @@ class SqliteStore:
     # --- the contract
 
     def put(self, record: DeadLetterRecord) -> bool:
-        new = normalise_record(record)
+        (result,) = self.put_many([record])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def put_many(self, records: Sequence[DeadLetterRecord]) -> list[PutResult]:
+        """One ``BEGIN IMMEDIATE`` transaction, so one fsync for the whole batch; each
+        record under its own savepoint, so a record SQLite refuses is undone alone."""
+        results: list[PutResult] = []
+        normalised: list[tuple[int, DeadLetterRecord]] = []
+        for record in records:
+            try:
+                normalised.append((len(results), normalise_record(record)))
+                results.append(False)  # replaced below
+            except Exception as exc:  # a naive time, a document that is not JSON
+                results.append(exc)
+        if not normalised:
+            return results
         with self._tx("put") as conn:
+            for index, new in normalised:
+                conn.execute("SAVEPOINT put_one")
+                try:
+                    results[index] = self._put_one(conn, new)
+                except Exception as exc:
+                    if isinstance(exc, sqlite3.Error) and _is_unavailable(exc):
+                        raise  # the file, not the record: the whole batch fails
+                    conn.execute("ROLLBACK TO put_one")
+                    results[index] = exc
+                conn.execute("RELEASE put_one")
+        return results
+
+    def _put_one(self, conn: sqlite3.Connection, new: DeadLetterRecord) -> bool:
+        existing = self._load(conn, new.id)
+        if existing is not None and not same_message(existing, new):
+            # Another message holds this id: keep both (records.distinct_id).
+            new = msgspec.structs.replace(new, id=distinct_id(new))
             existing = self._load(conn, new.id)
-            if existing is not None and not same_message(existing, new):
-                # Another message holds this id: keep both (records.distinct_id).
-                new = msgspec.structs.replace(new, id=distinct_id(new))
-                existing = self._load(conn, new.id)
-            if existing is None:
-                self._write(conn, new)
-                return True
-            merged = apply_put(existing, new)
-            if merged is not None:
-                self._write(conn, merged)
-            return False
+        if existing is None:
+            self._write(conn, new)
+            return True
+        merged = apply_put(existing, new)
+        if merged is not None:
+            self._write(conn, merged)
+        return False
 
     def get(self, id: str) -> DeadLetterRecord | None:
         with self._guard("get") as conn:
