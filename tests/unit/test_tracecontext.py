@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from sidecar.core import trace
-from sidecar.core.trace import (
+from sidecar import tracecontext
+from sidecar.tracecontext import (
     MAX_TRACESTATE,
     TraceContext,
     format_traceparent,
@@ -115,8 +115,12 @@ def test_oversized_values_are_refused_before_they_are_read(
 ) -> None:
     """Linear at worst, and constant for oversized values: the length is checked before
     any decoding or matching, so a megabyte header costs what a short one costs."""
-    monkeypatch.setattr(trace, "_TRACEPARENT", _GuardedPattern(trace._TRACEPARENT, 55))
-    monkeypatch.setattr(trace, "_TRACESTATE", _GuardedPattern(trace._TRACESTATE, MAX_TRACESTATE))
+    monkeypatch.setattr(
+        tracecontext, "_TRACEPARENT", _GuardedPattern(tracecontext._TRACEPARENT, 55)
+    )
+    monkeypatch.setattr(
+        tracecontext, "_TRACESTATE", _GuardedPattern(tracecontext._TRACESTATE, MAX_TRACESTATE)
+    )
     huge = "00-" + "a" * (1 << 22)
     assert parse_traceparent(huge) is None
     assert parse_traceparent(_Tripwire(huge.encode())) is None
