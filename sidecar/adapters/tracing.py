@@ -110,10 +110,57 @@ class OtelTracer:
         )
         self.provider.add_span_processor(processor)
         self._tracer = self.provider.get_tracer("sidecar", __version__)
+        self.failures = 0  # tracing steps that raised (logged once)
 
     # --- the port ----------------------------------------------------------------------
+    # Tracing never stands in the way of a message: whatever fails here is logged once and
+    # the message goes on untraced (its ack, retry or dead letter happens all the same).
 
     def handed_out(self, message: Inbound, delivery: Delivery) -> None:
+        try:
+            self._handed_out(message, delivery)
+        except Exception:
+            self._failed("hand-out")
+
+    def settled(self, message: Inbound, *, requeue: bool) -> None:
+        try:
+            self._settled(message, requeue=requeue)
+        except Exception:
+            message.trace = None
+            self._failed("settle")
+
+    def retrying(self, message: Inbound, props: MessageProps, routing_key: str) -> MessageProps:
+        try:
+            return self._retrying(message, props, routing_key)
+        except Exception:
+            self._failed("retry")
+            return props
+
+    def retried(self, message: Inbound, error: str | None) -> None:
+        try:
+            self._retried(message, error)
+        except Exception:
+            self._failed("retry confirm")
+
+    def dead_lettering(self, message: Inbound, record: DeadLetterRecord) -> DeadLetterRecord:
+        try:
+            return self._dead_lettering(message, record)
+        except Exception:
+            self._failed("dead-letter")
+            return record
+
+    def dead_lettered(self, message: Inbound) -> None:
+        try:
+            self._dead_lettered(message)
+        except Exception:
+            self._failed("dead-letter durable")
+
+    def _failed(self, step: str) -> None:
+        self.failures += 1
+        if self.failures == 1:
+            log.exception("tracing failed at %s; the message goes on untraced", step)
+
+    def _handed_out(self, message: Inbound, delivery: Delivery) -> None:
         spans = self._spans(message)
         if spans.hand_out is not None:  # handed out again without an answer: close the old
             spans.hand_out.end()
@@ -130,7 +177,7 @@ class OtelTracer:
         spans.hand_out = hand_out
         _inject(delivery.headers, hand_out)
 
-    def settled(self, message: Inbound, *, requeue: bool) -> None:
+    def _settled(self, message: Inbound, *, requeue: bool) -> None:
         spans: _Spans | None = message.trace
         if spans is None:
             return
@@ -154,7 +201,7 @@ class OtelTracer:
         spans.receive.set_attribute("sidecar.outcome", spans.outcome)
         spans.receive.end()
 
-    def retrying(self, message: Inbound, props: MessageProps, routing_key: str) -> MessageProps:
+    def _retrying(self, message: Inbound, props: MessageProps, routing_key: str) -> MessageProps:
         spans = self._spans(message)
         failures = attempts.read_failures(props.headers)
         last = failures[-1] if failures else {}
@@ -182,7 +229,7 @@ class OtelTracer:
         _inject(headers, retry)
         return props.replace_headers(headers)
 
-    def retried(self, message: Inbound, error: str | None) -> None:
+    def _retried(self, message: Inbound, error: str | None) -> None:
         spans: _Spans | None = message.trace
         if spans is None or spans.step is None:
             return
@@ -191,7 +238,7 @@ class OtelTracer:
         spans.step.end()
         spans.step = None
 
-    def dead_lettering(self, message: Inbound, record: DeadLetterRecord) -> DeadLetterRecord:
+    def _dead_lettering(self, message: Inbound, record: DeadLetterRecord) -> DeadLetterRecord:
         spans = self._spans(message)
         self._answered(spans, record.failureReason, record.errorMessage)
         span = self._tracer.start_span(
@@ -210,7 +257,7 @@ class OtelTracer:
             record = msgspec.structs.replace(record, traceId=f"{context.trace_id:032x}")
         return record
 
-    def dead_lettered(self, message: Inbound) -> None:
+    def _dead_lettered(self, message: Inbound) -> None:
         spans: _Spans | None = message.trace
         if spans is None or spans.step is None:
             return

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from sidecar.adapters.tracing import OtelTracer
+from sidecar.adapters.tracing import MAX_ATTRIBUTE_LENGTH, OtelTracer
 from sidecar.config import load_config
 from sidecar.core.messages import Inbound, MessageProps
 from sidecar.metrics import Metrics
@@ -234,3 +234,57 @@ async def test_without_a_tracer_the_agent_sees_the_publishers_context_unchanged(
     assert engine.fail(1, delivery.id, "NETWORK_ERROR", "reset", None)
     (copy,) = broker.published
     assert copy.props.headers["traceparent"] == TRACEPARENT
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"traceparent": "00-" + "a" * 1_000_000, "tracestate": "x" * 1_000_000},
+        {"traceparent": TRACEPARENT.encode(), "tracestate": b"\xff\xfe"},
+        {"traceparent": {"nested": [TRACEPARENT]}, "tracestate": ["rojo=1"]},
+        {"traceparent": f"00-{TRACE_ID}-{'0' * 16}-01", "tracestate": "=,=,="},
+    ],
+)
+async def test_hostile_trace_headers_are_ignored_and_the_message_is_traced_anyway(
+    exporter, headers
+) -> None:
+    engine, broker, dead_letters = make_engine(exporter)
+    broker.deliver(message(1, headers, message_id="m" * 100_000))
+    with trio.fail_after(5):
+        (delivery,) = await engine.pull(1, 5, wait=1.0)
+    assert engine.fail(1, delivery.id, "VALIDATION_FAILED", "e" * 100_000, None)
+    assert broker.settled == [(1, False)]
+    spans = by_name(exporter.get_finished_spans())
+    assert set(spans) == {"receive work", "hand-out work", "dead-letter work", "ack work"}
+    receive = spans["receive work"]
+    valid_parent = isinstance(headers["traceparent"], bytes)
+    assert (receive.parent is not None) is valid_parent
+    (record,) = dead_letters.records
+    assert record.traceId == trace_of(receive)
+    for span in spans.values():  # hostile values are cut, not copied whole into spans
+        for value in (span.attributes or {}).values():
+            assert not isinstance(value, str) or len(value) <= MAX_ATTRIBUTE_LENGTH
+
+
+async def test_a_tracer_that_fails_never_stops_a_message(exporter, caplog) -> None:
+    engine, broker, dead_letters = make_engine(exporter)
+    assert isinstance(engine.tracer, OtelTracer)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("exporter exploded")
+
+    engine.tracer._tracer.start_span = broken  # type: ignore[method-assign]
+    broker.deliver(message(1, {"traceparent": TRACEPARENT}), message(2), message(3))
+    with trio.fail_after(5):
+        first, second, third = await engine.pull(1, 5, wait=1.0)
+    assert first.headers["traceparent"] == TRACEPARENT  # handed out as it came
+    engine.ack(1, [first.id])
+    assert engine.fail(1, second.id, "NETWORK_ERROR", "reset", None)
+    (copy,) = broker.published
+    copy.on_done(None)
+    assert engine.fail(1, third.id, "VALIDATION_FAILED", "bad", None)
+    assert broker.settled == [(1, False), (2, False), (3, False)]
+    (record,) = dead_letters.records
+    assert record.traceId is None
+    assert engine.tracer.failures > 0
+    assert sum("tracing failed" in r.getMessage() for r in caplog.records) == 1
