@@ -150,6 +150,13 @@ def sidecar_overrides(tmp: Path, *, batch: int, prefetch: int) -> dict[str, Any]
         },
         "http": {"listen": "127.0.0.1:0"},
         "drain": {"grace": 2.0},
+        # BENCH_TRACING_ENDPOINT=http://HOST:PORT/v1/traces measures with spans exported
+        # there (an OTLP/HTTP receiver must answer); unset, tracing stays off, the default.
+        **(
+            {"tracing": {"enabled": True, "endpoint": os.environ["BENCH_TRACING_ENDPOINT"]}}
+            if os.environ.get("BENCH_TRACING_ENDPOINT")
+            else {}
+        ),
     }
 
 

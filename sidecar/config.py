@@ -182,6 +182,18 @@ class IdentityConfig(Section):
     host: str = msgspec.field(default_factory=socket.gethostname)
 
 
+class TracingConfig(Section):
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    service_name: str = "sidecar"
+    sample_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 1.0
+    timeout: Positive = 10.0
+    # Headers sent with every export (a vendor's API key): from a mounted file, one
+    # ``name=value`` a line, so the key stays out of the config and the environment.
+    headers_file: str = ""
+    headers: dict[str, str] = {}
+
+
 class Config(Section):
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
     agent: AgentConfig = msgspec.field(default_factory=AgentConfig)
@@ -196,6 +208,7 @@ class Config(Section):
     alerts: AlertsConfig = msgspec.field(default_factory=AlertsConfig)
     drain: DrainConfig = msgspec.field(default_factory=DrainConfig)
     identity: IdentityConfig = msgspec.field(default_factory=IdentityConfig)
+    tracing: TracingConfig = msgspec.field(default_factory=TracingConfig)
 
 
 SECTION_NAMES = frozenset(f.name for f in msgspec.structs.fields(Config))
@@ -390,7 +403,44 @@ def _read_url_files(config: Config) -> Config:
     if store.url_file:
         url = read_secret_file(store.url_file, "store.url_file")
         store = msgspec.structs.replace(store, url=url)
-    return msgspec.structs.replace(config, broker=broker, store=store)
+    tracing = config.tracing
+    if tracing.headers_file:
+        headers = {**tracing.headers, **read_header_file(tracing.headers_file)}
+        tracing = msgspec.structs.replace(tracing, headers=headers)
+    return msgspec.structs.replace(config, broker=broker, store=store, tracing=tracing)
+
+
+# An HTTP header name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+
+
+def read_header_file(path: str) -> dict[str, str]:
+    """``name=value`` lines of a mounted file (blank lines and ``#`` comments skipped)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(_MAX_URL_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(
+            f"tracing.headers_file: cannot read {path!r}: {exc.strerror or exc}"
+        ) from None
+    if len(raw) > _MAX_URL_FILE_BYTES:
+        raise ConfigError(
+            f"tracing.headers_file: {path!r} is larger than {_MAX_URL_FILE_BYTES} bytes"
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"tracing.headers_file: {path!r} is not UTF-8 text") from None
+    headers: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not _HEADER_NAME.fullmatch(name.strip()):
+            raise ConfigError(f"tracing.headers_file: {path!r} line {number}: expected name=value")
+        headers[name.strip()] = value.strip()
+    return headers
 
 
 def _explain(exc: msgspec.ValidationError) -> str:
@@ -431,8 +481,21 @@ def _check(config: Config, source: str) -> None:
             "breaker.half_open_successes: expected at most breaker.half_open_probes,"
             " or the breaker never closes"
         )
+    problems += _tracing_problems(config.tracing)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _tracing_problems(tracing: TracingConfig) -> list[str]:
+    problems = []
+    if not tracing.endpoint.startswith(("http://", "https://")):
+        problems.append("tracing.endpoint: expected an http:// or https:// URL (OTLP/HTTP)")
+    for name, value in tracing.headers.items():
+        if not _HEADER_NAME.fullmatch(name) or any(c in value for c in "\r\n\0"):
+            problems.append(f"tracing.headers: {name!r} is not a valid header")
+    if not tracing.service_name.strip():
+        problems.append("tracing.service_name: expected a name")
+    return problems
 
 
 def _reason_problems(config: Config) -> list[str]:
@@ -481,6 +544,7 @@ _SECTION_NOTES: dict[str, str] = {
     "alerts": "Alert rules and an optional webhook.",
     "drain": "Graceful shutdown on SIGTERM.",
     "identity": "How this sidecar names itself in records, metrics and alerts.",
+    "tracing": "OpenTelemetry spans per message, exported over OTLP/HTTP (off by default).",
 }
 
 _KEY_NOTES: dict[str, str] = {
@@ -557,6 +621,12 @@ _KEY_NOTES: dict[str, str] = {
     "alerts.webhook": 'URL that receives alerts as JSON ("" = log only)',
     "drain.grace": "seconds in-flight work gets on SIGTERM before it is requeued",
     "identity.host": "defaults to this machine's hostname",
+    "tracing.enabled": "export spans (needs the otel extra: pip install 'sidecar[otel]')",
+    "tracing.endpoint": "OTLP/HTTP traces URL of the collector",
+    "tracing.service_name": "service.name of the spans",
+    "tracing.sample_ratio": "share of new traces sampled (0..1); a publisher's choice wins",
+    "tracing.timeout": "seconds an export may take",
+    "tracing.headers_file": "file of name=value lines sent as export headers (an API key)",
 }
 
 _REASON_EXAMPLE = """\

@@ -8,6 +8,8 @@ crashed ``run`` would crash-loop).
 
 from __future__ import annotations
 
+import importlib
+
 from yarl import URL
 
 from sidecar.config import Config, ConfigError
@@ -41,5 +43,14 @@ def check_buildable(config: Config, source: str = "configuration") -> None:
             f"broker.url {redact_url(config.broker.url)!r} is not a valid URL ({exc}); "
             "percent-encode / ? # @ : % in the user name or password"
         )
+    if config.tracing.enabled:
+        try:
+            importlib.import_module("opentelemetry.sdk.trace")
+            importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
+        except ImportError as exc:
+            problems.append(
+                f"tracing.enabled: the OpenTelemetry packages are not installed ({exc}); "
+                "install the otel extra (pip install 'sidecar[otel]') or set enabled = false"
+            )
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))

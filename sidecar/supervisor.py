@@ -19,6 +19,7 @@ from sidecar.adapters.broker import Broker
 from sidecar.adapters.http import HttpProviders, serve_http
 from sidecar.adapters.sysmon import SystemMonitor
 from sidecar.config import Config, parse_host_port, redact_url
+from sidecar.core.port import Tracer
 from sidecar.dlq_browser import DlqBrowser
 from sidecar.metrics import Metrics
 from sidecar.policies import ledger_from
@@ -34,11 +35,23 @@ from sidecar.store.spool import SpoolingStore
 log = logging.getLogger("sidecar")
 
 
+def _tracer_from(config: Config) -> Tracer | None:
+    """The OTLP tracer when ``[tracing]`` enables it; OpenTelemetry is imported only then."""
+    if not config.tracing.enabled:
+        return None
+    from sidecar.adapters.tracing import otlp_tracer
+
+    log.info("tracing: spans exported to %s", redact_url(config.tracing.endpoint))
+    return otlp_tracer(config.tracing, config.identity.host)
+
+
 class Sidecar:
     """Everything one daemon holds; ``run`` starts it and returns after a drain."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, tracer: Tracer | None = None) -> None:
+        """``tracer`` replaces the one ``[tracing]`` describes (tests use an in-memory one)."""
         self.config = config
+        self.tracer = tracer if tracer is not None else _tracer_from(config)
         self.metrics = Metrics()
         self.codec = p.Codec()
         self.store = SpoolingStore(open_store(config.store.url), Path(config.store.spool))
@@ -62,7 +75,12 @@ class Sidecar:
             config, random=random.Random().random, meter=MetricsMeter(self.metrics)
         )
         self.engine = Engine(
-            ledger, self.broker, self.dlq, self.metrics, on_timeout=self._notify_timeout
+            ledger,
+            self.broker,
+            self.dlq,
+            self.metrics,
+            on_timeout=self._notify_timeout,
+            tracer=self.tracer,
         )
         self.gate = PublishGate(
             config, clock=trio.current_time, blocked=lambda: self.broker.publish_blocked
@@ -205,6 +223,9 @@ class Sidecar:
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.store.close)
+                if self.tracer is not None:
+                    # Exports what is still queued, bounded by the export timeout.
+                    await trio.to_thread.run_sync(self.tracer.close)
         log.info("sidecar stopped: %s", self.engine.counts)
 
     def stop(self) -> None:

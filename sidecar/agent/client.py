@@ -19,6 +19,10 @@ proto/PROTOCOL.md describes the protocol for any language (see proto/node/agent.
 
     run_agent(main)  # Ctrl-C closes the connection cleanly (1000) and exits quietly
 
+Trace context: a message published while a handler runs under ``run`` continues the trace
+of the message being handled (its W3C ``traceparent`` header is carried over); elsewhere
+pass the delivery, ``publish(body, queue=..., trace=message)``.
+
 Errors the sidecar answers with are raised as ``SidecarError`` subclasses at the call that
 caused them: ``fail`` with a reason the sidecar does not accept and ``ack``/``fail``/
 ``extend`` of an id the agent does not hold are caught before anything is sent; a refused
@@ -36,6 +40,7 @@ import os
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
+from contextvars import ContextVar
 from typing import Any
 
 import trio
@@ -43,6 +48,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 
 from sidecar import protocol as p
 from sidecar.agent.prefetch import Prefetch
+from sidecar.tracecontext import TRACEPARENT, TRACESTATE, trace_context
 
 log = logging.getLogger("sidecar.client")
 
@@ -155,6 +161,35 @@ def reason_for(
 
 Handler = Callable[[p.Delivery], Awaitable[Any] | Any]
 
+# --- trace context -----------------------------------------------------------------------
+
+# The delivery whose handler is running (set by ``run``/``run_batches``), so what it
+# publishes continues that delivery's trace without the handler passing it along.
+_handling: ContextVar[p.Delivery | None] = ContextVar("sidecar_handling", default=None)
+
+
+def with_trace(fields: dict[str, Any], trace: p.Delivery | None) -> dict[str, Any]:
+    """Publish ``fields`` carrying ``trace``'s W3C trace context (``traceparent`` and
+    ``tracestate`` headers), unless the agent set a ``traceparent`` itself or the delivery
+    carried no valid one."""
+    if trace is None:
+        return fields
+    headers = fields.get("headers") or {}
+    if TRACEPARENT in headers:
+        return fields
+    context = trace_context(trace.headers)
+    if context is None:
+        return fields
+    carried = {**headers, TRACEPARENT: context.traceparent}
+    if context.state is not None:
+        carried[TRACESTATE] = context.state
+    return {**fields, "headers": carried}
+
+
+def traced_fields(fields: dict[str, Any], trace: p.Delivery | None) -> dict[str, Any]:
+    """``with_trace`` for a publish: the delivery given, else the one being handled."""
+    return with_trace(fields, trace if trace is not None else _handling.get())
+
 
 class Message:
     """One delivery handed out by ``messages()``, with the calls that answer it. The
@@ -176,6 +211,10 @@ class Message:
 
     async def extend(self, seconds: float) -> None:
         await self._calls.extend([self.delivery.id], seconds)
+
+    async def publish(self, body: bytes, *, queue: str | None = None, **fields: Any) -> p.Published:
+        """``publish`` continuing this message's trace (its ``traceparent``)."""
+        return await self._calls.publish(body, queue=queue, trace=self.delivery, **fields)
 
     @property
     def id(self) -> int:
@@ -299,6 +338,9 @@ class AgentCalls:
         raise NotImplementedError
 
     def _now(self) -> float:
+        raise NotImplementedError
+
+    async def publish(self, body: bytes, *, queue: str | None = None, **fields: Any) -> p.Published:
         raise NotImplementedError
 
     def _wake_keeper(self) -> None:
@@ -445,6 +487,7 @@ class AgentCalls:
         message: Message,
         mapping: Iterable[tuple[type[BaseException], str]],
     ) -> None:
+        handling = _handling.set(message.delivery)
         try:
             result = handler(message.delivery)
             if inspect.isawaitable(result):
@@ -457,6 +500,8 @@ class AgentCalls:
                 log.warning("handler raised unknown reason %r; failing as PROCESSING_ERROR", reason)
                 await message.fail("PROCESSING_ERROR", error, retry_after)
             return
+        finally:
+            _handling.reset(handling)
         await message.ack()
 
     async def run_batches(
@@ -587,10 +632,17 @@ class AgentClient(AgentCalls):
             await self._keep()
 
     async def publish_once(
-        self, body: bytes, *, queue: str | None = None, **fields: Any
+        self,
+        body: bytes,
+        *,
+        queue: str | None = None,
+        trace: p.Delivery | None = None,
+        **fields: Any,
     ) -> p.Published:
-        """One publish frame and its answer, throttled or not."""
+        """One publish frame and its answer, throttled or not. The message continues the
+        trace of ``trace`` (a delivery), or of the delivery whose handler is running."""
         ref = next(self._refs)
+        fields = traced_fields(fields, trace)
         send, recv = trio.open_memory_channel[p.Published | SidecarError](1)
         self._published[ref] = send
         await self.send(p.Publish(ref=ref, body=body, queue=queue, **fields))

@@ -45,6 +45,7 @@ from sidecar.agent.client import (
     HandshakeRefused,
     SidecarClosed,
     error_for,
+    traced_fields,
 )
 
 
@@ -197,10 +198,17 @@ class AsyncioAgent(AgentCalls):
             await self._keep()
 
     async def publish_once(
-        self, body: bytes, *, queue: str | None = None, **fields: Any
+        self,
+        body: bytes,
+        *,
+        queue: str | None = None,
+        trace: p.Delivery | None = None,
+        **fields: Any,
     ) -> p.Published:
-        """One publish frame and its answer, throttled or not."""
+        """One publish frame and its answer, throttled or not; continues ``trace``'s trace
+        (or that of the delivery being handled), as ``sidecar.client`` does."""
         ref = next(self._refs)
+        fields = traced_fields(fields, trace)
         future: asyncio.Future[p.Published] = asyncio.get_running_loop().create_future()
         self._published[ref] = future
         try:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from sidecar import attempts
+from sidecar import attempts, tracecontext
 from sidecar.core.messages import Inbound, Inbox, MessageProps, headers_json_safe
 from sidecar.core.port import UNENCODABLE
 from sidecar.policy.breaker import NOT_A_PROBE, BreakerState, CircuitBreaker, KeyedBreakers
@@ -743,6 +743,7 @@ class Ledger:
             ),
             deadLetteredAt=wall,
             failures=self._failures(message, attempt, reason, error, wall, agent_version),
+            traceId=tracecontext.trace_id(message.props.headers),
         )
         self.counts["dead_lettered"] += 1
         self.meter.dead_lettered(message.queue, reason, attempt)

@@ -64,6 +64,9 @@ class Inbound:
     routing_key: str
     exchange: str
     redelivered: bool
+    # What the tracer (when enabled) keeps of this message's spans until it is settled; it
+    # lives and dies with the message, so nothing needs cleaning when a message is dropped.
+    trace: Any = None
 
 
 class Inbox:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from sidecar.core.messages import Inbox, MessageProps
+from sidecar.core.messages import Inbound, Inbox, MessageProps
+from sidecar.protocol import Delivery
 from sidecar.store.records import DeadLetterRecord
 
 PublishCallback = Callable[[str | None], None]
@@ -112,4 +113,43 @@ class QueueWatch(Protocol):
 
     def wake(self) -> None:
         """Wake whoever waits for deliveries: what they may take has changed."""
+        ...
+
+
+class Tracer(Protocol):
+    """Spans for what happens to a message, parented on the trace context it carried.
+
+    The engine calls these only when tracing is enabled (its tracer is None otherwise, so
+    the hot path pays nothing). Each call is told what the engine is about to do or has
+    just done; a span the tracer opens for a message is kept on ``Inbound.trace``."""
+
+    def handed_out(self, message: Inbound, delivery: Delivery) -> None:
+        """``delivery`` goes to an agent: open receive and hand-out spans, and put the
+        hand-out span's context in the delivery's headers."""
+        ...
+
+    def settled(self, message: Inbound, *, requeue: bool) -> None:
+        """The message is acked (or requeued): close its spans."""
+        ...
+
+    def retrying(self, message: Inbound, props: MessageProps, routing_key: str) -> MessageProps:
+        """A retry copy goes to ``routing_key``: open a retry span and return the copy's
+        properties carrying its context."""
+        ...
+
+    def retried(self, message: Inbound, error: str | None) -> None:
+        """The retry copy was confirmed (``error`` None) or refused."""
+        ...
+
+    def dead_lettering(self, message: Inbound, record: DeadLetterRecord) -> DeadLetterRecord:
+        """``record`` is about to be written: open a dead-letter span; the record returned
+        carries the trace id when the message had none of its own."""
+        ...
+
+    def dead_lettered(self, message: Inbound) -> None:
+        """The record is durable."""
+        ...
+
+    def close(self) -> None:
+        """Export what is pending; called once at shutdown (may block briefly)."""
         ...

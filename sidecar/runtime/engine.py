@@ -29,7 +29,7 @@ from sidecar.core.ledger import (
     WriteDeadLetter,
 )
 from sidecar.core.messages import Inbound
-from sidecar.core.port import UNENCODABLE, BrokerPort, DeadLetterSink
+from sidecar.core.port import UNENCODABLE, BrokerPort, DeadLetterSink, Tracer
 from sidecar.metrics import BREAKER_STATES, Metrics, set_state
 from sidecar.policy.breaker import BreakerState, CircuitBreaker, KeyedBreakers
 from sidecar.policy.failure import ReasonBook
@@ -132,15 +132,18 @@ class Engine:
         clock: Clock = trio.current_time,
         wall_clock: WallClock = _utc_now,
         on_timeout: TimeoutNotice | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         """``ledger`` is built once from the configuration (``policies.ledger_from``), with
-        a ``MetricsMeter`` on the same ``metrics`` to count what it decides."""
+        a ``MetricsMeter`` on the same ``metrics`` to count what it decides. ``tracer`` is
+        None while tracing is off: then no span work is done per message."""
         self.ledger = ledger
         self.broker = broker
         self.dlq = dlq
         self.metrics = metrics
         self.clock = clock
         self.wall_clock = wall_clock
+        self.tracer = tracer
         self._deadline_changed = trio.Event()
         self._settled = trio.Event()
         self._breaker_changed = trio.Event()
@@ -223,6 +226,8 @@ class Engine:
             self._deadline_changed.set()
 
     def _settle(self, message: Inbound, *, requeue: bool = False) -> None:
+        if self.tracer is not None:
+            self.tracer.settled(message, requeue=requeue)
         if not self.broker.settle(message.generation, message.tag, requeue=requeue):
             self.ledger.settle_refused()
 
@@ -234,13 +239,19 @@ class Engine:
         def confirmed(error: str | None) -> None:
             if error is not None and not error.startswith(UNENCODABLE):
                 log.warning("retry publish for %s failed: %s; requeued", message.queue, error)
+            if self.tracer is not None:
+                self.tracer.retried(message, error)
             self._run(self.ledger.confirmed(message, error, at=self._moment()))
 
+        routing_key = self.broker.tier_for(message.queue, command.tier)
+        props = command.props
+        if self.tracer is not None:
+            props = self.tracer.retrying(message, props, routing_key)
         self.broker.publish_nowait(
             message.body,
             exchange="",
-            routing_key=self.broker.tier_for(message.queue, command.tier),
-            props=command.props,
+            routing_key=routing_key,
+            props=props,
             on_done=confirmed,
         )
 
@@ -252,8 +263,17 @@ class Engine:
                 message.queue,
                 record.errorMessage[:200],
             )
+        tracer = self.tracer
+        if tracer is not None:
+            record = tracer.dead_lettering(message, record)
+
+        def durable() -> None:
+            if tracer is not None:
+                tracer.dead_lettered(message)
+            self._run(self.ledger.durable(message))
+
         # The ack happens only after the record is durable (store or local spool).
-        self.dlq.submit(record, on_durable=lambda: self._run(self.ledger.durable(message)))
+        self.dlq.submit(record, on_durable=durable)
 
     # --- the agent's view ------------------------------------------------------------------
 
@@ -289,7 +309,16 @@ class Engine:
         if repaired := amqp_decode.take_repairs():
             self.ledger.headers_repaired(repaired)
         self._run(pulled.commands)
+        if self.tracer is not None:
+            self._trace_hand_out(self.tracer, pulled.deliveries)
         return pulled.deliveries
+
+    def _trace_hand_out(self, tracer: Tracer, deliveries: list[Delivery]) -> None:
+        in_flight = self.ledger.in_flight
+        for delivery in deliveries:
+            held = in_flight.get(delivery.id)
+            if held is not None:
+                tracer.handed_out(held.message, delivery)
 
     def owned_by(self, session: int, delivery_id: int) -> bool:
         return self.ledger.owned_by(session, delivery_id)

@@ -62,6 +62,9 @@ class DeadLetterRecord(msgspec.Struct, kw_only=True):
     # Each charged failure on the way here (attempt, reason, error, at, host, agentVersion),
     # oldest first and bounded (see sidecar.attempts); ``history`` is the reprocess log.
     failures: list[dict[str, Any]] = []
+    # The W3C trace id (32 lower-case hex) of the message's ``traceparent``, so a dead letter
+    # can be found from its trace; None when the message carried none (and in older records).
+    traceId: str | None = None
 
 
 class RecordFilter(msgspec.Struct, kw_only=True):

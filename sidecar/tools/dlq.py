@@ -59,6 +59,7 @@ def _summary(record: DeadLetterRecord) -> dict[str, Any]:
         "lastFailureAt": iso(record.lastFailureAt),
         "processingHost": record.processingHost,
         "reprocessed": record.reprocessed,
+        "traceId": record.traceId,
     }
 
 

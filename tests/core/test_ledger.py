@@ -360,3 +360,61 @@ def test_parking_jitter_only_shortens_the_wait(draw: float):
         expected = round(park.tier * (1 - 0.2 * draw) * 1000)
         assert park.props.expiration == str(expected)
         assert int(park.props.expiration) <= park.tier * 1000
+
+
+# --- trace context -----------------------------------------------------------------------
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_the_trace_context_reaches_the_agent_the_retry_and_the_dead_letter():
+    ledger = make_ledger()
+    ledger.open_session(1, "a", "1.0", None)
+    traced = message(1, {"traceparent": TRACEPARENT, "tracestate": "congo=t61rcWkgMzE"})
+    (delivery,) = ledger.pull(1, 1, inbox_of(traced), at=at(0.0)).deliveries
+    # Handed out: the agent sees the publisher's context among the headers.
+    assert delivery.headers["traceparent"] == TRACEPARENT
+    assert delivery.headers["tracestate"] == "congo=t61rcWkgMzE"
+    (retry,) = ledger.fail(1, delivery.id, "NETWORK_ERROR", "reset", None, at=at(1.0)) or []
+    assert isinstance(retry, Republish)
+    # The retry copy keeps the context untouched (the driver's tracer may re-parent it).
+    assert retry.props.headers["traceparent"] == TRACEPARENT
+    assert retry.props.headers["tracestate"] == "congo=t61rcWkgMzE"
+    # The copy comes back from its tier and fails for good: the record keeps the trace id.
+    again = message(2, retry.props.headers)
+    (delivery,) = ledger.pull(1, 1, inbox_of(again), at=at(2.0)).deliveries
+    (write,) = ledger.fail(1, delivery.id, "VALIDATION_FAILED", "bad", None, at=at(3.0)) or []
+    assert isinstance(write, WriteDeadLetter)
+    assert write.record.traceId == TRACE_ID
+    assert write.record.headers["traceparent"] == TRACEPARENT
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"traceparent": "00-00000000000000000000000000000000-00f067aa0ba902b7-01"},
+        {"traceparent": TRACEPARENT.upper()},
+        {"traceparent": TRACEPARENT + "x" * 100_000},
+        {"traceparent": 42},
+        {"traceparent": {"nested": TRACEPARENT}},
+    ],
+)
+def test_a_missing_or_invalid_traceparent_leaves_the_record_without_a_trace_id(headers):
+    ledger = make_ledger()
+    ledger.open_session(1, "a", "1.0", None)
+    (delivery,) = ledger.pull(1, 1, inbox_of(message(1, headers)), at=at(0.0)).deliveries
+    (write,) = ledger.fail(1, delivery.id, "VALIDATION_FAILED", "bad", None, at=at(1.0)) or []
+    assert isinstance(write, WriteDeadLetter)
+    assert write.record.traceId is None
+
+
+def test_a_traceparent_in_bytes_is_read_for_the_record():
+    ledger = make_ledger()
+    ledger.open_session(1, "a", "1.0", None)
+    traced = message(1, {"traceparent": TRACEPARENT.encode()})
+    (delivery,) = ledger.pull(1, 1, inbox_of(traced), at=at(0.0)).deliveries
+    (write,) = ledger.fail(1, delivery.id, "VALIDATION_FAILED", "bad", None, at=at(1.0)) or []
+    assert isinstance(write, WriteDeadLetter)
+    assert write.record.traceId == TRACE_ID

@@ -44,9 +44,10 @@ def make_config(tmp_path: Path, queues: list[str], **sections: dict[str, Any]) -
 
 
 @asynccontextmanager
-async def running_sidecar(config: Config) -> AsyncIterator[Sidecar]:
-    """A sidecar serving until the block exits, then drained and stopped."""
-    sidecar = Sidecar(config)
+async def running_sidecar(config: Config, **options: Any) -> AsyncIterator[Sidecar]:
+    """A sidecar serving until the block exits, then drained and stopped; ``options`` go
+    to ``Sidecar`` (a tracer, for instance)."""
+    sidecar = Sidecar(config, **options)
     async with trio.open_nursery() as nursery:
         await nursery.start(sidecar.run)
         with trio.fail_after(20):

@@ -586,3 +586,58 @@ def test_failure_history_round_trips_and_follows_the_latest_failure(
     store.put(make_record("hist", failures=first, lastFailureAt=at(5), deadLetteredAt=at(5)))
     assert store.get("hist").failures == journey
     assert store.get("other") is None and make_record("other").failures == []
+
+
+# --- the trace id
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def _forget_trace_id(store: DeadLetterStore, id: str) -> None:
+    """Rewrite a stored record as a sidecar without trace ids wrote it: no ``traceId`` key
+    in its document at all (not even null)."""
+    if store.name == "sqlite":
+        with store._tx("test") as conn:  # type: ignore[attr-defined]
+            (doc,) = conn.execute("SELECT doc FROM dead_letter WHERE id = ?", (id,)).fetchone()
+            older = msgspec.json.decode(doc)
+            del older["traceId"]
+            conn.execute(
+                "UPDATE dead_letter SET doc = ? WHERE id = ?", (msgspec.json.encode(older), id)
+            )
+    elif store.name == "postgresql":
+        with store._tx("test") as cur:  # type: ignore[attr-defined]
+            cur.execute(
+                "UPDATE dead_letter SET doc = doc - 'traceId', doc_exact = NULL WHERE id = %s",
+                (id,),
+            )
+            assert cur.rowcount == 1
+    else:
+        result = store._records.update_one(  # type: ignore[attr-defined]
+            {"_id": id}, {"$unset": {"traceId": ""}}
+        )
+        assert result.modified_count == 1
+
+
+def test_trace_id_round_trips_and_defaults_to_none(store: DeadLetterStore) -> None:
+    store.put(make_record("traced", traceId=TRACE_ID))
+    store.put(make_record("untraced"))
+    traced, untraced = store.get("traced"), store.get("untraced")
+    assert traced is not None and traced.traceId == TRACE_ID
+    assert untraced is not None and untraced.traceId is None
+    assert {r.id: r.traceId for r in store.find()} == {"traced": TRACE_ID, "untraced": None}
+
+
+def test_records_written_before_trace_ids_still_read(store: DeadLetterStore) -> None:
+    record = make_record("older", traceId=TRACE_ID)
+    store.put(record)
+    _forget_trace_id(store, "older")
+    got = store.get("older")
+    assert got == normalise_record(msgspec.structs.replace(record, traceId=None))
+    assert [r.id for r in store.find(RecordFilter(queue=record.originalQueue))] == ["older"]
+    # And a later failure of the same message still merges into them (not a new record).
+    later = msgspec.structs.replace(record, lastFailureAt=at(9), attemptCount=5)
+    assert store.put(later) is False
+    merged = store.get("older")
+    assert merged is not None and merged.attemptCount == 5
+    assert store.count() == 1

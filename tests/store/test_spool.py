@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from sidecar.store.base import DeadLetterStore, StoreUnavailable
@@ -328,3 +329,28 @@ def test_spool_in_front_of_an_unreachable_mongodb(tmp_path: Path) -> None:
         assert spool.spooled() == 1
     finally:
         spool.close()
+
+
+def test_the_trace_id_survives_the_spool_and_older_spooled_records_drain(
+    spool: SpoolingStore, primary: FlakyPrimary
+) -> None:
+    """A record spooled while the store was down keeps its trace id; one spooled by a
+    sidecar from before trace ids (no ``traceId`` key) drains with None."""
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    primary.down = True
+    spool.put(make_record("traced", traceId=trace_id))
+    spool.put(make_record("older", traceId=trace_id))
+    conn = sqlite3.connect(spool.spool_path)
+    try:
+        (doc,) = conn.execute("SELECT doc FROM spool WHERE id = 'older'").fetchone()
+        older = msgspec.json.decode(doc)
+        del older["traceId"]
+        conn.execute("UPDATE spool SET doc = ? WHERE id = 'older'", (msgspec.json.encode(older),))
+        conn.commit()
+    finally:
+        conn.close()
+    primary.down = False
+    assert spool.drain() == 2
+    traced, untraced = spool.get("traced"), spool.get("older")
+    assert traced is not None and traced.traceId == trace_id
+    assert untraced is not None and untraced.traceId is None
