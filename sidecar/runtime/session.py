@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sidecar import limits
 from sidecar import protocol as p
+from sidecar.adapters.agent_socket import send_messages
 from sidecar.config import AgentConfig, ThrottleConfig
 from sidecar.core.messages import MessageProps
 from sidecar.core.port import BrokerPort
@@ -36,6 +37,9 @@ log = logging.getLogger("sidecar.session")
 HANDSHAKE_TIMEOUT = 10.0
 MAX_UNKNOWN_IDS = 10000  # ids named in one unknown_delivery error
 OUTBOX_LIMIT = 4096  # frames queued for an agent that is not reading: then we drop it
+# Encoded bytes the writer gathers for one write to the socket: what is queued at a wake-up
+# goes out together, but a burst of large batches is not copied into one huge buffer.
+WRITE_BURST_BYTES = 256 * 1024
 _QUEUE_NAME = re.compile(r"^(?!amq\.)[^\x00-\x1f]{1,255}$")
 # retry_after of a throttled publish: never 0 (an agent obeying it exactly must not spin),
 # never so long that an idle queue is left waiting.
@@ -134,19 +138,39 @@ class Session:
         self.send(error.to_frame(fatal=fatal))
 
     async def _writer(self) -> None:
+        """Send what the outbox holds: everything queued by the time this task wakes (a
+        batch, the ``published`` answers of one read of confirms, errors) goes out in one
+        write, in order, each frame still its own WebSocket message."""
+        receive_nowait = self._out_recv.receive_nowait
         try:
             async with self._out_recv:
                 async for frame in self._out_recv:
-                    try:
-                        data = self.codec.encode(frame, binary=self.binary)
-                    except (TypeError, ValueError, OverflowError) as exc:
-                        # One frame that cannot be encoded must not end the session.
-                        log.error("agent session %d: frame not sent: %s", self.id, exc)
-                        self.metrics.protocol_errors.labels("unencodable").inc()
-                        continue
-                    await self.ws.send_message(data)
+                    burst: list[bytes | str] = []
+                    size = 0
+                    while True:
+                        data = self._encode(frame)
+                        if data is not None:
+                            burst.append(data)
+                            size += len(data)
+                        if size >= WRITE_BURST_BYTES:
+                            break
+                        try:
+                            frame = receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    if burst:
+                        await send_messages(self.ws, burst)
         except ConnectionClosed:
             pass
+
+    def _encode(self, frame: p.Frame) -> bytes | str | None:
+        try:
+            return self.codec.encode(frame, binary=self.binary)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # One frame that cannot be encoded must not end the session.
+            log.error("agent session %d: frame not sent: %s", self.id, exc)
+            self.metrics.protocol_errors.labels("unencodable").inc()
+            return None
 
     # --- serving -----------------------------------------------------------------------
 
@@ -179,8 +203,8 @@ class Session:
 
     async def _flush_and_close(self) -> None:
         self._out_send.close()
-        async for frame in self._out_recv:
-            await self.ws.send_message(self.codec.encode(frame, binary=self.binary))
+        refusals = [self.codec.encode(frame, binary=self.binary) async for frame in self._out_recv]
+        await send_messages(self.ws, refusals)
         await self.ws.aclose(code=1008, reason="handshake refused")
 
     async def _handshake(self) -> bool:
