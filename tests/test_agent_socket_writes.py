@@ -19,7 +19,12 @@ from sidecar.config import load_config
 from sidecar.metrics import Metrics
 from sidecar.policy.failure import DEFAULT_REASONS
 from sidecar.runtime.backpressure import PublishGate
-from sidecar.runtime.session import OUTBOX_LIMIT, WRITE_BURST_BYTES, Session
+from sidecar.runtime.session import (
+    MAX_CHECKED_QUEUES,
+    OUTBOX_LIMIT,
+    WRITE_BURST_BYTES,
+    Session,
+)
 
 CODEC = p.Codec()
 
@@ -235,3 +240,40 @@ async def test_a_reader_that_stops_reading_is_dropped_with_a_bounded_outbox():
     # Held at most: the full outbox, one burst taken out of it, and what the client buffered
     # before it stopped reading (its one-message queue and a partial read).
     assert accepted <= 2 * OUTBOX_LIMIT + 1024
+
+
+async def test_publish_checks_remember_good_queue_names_within_a_bound_and_never_bad_ones():
+    session = make_session(None)
+    broker: ConfirmingLater = session.engine.broker  # type: ignore[assignment]
+    errors: list[str] = []
+    for _ in range(3):
+        session.dispatch(CODEC.encode(p.Publish(ref=1, body=b"x", queue="amq.bad"), binary=True))
+    for i in range(MAX_CHECKED_QUEUES + 10):
+        session.dispatch(CODEC.encode(p.Publish(ref=2, body=b"x", queue=f"q{i}"), binary=True))
+    while True:
+        try:
+            frame = session._out_recv.receive_nowait()
+        except trio.WouldBlock:
+            break
+        if isinstance(frame, p.Error):
+            errors.append(frame.code)
+    assert errors == ["invalid_publish"] * 3
+    assert len(broker.pending) == MAX_CHECKED_QUEUES + 10
+    assert len(session._checked_queues) <= MAX_CHECKED_QUEUES
+
+
+async def test_long_names_are_measured_in_bytes():
+    session = make_session(None)
+    # 64 characters of 4 bytes each: 256 bytes, one over the AMQP limit.
+    wide = "\U0001f600" * 64
+    session.dispatch(
+        CODEC.encode(p.Publish(ref=1, body=b"x", exchange="ex", routing_key=wide), binary=True)
+    )
+    narrow = "k" * 255
+    session.dispatch(
+        CODEC.encode(p.Publish(ref=2, body=b"x", exchange="ex", routing_key=narrow), binary=True)
+    )
+    error = session._out_recv.receive_nowait()
+    assert isinstance(error, p.Error) and error.ref == 1 and "255 bytes" in error.message
+    broker: ConfirmingLater = session.engine.broker  # type: ignore[assignment]
+    assert len(broker.pending) == 1

@@ -48,6 +48,7 @@ MAX_RETRY_AFTER = 60.0
 PUMP_RECHECK = 1.0  # held targets are re-checked at least this often (rates follow depth)
 DISCONNECTED_RECHECK = 0.2
 MAX_SLOT_TARGETS = 256  # targets whose next throttled slot is remembered
+MAX_CHECKED_QUEUES = 1024  # publish queue names remembered as valid, not matched again
 
 
 @dataclass(slots=True)
@@ -112,6 +113,9 @@ class Session:
         self._due: list[tuple[float, int, str]] = []
         self._due_seq = itertools.count()
         self._pump_wake = trio.Event()
+        self._checked_queues: set[str] = set()
+        self._published_ok = metrics.published.labels("ok")
+        self._published_error = metrics.published.labels("error")
 
     # --- sending -----------------------------------------------------------------------
 
@@ -411,16 +415,22 @@ class Session:
     def _send_publish(self, item: _Queued) -> None:
         frame = item.frame
         props = MessageProps(
-            headers=dict(frame.headers),
+            # The decoded frame is ours alone and not used after this: no copy needed.
+            headers=frame.headers,
             message_id=frame.message_id,
             content_type=frame.content_type,
             priority=frame.priority,
             delivery_mode=2 if frame.persistent else 1,
         )
+        ref = frame.ref
 
         def on_done(error: str | None) -> None:
-            self.metrics.published.labels("ok" if error is None else "error").inc()
-            self.send(p.Published(ref=frame.ref, ok=error is None, error=error))
+            if error is None:
+                self._published_ok.inc()
+                self.send(p.Published(ref=ref, ok=True))
+            else:
+                self._published_error.inc()
+                self.send(p.Published(ref=ref, ok=False, error=error))
 
         self.broker.publish_nowait(
             frame.body,
@@ -472,12 +482,24 @@ class Session:
         a = self.agent_settings
         if len(frame.body) > a.max_body_bytes:
             return f"body of {len(frame.body)} bytes exceeds max_body_bytes {a.max_body_bytes}"
-        if frame.queue is not None and not _QUEUE_NAME.match(frame.queue):
-            return f"invalid queue name {frame.queue!r}"
-        if frame.queue is None and not frame.exchange and not frame.routing_key:
+        queue = frame.queue
+        if queue is not None and queue not in self._checked_queues:
+            if not _QUEUE_NAME.match(queue):
+                return f"invalid queue name {queue!r}"
+            if len(self._checked_queues) >= MAX_CHECKED_QUEUES:
+                self._checked_queues.clear()
+            self._checked_queues.add(queue)
+        if queue is None and not frame.exchange and not frame.routing_key:
             return "give queue, or exchange and routing_key"
-        if len(frame.routing_key.encode()) > 255 or len(frame.exchange.encode()) > 255:
+        # Up to 63 characters are at most 252 bytes of UTF-8: only longer names are encoded.
+        if (len(frame.routing_key) > 63 and len(frame.routing_key.encode()) > 255) or (
+            len(frame.exchange) > 63 and len(frame.exchange.encode()) > 255
+        ):
             return "exchange and routing_key are at most 255 bytes"
+        if frame.priority is not None and not 0 <= frame.priority <= 255:
+            return "priority must be 0..255"
+        if not frame.headers:
+            return None
         if len(frame.headers) > a.max_headers:
             return f"{len(frame.headers)} headers exceed max_headers {a.max_headers}"
         # Checked first, iteratively: the size check below encodes, which recurses.
@@ -485,8 +507,6 @@ class Session:
             return problem
         if len(msgspec.msgpack.encode(frame.headers)) > a.max_header_bytes:
             return f"headers exceed max_header_bytes {a.max_header_bytes}"
-        if frame.priority is not None and not 0 <= frame.priority <= 255:
-            return "priority must be 0..255"
         return None
 
     def _on_heartbeat(self, frame: p.Heartbeat) -> None:
