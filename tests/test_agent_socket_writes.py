@@ -277,3 +277,23 @@ async def test_long_names_are_measured_in_bytes():
     assert isinstance(error, p.Error) and error.ref == 1 and "255 bytes" in error.message
     broker: ConfirmingLater = session.engine.broker  # type: ignore[assignment]
     assert len(broker.pending) == 1
+
+
+async def test_a_frame_queued_by_another_task_in_the_same_turn_joins_the_burst():
+    with trio.fail_after(10):
+        async with connected() as (server, client, counted):
+            session = make_session(server)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session._writer)
+                await trio.testing.wait_all_tasks_blocked()
+                for round_ in range(20):
+                    session.send(p.Heartbeat(ts=float(2 * round_)))  # wakes the writer
+                    await trio.lowlevel.checkpoint()  # runs alongside the woken writer
+                    session.send(p.Heartbeat(ts=float(2 * round_ + 1)))
+                    got = await receive(client, 2)
+                    assert [f.ts for f in got if isinstance(f, p.Heartbeat)] == [
+                        float(2 * round_),
+                        float(2 * round_ + 1),
+                    ]
+                nursery.cancel_scope.cancel()
+    assert len(counted.writes) == 20

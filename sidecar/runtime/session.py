@@ -149,6 +149,9 @@ class Session:
         try:
             async with self._out_recv:
                 async for frame in self._out_recv:
+                    # One turn for the tasks already runnable (the broker's reader with
+                    # more confirms, say) to add to this burst before it is written.
+                    await trio.lowlevel.checkpoint()
                     burst: list[bytes | str] = []
                     size = 0
                     while True:
