@@ -15,6 +15,7 @@ from trio_websocket import WebSocketConnection, wrap_client_stream, wrap_server_
 
 from sidecar import protocol as p
 from sidecar.adapters.agent_socket import coalesces_writes, send_messages
+from sidecar.agent.client import AgentClient, PublishRefused, SidecarClosed
 from sidecar.config import load_config
 from sidecar.metrics import Metrics
 from sidecar.policy.failure import DEFAULT_REASONS
@@ -297,3 +298,48 @@ async def test_a_frame_queued_by_another_task_in_the_same_turn_joins_the_burst()
                     ]
                 nursery.cancel_scope.cancel()
     assert len(counted.writes) == 20
+
+
+async def test_the_client_matches_each_published_answer_to_its_publish_and_fails_the_rest_on_close():
+    results: dict[int, object] = {}
+    with trio.fail_after(10):
+        async with connected() as (server, client_ws, _):
+            client = AgentClient(client_ws)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client.reader)
+
+                async def publish(tag: int) -> None:
+                    try:
+                        results[tag] = await client.publish_once(f"{tag}".encode(), queue="q")
+                    except (SidecarClosed, PublishRefused) as exc:
+                        results[tag] = exc
+
+                for tag in range(4):
+                    nursery.start_soon(publish, tag)
+                refs = {}
+                for _ in range(4):
+                    frame = CODEC.decode_agent(await server.get_message())
+                    assert isinstance(frame, p.Publish)
+                    refs[frame.body] = frame.ref
+                # Answered out of order and in one burst; the last one never.
+                await send_messages(
+                    server,
+                    [
+                        CODEC.encode(
+                            p.Published(ref=refs[b"2"], ok=False, error="nack"), binary=True
+                        ),
+                        CODEC.encode(
+                            p.Error(code="invalid_publish", message="no", ref=refs[b"1"]),
+                            binary=True,
+                        ),
+                        CODEC.encode(p.Published(ref=refs[b"0"], ok=True), binary=True),
+                    ],
+                )
+                while len(results) < 3:
+                    await trio.sleep(0.01)
+                await server.aclose()
+    assert isinstance(results[0], p.Published) and results[0].ok
+    assert isinstance(results[1], PublishRefused)
+    assert isinstance(results[2], p.Published) and results[2].error == "nack"
+    assert isinstance(results[3], SidecarClosed)
+    assert client._published == {}
