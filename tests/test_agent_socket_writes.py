@@ -280,7 +280,7 @@ async def test_long_names_are_measured_in_bytes():
     assert len(broker.pending) == 1
 
 
-async def test_a_frame_queued_by_another_task_in_the_same_turn_joins_the_burst():
+async def test_an_answer_queued_by_another_task_in_the_same_turn_joins_the_burst():
     with trio.fail_after(10):
         async with connected() as (server, client, counted):
             session = make_session(server)
@@ -288,13 +288,13 @@ async def test_a_frame_queued_by_another_task_in_the_same_turn_joins_the_burst()
                 nursery.start_soon(session._writer)
                 await trio.testing.wait_all_tasks_blocked()
                 for round_ in range(20):
-                    session.send(p.Heartbeat(ts=float(2 * round_)))  # wakes the writer
+                    session.send(p.Published(ref=2 * round_, ok=True))  # wakes the writer
                     await trio.lowlevel.checkpoint()  # runs alongside the woken writer
-                    session.send(p.Heartbeat(ts=float(2 * round_ + 1)))
+                    session.send(p.Published(ref=2 * round_ + 1, ok=True))
                     got = await receive(client, 2)
-                    assert [f.ts for f in got if isinstance(f, p.Heartbeat)] == [
-                        float(2 * round_),
-                        float(2 * round_ + 1),
+                    assert [f.ref for f in got if isinstance(f, p.Published)] == [
+                        2 * round_,
+                        2 * round_ + 1,
                     ]
                 nursery.cancel_scope.cancel()
     assert len(counted.writes) == 20

@@ -149,9 +149,11 @@ class Session:
         try:
             async with self._out_recv:
                 async for frame in self._out_recv:
-                    # One turn for the tasks already runnable (the broker's reader with
-                    # more confirms, say) to add to this burst before it is written.
-                    await trio.lowlevel.checkpoint()
+                    if type(frame) is p.Published:
+                        # Confirms arrive a few per read of the broker's socket: one turn
+                        # for the tasks already runnable lets the next read's answers join
+                        # this write. A batch, which a pull is waiting for, goes at once.
+                        await trio.lowlevel.checkpoint()
                     burst: list[bytes | str] = []
                     size = 0
                     while True:
