@@ -98,6 +98,13 @@ def json_safe(value: Any, *, lenient: bool = False, _depth: int = 0) -> Any:
     """An AMQP header value as a JSON-friendly value (datetimes and bytes become text,
     Decimals and non-finite floats become text). Deeper than MAX_NESTING: TooDeep, or with
     ``lenient`` a placeholder string, so what can be read of a hostile message is kept."""
+    kind = type(value)
+    # Most header values are plain text or numbers: kept as they are, without the chain of
+    # checks below (exact types only: subclasses and non-finite floats go the long way).
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float and math.isfinite(value):
+        return value
     if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, bytes | bytearray | memoryview):

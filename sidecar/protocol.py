@@ -251,7 +251,11 @@ class Codec:
             if kind is not None and kind not in kinds:
                 raise ProtocolError("unknown_kind", f"unknown frame kind {kind!r}") from None
             raise ProtocolError("malformed", f"malformed frame: {exc}") from None
-        if isinstance(frame, Publish) and limits.nesting_exceeds(frame.headers, MAX_DEPTH - 1):
+        if (
+            isinstance(frame, Publish)
+            and frame.headers
+            and limits.nesting_exceeds(frame.headers, MAX_DEPTH - 1)
+        ):
             # MessagePack frames are not pre-scanned; their free-form values are checked here.
             raise ProtocolError("malformed", f"frame nested deeper than {MAX_DEPTH} levels")
         return frame

@@ -529,6 +529,21 @@ class AgentCalls:
 # --- trio --------------------------------------------------------------------------------
 
 
+class _Answer:
+    """Where the reader leaves the answer to one publish (an event and a slot: lighter
+    than a channel per publish)."""
+
+    __slots__ = ("answer", "done")
+
+    def __init__(self) -> None:
+        self.answer: p.Published | SidecarError | None = None
+        self.done = trio.Event()
+
+    def give(self, answer: p.Published | SidecarError) -> None:
+        self.answer = answer
+        self.done.set()
+
+
 class AgentClient(AgentCalls):
     def __init__(self, ws: WebSocketConnection, *, binary: bool = True) -> None:
         self._init_calls()
@@ -540,7 +555,7 @@ class AgentClient(AgentCalls):
         self._refs = itertools.count(1)
         self._batch: trio.MemorySendChannel[p.Batch | SidecarError]
         self._batch, self._batches = trio.open_memory_channel[p.Batch | SidecarError](8)
-        self._published: dict[int, trio.MemorySendChannel[p.Published | SidecarError]] = {}
+        self._published: dict[int, _Answer] = {}
         self._welcome = trio.Event()
         self._fatal: p.Error | None = None
         self._keeper_wake = trio.Event()
@@ -572,7 +587,7 @@ class AgentClient(AgentCalls):
                 elif isinstance(frame, p.Published):
                     waiter = self._published.pop(frame.ref, None)
                     if waiter is not None:
-                        waiter.send_nowait(frame)
+                        waiter.give(frame)
                 elif isinstance(frame, p.Welcome):
                     self.welcome = frame
                     self._welcome.set()
@@ -586,7 +601,7 @@ class AgentClient(AgentCalls):
             self._welcome.set()
             self._batch.close()
             for waiter in self._published.values():
-                waiter.close()
+                waiter.done.set()  # no answer: the connection closed
             self._published.clear()
 
     def _route_error(self, frame: p.Error) -> None:
@@ -596,7 +611,7 @@ class AgentClient(AgentCalls):
         if frame.code == "invalid_publish" and frame.ref is not None:
             waiter = self._published.pop(frame.ref, None)
             if waiter is not None:
-                waiter.send_nowait(error_for(frame))
+                waiter.give(error_for(frame))
                 return
         if frame.code in ("invalid_pull", "pull_in_progress"):
             try:
@@ -643,15 +658,15 @@ class AgentClient(AgentCalls):
         trace of ``trace`` (a delivery), or of the delivery whose handler is running."""
         ref = next(self._refs)
         fields = traced_fields(fields, trace)
-        send, recv = trio.open_memory_channel[p.Published | SidecarError](1)
-        self._published[ref] = send
-        await self.send(p.Publish(ref=ref, body=body, queue=queue, **fields))
+        waiter = self._published[ref] = _Answer()
         try:
-            answer = await recv.receive()
-        except trio.EndOfChannel:
-            raise SidecarClosed("the connection closed before the publish was answered") from None
+            await self.send(p.Publish(ref=ref, body=body, queue=queue, **fields))
+            await waiter.done.wait()
         finally:
             self._published.pop(ref, None)
+        answer = waiter.answer
+        if answer is None:
+            raise SidecarClosed("the connection closed before the publish was answered")
         if isinstance(answer, SidecarError):
             raise answer
         return answer

@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sidecar import limits
 from sidecar import protocol as p
+from sidecar.adapters.agent_socket import send_messages
 from sidecar.config import AgentConfig, ThrottleConfig
 from sidecar.core.messages import MessageProps
 from sidecar.core.port import BrokerPort
@@ -36,6 +37,9 @@ log = logging.getLogger("sidecar.session")
 HANDSHAKE_TIMEOUT = 10.0
 MAX_UNKNOWN_IDS = 10000  # ids named in one unknown_delivery error
 OUTBOX_LIMIT = 4096  # frames queued for an agent that is not reading: then we drop it
+# Encoded bytes the writer gathers for one write to the socket: what is queued at a wake-up
+# goes out together, but a burst of large batches is not copied into one huge buffer.
+WRITE_BURST_BYTES = 256 * 1024
 _QUEUE_NAME = re.compile(r"^(?!amq\.)[^\x00-\x1f]{1,255}$")
 # retry_after of a throttled publish: never 0 (an agent obeying it exactly must not spin),
 # never so long that an idle queue is left waiting.
@@ -44,6 +48,7 @@ MAX_RETRY_AFTER = 60.0
 PUMP_RECHECK = 1.0  # held targets are re-checked at least this often (rates follow depth)
 DISCONNECTED_RECHECK = 0.2
 MAX_SLOT_TARGETS = 256  # targets whose next throttled slot is remembered
+MAX_CHECKED_QUEUES = 1024  # publish queue names remembered as valid, not matched again
 
 
 @dataclass(slots=True)
@@ -108,6 +113,9 @@ class Session:
         self._due: list[tuple[float, int, str]] = []
         self._due_seq = itertools.count()
         self._pump_wake = trio.Event()
+        self._checked_queues: set[str] = set()
+        self._published_ok = metrics.published.labels("ok")
+        self._published_error = metrics.published.labels("error")
 
     # --- sending -----------------------------------------------------------------------
 
@@ -134,19 +142,44 @@ class Session:
         self.send(error.to_frame(fatal=fatal))
 
     async def _writer(self) -> None:
+        """Send what the outbox holds: everything queued by the time this task wakes (a
+        batch, the ``published`` answers of one read of confirms, errors) goes out in one
+        write, in order, each frame still its own WebSocket message."""
+        receive_nowait = self._out_recv.receive_nowait
         try:
             async with self._out_recv:
                 async for frame in self._out_recv:
-                    try:
-                        data = self.codec.encode(frame, binary=self.binary)
-                    except (TypeError, ValueError, OverflowError) as exc:
-                        # One frame that cannot be encoded must not end the session.
-                        log.error("agent session %d: frame not sent: %s", self.id, exc)
-                        self.metrics.protocol_errors.labels("unencodable").inc()
-                        continue
-                    await self.ws.send_message(data)
+                    if type(frame) is p.Published:
+                        # Confirms arrive a few per read of the broker's socket: one turn
+                        # for the tasks already runnable lets the next read's answers join
+                        # this write. A batch, which a pull is waiting for, goes at once.
+                        await trio.lowlevel.checkpoint()
+                    burst: list[bytes | str] = []
+                    size = 0
+                    while True:
+                        data = self._encode(frame)
+                        if data is not None:
+                            burst.append(data)
+                            size += len(data)
+                        if size >= WRITE_BURST_BYTES:
+                            break
+                        try:
+                            frame = receive_nowait()
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    if burst:
+                        await send_messages(self.ws, burst)
         except ConnectionClosed:
             pass
+
+    def _encode(self, frame: p.Frame) -> bytes | str | None:
+        try:
+            return self.codec.encode(frame, binary=self.binary)
+        except (TypeError, ValueError, OverflowError) as exc:
+            # One frame that cannot be encoded must not end the session.
+            log.error("agent session %d: frame not sent: %s", self.id, exc)
+            self.metrics.protocol_errors.labels("unencodable").inc()
+            return None
 
     # --- serving -----------------------------------------------------------------------
 
@@ -179,8 +212,8 @@ class Session:
 
     async def _flush_and_close(self) -> None:
         self._out_send.close()
-        async for frame in self._out_recv:
-            await self.ws.send_message(self.codec.encode(frame, binary=self.binary))
+        refusals = [self.codec.encode(frame, binary=self.binary) async for frame in self._out_recv]
+        await send_messages(self.ws, refusals)
         await self.ws.aclose(code=1008, reason="handshake refused")
 
     async def _handshake(self) -> bool:
@@ -387,16 +420,22 @@ class Session:
     def _send_publish(self, item: _Queued) -> None:
         frame = item.frame
         props = MessageProps(
-            headers=dict(frame.headers),
+            # The decoded frame is ours alone and not used after this: no copy needed.
+            headers=frame.headers,
             message_id=frame.message_id,
             content_type=frame.content_type,
             priority=frame.priority,
             delivery_mode=2 if frame.persistent else 1,
         )
+        ref = frame.ref
 
         def on_done(error: str | None) -> None:
-            self.metrics.published.labels("ok" if error is None else "error").inc()
-            self.send(p.Published(ref=frame.ref, ok=error is None, error=error))
+            if error is None:
+                self._published_ok.inc()
+                self.send(p.Published(ref=ref, ok=True))
+            else:
+                self._published_error.inc()
+                self.send(p.Published(ref=ref, ok=False, error=error))
 
         self.broker.publish_nowait(
             frame.body,
@@ -448,12 +487,24 @@ class Session:
         a = self.agent_settings
         if len(frame.body) > a.max_body_bytes:
             return f"body of {len(frame.body)} bytes exceeds max_body_bytes {a.max_body_bytes}"
-        if frame.queue is not None and not _QUEUE_NAME.match(frame.queue):
-            return f"invalid queue name {frame.queue!r}"
-        if frame.queue is None and not frame.exchange and not frame.routing_key:
+        queue = frame.queue
+        if queue is not None and queue not in self._checked_queues:
+            if not _QUEUE_NAME.match(queue):
+                return f"invalid queue name {queue!r}"
+            if len(self._checked_queues) >= MAX_CHECKED_QUEUES:
+                self._checked_queues.clear()
+            self._checked_queues.add(queue)
+        if queue is None and not frame.exchange and not frame.routing_key:
             return "give queue, or exchange and routing_key"
-        if len(frame.routing_key.encode()) > 255 or len(frame.exchange.encode()) > 255:
+        # Up to 63 characters are at most 252 bytes of UTF-8: only longer names are encoded.
+        if (len(frame.routing_key) > 63 and len(frame.routing_key.encode()) > 255) or (
+            len(frame.exchange) > 63 and len(frame.exchange.encode()) > 255
+        ):
             return "exchange and routing_key are at most 255 bytes"
+        if frame.priority is not None and not 0 <= frame.priority <= 255:
+            return "priority must be 0..255"
+        if not frame.headers:
+            return None
         if len(frame.headers) > a.max_headers:
             return f"{len(frame.headers)} headers exceed max_headers {a.max_headers}"
         # Checked first, iteratively: the size check below encodes, which recurses.
@@ -461,8 +512,6 @@ class Session:
             return problem
         if len(msgspec.msgpack.encode(frame.headers)) > a.max_header_bytes:
             return f"headers exceed max_header_bytes {a.max_header_bytes}"
-        if frame.priority is not None and not 0 <= frame.priority <= 255:
-            return "priority must be 0..255"
         return None
 
     def _on_heartbeat(self, frame: p.Heartbeat) -> None:

@@ -109,3 +109,35 @@ async def test_nothing_is_handed_out_while_the_broker_is_away(autojump_clock):
     broker.is_connected = True
     with trio.fail_after(60):
         assert [d.body for d in await engine.pull(1, 5, wait=1.0)] == [b"m1"]
+
+
+def sample(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float | None:
+    return metrics.registry.get_sample_value(name, labels or {})
+
+
+async def test_metrics_of_a_batch_are_written_once_per_event_and_add_up(autojump_clock):
+    engine, broker = make_engine([])
+    metrics = engine.metrics
+    writes: list[float] = []
+    delivered = metrics.delivered.labels("work")
+    counting_inc = delivered.inc
+    delivered.inc = lambda amount=1: (writes.append(amount), counting_inc(amount))  # type: ignore[method-assign]
+    engine.open_session(1, "a", "1.0", None)
+    broker.deliver(*(message(tag) for tag in range(1, 8)))
+    with trio.fail_after(60):
+        batch = await engine.pull(1, 5, wait=1.0)
+    assert len(batch) == 5
+    # Written when the pull's event ends, in one update for the five.
+    assert writes == [5]
+    assert sample(metrics, "sidecar_messages_delivered_total", {"queue": "work"}) == 5
+    assert sample(metrics, "sidecar_in_flight_messages") == 5
+    assert sample(metrics, "sidecar_buffered_messages") == 2
+    engine.ack(1, [d.id for d in batch[:3]])
+    assert sample(metrics, "sidecar_messages_acked_total", {"queue": "work"}) == 3
+    assert sample(metrics, "sidecar_in_flight_messages") == 2
+    # Every duration is still observed on its own.
+    labels = {"queue": "work", "outcome": "ack"}
+    assert sample(metrics, "sidecar_processing_seconds_count", labels) == 3
+    engine.ack(1, [d.id for d in batch[3:]])
+    assert sample(metrics, "sidecar_messages_acked_total", {"queue": "work"}) == 5
+    assert sample(metrics, "sidecar_in_flight_messages") == 0

@@ -164,3 +164,23 @@ def test_a_header_counts_as_the_first_level_of_nesting():
     for _ in range(limits.MAX_NESTING - 1):
         inner = inner["k"]
     assert inner == f"<nested deeper than {limits.MAX_NESTING}>"
+
+
+def test_plain_header_values_pass_as_they_are_and_look_alikes_are_still_converted():
+    class Text(str):
+        pass
+
+    class Number(int):
+        def __repr__(self) -> str:
+            return "Number()"
+
+    plain = {"s": "text", "i": 7, "b": True, "n": None, "f": 1.5}
+    converted = headers_json_safe(plain)
+    assert converted == plain
+    assert all(type(converted[k]) is type(v) for k, v in plain.items())
+    odd = headers_json_safe(
+        {"sub": Text("x"), "num": Number(3), "inf": float("inf"), "nan": float("nan")}
+    )
+    assert type(odd["sub"]) is str and odd["sub"] == "x"
+    assert type(odd["num"]) is int and odd["num"] == 3
+    assert odd["inf"] == "inf" and odd["nan"] == "nan"
