@@ -26,6 +26,7 @@ from sidecar.policy.pressure import PressureLevel, degradation_actions
 from sidecar.runtime.backpressure import BackpressureMonitor, PublishGate
 from sidecar.runtime.dlq import DeadLetterWriter
 from sidecar.runtime.engine import Engine, MetricsMeter
+from sidecar.runtime.looplag import LoopLagMonitor
 from sidecar.runtime.observability import Observability, ObservabilitySettings
 from sidecar.runtime.session import Session
 from sidecar.store.opening import open_store
@@ -80,7 +81,8 @@ class Sidecar:
             agent_pids=lambda: [s.pid for s in self.engine.sessions.values() if s.pid],
             consumed=lambda: self.engine.counts["acked"] + self.engine.counts["failed"],
         )
-        self.obs.bind(self.engine, self.monitor, self.broker, self.dlq)
+        self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
+        self.obs.bind(self.engine, self.monitor, self.broker, self.dlq, self.loop_lag)
         self.sessions: dict[int, Session] = {}
         self.http_port: int | None = None
         self.started = trio.Event()
@@ -172,6 +174,7 @@ class Sidecar:
         self.agent_server = agents
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.loop_lag.run)
                 await nursery.start(self.broker.run)
                 for queue in c.broker.queues:
                     await self.broker.consume(queue)

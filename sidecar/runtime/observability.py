@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from sidecar.runtime.backpressure import BackpressureMonitor
     from sidecar.runtime.dlq import DeadLetterWriter
     from sidecar.runtime.engine import Engine
+    from sidecar.runtime.looplag import LoopLagMonitor
     from sidecar.store.spool import SpoolingStore
 
 log = logging.getLogger("sidecar.alerts")
@@ -116,8 +117,10 @@ class Observability:
         monitor: BackpressureMonitor,
         broker: Broker,
         dlq: DeadLetterWriter,
+        loop_lag: LoopLagMonitor | None = None,
     ) -> None:
         self.engine, self.monitor, self.broker, self.writer = engine, monitor, broker, dlq
+        self.loop_lag = loop_lag
 
     # --- alerts --------------------------------------------------------------------------
 
@@ -312,6 +315,7 @@ class Observability:
                 },
                 "draining": engine["draining"],
                 "in_flight": engine["in_flight"],
+                "loop_lag": self.loop_lag.status() if self.loop_lag else None,
             },
             "dlq_health": self.dlq,
             "backpressure_status": {
