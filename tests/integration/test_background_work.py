@@ -12,7 +12,7 @@ import re
 import pytest
 import trio
 
-from tests.helpers import make_config, running_sidecar, until
+from tests.helpers import make_config, publish_many, running_sidecar, until
 from tests.observability._http import get_json, http
 
 pytestmark = pytest.mark.integration
@@ -45,3 +45,22 @@ async def test_loop_lag_in_metrics_and_status(tmp_path, unique_queue):
     # Fine buckets: a p99 of a few milliseconds is readable.
     assert 'sidecar_event_loop_lag_seconds_bucket{le="0.001"}' in text
     assert 'sidecar_event_loop_lag_seconds_bucket{le="0.005"}' in text
+
+
+async def test_depth_queries_keep_one_channel_and_survive_a_missing_queue(tmp_path, unique_queue):
+    consumed, watched, missing = unique_queue("depth"), unique_queue("depth"), unique_queue("gone")
+    await publish_many(watched, [b"x"] * 3)
+    config = make_config(tmp_path, [consumed], depth={"interval": 3600.0})
+    with trio.fail_after(30):
+        async with running_sidecar(config) as sidecar:
+            broker = sidecar.broker
+            assert await broker.queue_depth(watched) == (3, 0)
+            channel = broker._gen.depth_channel
+            assert await broker.queue_depth(watched) == (3, 0)
+            assert broker._gen.depth_channel is channel  # no channel opened per query
+            # A missing queue: the broker closes that channel; the next query opens another.
+            assert await broker.queue_depth(missing) is None
+            assert await broker.queue_depth(watched) == (3, 0)
+            assert broker._gen.depth_channel is not channel
+            assert await broker.queue_depth(consumed) == (0, 1)
+            assert broker.is_connected
