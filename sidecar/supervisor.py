@@ -191,6 +191,7 @@ class Sidecar:
                         dashboard_html=self.obs.dashboard_html,
                         live=self.obs.live,
                         dlq=DlqBrowser(c, self.store, self.dlq),
+                        metrics_read=self.obs.view_read,
                     ),
                     http_host,
                     http_port,
