@@ -16,14 +16,16 @@ LAG_INTERVAL = 0.05
 LAG_WINDOW_SECONDS = 60.0
 
 
-class Observer(Protocol):
+class LagObserver(Protocol):
+    """Where each sample goes besides the window (a Prometheus histogram)."""
+
     def observe(self, amount: float) -> None: ...
 
 
 class LoopLagMonitor:
     def __init__(
         self,
-        histogram: Observer,
+        histogram: LagObserver,
         *,
         interval: float = LAG_INTERVAL,
         window_seconds: float = LAG_WINDOW_SECONDS,
@@ -43,11 +45,11 @@ class LoopLagMonitor:
 
     def status(self) -> dict[str, Any]:
         """The recent window in milliseconds, for ``/status`` and the dashboard."""
-        s = self.window.summary()
+        summary = self.window.summary()
         return {
-            "p50_ms": round(s.p50 * 1000, 3),
-            "p99_ms": round(s.p99 * 1000, 3),
-            "max_ms": round(s.max * 1000, 3),
-            "samples": s.samples,
+            "p50_ms": round(summary.p50 * 1000, 3),
+            "p99_ms": round(summary.p99 * 1000, 3),
+            "max_ms": round(summary.max * 1000, 3),
+            "samples": summary.samples,
             "interval_ms": round(self.interval * 1000, 3),
         }
