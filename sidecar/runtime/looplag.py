@@ -12,7 +12,10 @@ import trio
 
 from sidecar.policy.lag import LagWindow
 
-LAG_INTERVAL = 0.05
+# A timer wake-up of an otherwise idle loop costs about 160 us of CPU on the bench machine
+# (the observation itself about 1 us): at 100 ms that is 0.16% of a core while idle, and a
+# minute still holds 600 samples for the p99.
+LAG_INTERVAL = 0.1
 LAG_WINDOW_SECONDS = 60.0
 
 

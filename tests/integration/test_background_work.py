@@ -41,7 +41,7 @@ async def test_loop_lag_in_metrics_and_status(tmp_path, unique_queue):
             lag = status["summary"]["loop_lag"]
             assert lag["samples"] >= 5
             assert 0.0 <= lag["p50_ms"] <= lag["p99_ms"] <= lag["max_ms"]
-            assert lag["interval_ms"] == 50.0
+            assert lag["interval_ms"] == 100.0
             _, _, page = await http(port, "/dashboard")
             code, _, body = await http(port, "/metrics")
     assert b'id="loop-lag"' in page and b"summary || {}).loop_lag" in page
