@@ -80,7 +80,13 @@ def render(res: dict[str, Any]) -> str:
         for rate, lat in res["latency"].items():
             if "median_cpu_share" in lat:
                 cs = lat["median_cpu_share"]
-                shares.append(f"| {rate}/s | {cs['direct']:.1%} | {cs['sidecar']:.1%} |")
+                ratio = lat.get("median_cpu_share_ratio", float("nan"))
+                lag = lat.get("median_loop_lag", {})
+                shares.append(
+                    f"| {rate}/s | {cs['direct']:.1%} | {cs['sidecar']:.1%} | {f2(ratio)} | "
+                    f"{f2(lag.get('p50', float('nan')))} | {f2(lag.get('p99', float('nan')))} | "
+                    f"{f2(lag.get('max_le', float('nan')))} |"
+                )
             rows = [(str(i), p) for i, p in enumerate(lat["pairs"], 1)]
             rows.append(("**median**", lat["median"]))
             for label, p in rows:
@@ -94,10 +100,13 @@ def render(res: dict[str, Any]) -> str:
         if shares:
             out += [
                 "CPU share of one core during the paced run (plain ack-each consumer vs "
-                "sidecar process):",
+                "sidecar process; ratio = median of the per-pair sidecar / plain ratios), "
+                "and the sidecar's event-loop lag over the paced run (ms, from its "
+                "histogram; max = bound of the highest bucket reached):",
                 "",
-                "| rate | plain consumer | sidecar |",
-                "|---|---|---|",
+                "| rate | plain consumer | sidecar | sidecar / plain | loop lag p50 | p99 | "
+                "max <= |",
+                "|---|---|---|---|---|---|---|",
                 *shares,
                 "",
             ]

@@ -7,11 +7,13 @@ import statistics
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import procs
 from bench.common import cpu_seconds, per_10k, tier_queue_names, unique_queue
@@ -233,6 +235,54 @@ def latency_direct(rate: float, duration: float) -> dict[str, Any]:
     return r
 
 
+LOOP_LAG = "sidecar_event_loop_lag_seconds"
+
+
+def loop_lag_buckets(http_port: int) -> dict[float, float]:
+    """The sidecar's loop-lag histogram now: cumulative sample count by bucket bound (s)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        if family.name == LOOP_LAG:
+            return {
+                float(sample.labels["le"]): sample.value
+                for sample in family.samples
+                if sample.name == f"{LOOP_LAG}_bucket"
+            }
+    return {}
+
+
+def loop_lag_between(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """Loop lag over the samples taken between two scrapes, in ms: p50 and p99 interpolated
+    within their bucket (as Prometheus' histogram_quantile does), and the bound of the
+    highest bucket that received a sample (the max is at most that)."""
+    bounds = sorted(after)
+    cumulative = [after[b] - before.get(b, 0.0) for b in bounds]
+    total = cumulative[-1] if cumulative else 0.0
+    if total <= 0:
+        return {"samples": 0, "p50": float("nan"), "p99": float("nan"), "max_le": float("nan")}
+
+    def quantile(q: float) -> float:
+        rank = q * total
+        lower, below = 0.0, 0.0
+        for bound, count in zip(bounds, cumulative, strict=True):
+            if count >= rank:
+                if bound == float("inf"):
+                    return lower * 1000
+                share = (rank - below) / (count - below) if count > below else 1.0
+                return (lower + (bound - lower) * share) * 1000
+            lower, below = bound, count
+        return lower * 1000
+
+    top = next(b for b, c in zip(bounds, cumulative, strict=True) if c >= total)
+    return {
+        "samples": int(total),
+        "p50": quantile(0.50),
+        "p99": quantile(0.99),
+        "max_le": top * 1000,
+    }
+
+
 def latency_sidecar(rate: float, duration: float, batch: int = 10) -> dict[str, Any]:
     count = int(rate * duration)
     with Queues("latency") as q, procs.sidecar("sidecar-latency", batch=batch) as (sc, ready, _t):
@@ -248,6 +298,7 @@ def latency_sidecar(rate: float, duration: float, batch: int = 10) -> dict[str, 
             str(batch),
         )
         rx.wait_event("ready", 30)
+        lag0 = loop_lag_buckets(ready["http_port"])
         cpu0, t0 = cpu_seconds(sc.pid), time.monotonic()
         pub = procs.direct(
             "paced", "paced", "--queue", q, "--rate", str(rate), "--duration", str(duration)
@@ -255,6 +306,7 @@ def latency_sidecar(rate: float, duration: float, batch: int = 10) -> dict[str, 
         p = pub.result(timeout=duration * 4 + 30)
         r = rx.result(timeout=60)
         r["sidecar_cpu_share"] = (cpu_seconds(sc.pid) - cpu0) / (time.monotonic() - t0)
+        r["loop_lag"] = loop_lag_between(lag0, loop_lag_buckets(ready["http_port"]))
     r["publisher"] = _strip(p)
     return r
 
@@ -276,10 +328,19 @@ def run_latency(s: Settings) -> dict[str, Any]:
                 "sidecar": sc.get("sidecar_cpu_share"),
                 "agent": sc.get("cpu_share"),
             }
+            # Same pair, same minute of machine load: the ratio is steadier than the shares.
+            direct_share = d.get("cpu_share") or float("nan")
+            pairs[-1]["cpu_share_ratio"] = (sc.get("sidecar_cpu_share") or float("nan")) / (
+                direct_share if direct_share > 0 else float("nan")
+            )
+            lag = sc["loop_lag"]
             log(
                 f"latency {rate:.0f}/s pair={i + 1}: direct p50 {d['p50']:.2f} p99 {d['p99']:.2f}"
                 f" | sidecar p50 {sc['p50']:.2f} p99 {sc['p99']:.2f} ms"
-                f" (received {d['received']}/{sc['received']})"
+                f" (received {d['received']}/{sc['received']});"
+                f" sidecar loop lag p50 {lag['p50']:.2f} p99 {lag['p99']:.2f}"
+                f" max <= {lag['max_le']:.2f} ms; CPU share sidecar/plain"
+                f" {pairs[-1]['cpu_share_ratio']:.2f}"
             )
         out[str(int(rate))] = {
             "pairs": pairs,
@@ -290,6 +351,11 @@ def run_latency(s: Settings) -> dict[str, Any]:
             "median_cpu_share": {
                 side: med([p["cpu_share"][side] or float("nan") for p in pairs])
                 for side in ("direct", "sidecar", "agent")
+            },
+            "median_cpu_share_ratio": med([p["cpu_share_ratio"] for p in pairs]),
+            "median_loop_lag": {
+                k: med([p["sidecar"]["loop_lag"][k] for p in pairs])
+                for k in ("p50", "p99", "max_le")
             },
             "samples_pair1": hist,
         }

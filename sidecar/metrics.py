@@ -25,6 +25,12 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus-client 
 BREAKER_STATES = ("closed", "half_open", "open")
 LEVELS = ("normal", "warning", "critical", "emergency")
 
+# Fine at the low end: a healthy loop wakes within a millisecond, and a p99 of a few
+# milliseconds has to be readable from the buckets.
+LOOP_LAG_BUCKETS = (
+    0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+    0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+)  # fmt: skip
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -221,6 +227,12 @@ class Metrics:
             "Broker messages dead-lettered as malformed, header values ignored or clamped, "
             "and other hostile input absorbed, by what",
             ["what"],
+            registry=r,
+        )
+        self.loop_lag = Histogram(
+            "sidecar_event_loop_lag_seconds",
+            "How late the event loop ran a periodic wake-up: time the loop was busy elsewhere",
+            buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
         # Every state series exists from the start, so "== 1" queries never see a gap.

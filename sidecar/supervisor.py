@@ -27,6 +27,7 @@ from sidecar.policy.pressure import PressureLevel, degradation_actions
 from sidecar.runtime.backpressure import BackpressureMonitor, PublishGate
 from sidecar.runtime.dlq import DeadLetterWriter
 from sidecar.runtime.engine import Engine, MetricsMeter
+from sidecar.runtime.looplag import LoopLagMonitor
 from sidecar.runtime.observability import Observability, ObservabilitySettings
 from sidecar.runtime.session import Session
 from sidecar.store.opening import open_store
@@ -98,7 +99,8 @@ class Sidecar:
             agent_pids=lambda: [s.pid for s in self.engine.sessions.values() if s.pid],
             consumed=lambda: self.engine.counts["acked"] + self.engine.counts["failed"],
         )
-        self.obs.bind(self.engine, self.monitor, self.broker, self.dlq)
+        self.loop_lag = LoopLagMonitor(self.metrics.loop_lag)
+        self.obs.bind(self.engine, self.monitor, self.broker, self.dlq, self.loop_lag)
         self.sessions: dict[int, Session] = {}
         self.http_port: int | None = None
         self.started = trio.Event()
@@ -190,6 +192,7 @@ class Sidecar:
         self.agent_server = agents
         try:
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.loop_lag.run)
                 await nursery.start(self.broker.run)
                 for queue in c.broker.queues:
                     await self.broker.consume(queue)
@@ -206,6 +209,7 @@ class Sidecar:
                         dashboard_html=self.obs.dashboard_html,
                         live=self.obs.live,
                         dlq=DlqBrowser(c, self.store, self.dlq),
+                        metrics_read=self.obs.view_read,
                     ),
                     http_host,
                     http_port,

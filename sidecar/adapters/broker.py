@@ -154,6 +154,7 @@ class _Generation:
         self.writer_passed: asyncio.Event | None = None  # set after each writer pass
         self.exchanges: set[str] = set()  # exchanges seen to exist on this connection
         self.publish_lock: asyncio.Lock | None = None  # (loop) one channel reopen at a time
+        self.depth_channel: Any = None  # (loop) kept open for depth queries
 
 
 T = TypeVar("T")
@@ -728,7 +729,23 @@ class Broker:
         """(messages ready, consumers) of a queue, or None when it does not exist."""
         if not self.is_connected:
             raise BrokerUnavailable("broker not connected")
-        return await self._passive(self._gen, queue)
+        result: tuple[int, int] | None = await self.bridge.call(self._depth, self._gen, queue)
+        return result
+
+    @staticmethod
+    async def _depth(gen: _Generation, queue: str) -> tuple[int, int] | None:
+        """(loop) A passive declare on a channel kept for depth queries: one round trip and
+        one crossing per query, where a throwaway channel costs three of each on the loop
+        the deliveries share. A missing queue closes that channel; the next query opens
+        another."""
+        channel = gen.depth_channel
+        if channel is None or channel.is_closed:
+            channel = gen.depth_channel = await gen.publish_conn.channel(publisher_confirms=False)
+        try:
+            ok = await channel.queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        return ok.message_count, ok.consumer_count
 
     async def _passive(self, gen: _Generation, queue: str) -> tuple[int, int] | None:
         # A passive declare of a missing queue closes its channel, so use a throwaway one.

@@ -46,6 +46,7 @@ class HttpProviders:
     live: Callable[[], Awaitable[dict[str, Any]]] | None = None
     live_interval: float = 1.0
     dlq: Any = None  # sidecar.dlq_browser.DlqBrowser: browse and act on dead letters
+    metrics_read: Callable[[], None] = lambda: None  # a scrape: values it reads may be stale
 
 
 MAX_REQUEST_BODY = 16 * 1024
@@ -96,6 +97,7 @@ class HttpApp:
             # OpenMetrics when the scraper asks for it (Prometheus does by default).
             accept = b", ".join(v for k, v in scope.get("headers", []) if k.lower() == b"accept")
             encoder, content_type = choose_encoder(accept.decode("latin-1"))
+            self.p.metrics_read()
             await self._respond(send, 200, encoder(self.p.registry), content_type)
         elif path == "/status":
             await self._respond(

@@ -1,16 +1,24 @@
 """Memory and CPU readings: the agent's process (pid from its handshake), the container's
-cgroup when it sets a limit, the sidecar itself and the machine. psutil does the reading."""
+cgroup when it sets a limit, the sidecar itself and the machine.
+
+A reading runs every pressure interval, so it is kept cheap: the sidecar's own RSS comes
+from one read of ``/proc/self/statm`` (no parsing of psutil's several files), its CPU time from
+``os.times()``, the machine's total memory is read once, and psutil (which parses several
+files per call) is left for the agents' processes and the machine's available memory when
+the system is the source."""
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+STATM = "/proc/self/statm"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,8 +42,7 @@ def cgroup_memory(root: Path = CGROUP_ROOT) -> tuple[int, int] | None:
     ):
         try:
             raw_limit = limit.read_text().strip()
-            used = int(current.read_text().strip())
-        except (OSError, ValueError):
+        except OSError:
             continue
         if raw_limit == "max" or not raw_limit.isdigit():
             return None
@@ -43,6 +50,11 @@ def cgroup_memory(root: Path = CGROUP_ROOT) -> tuple[int, int] | None:
         # cgroup v1 reports "no limit" as a huge number near 2**63.
         if value >= 1 << 60:
             return None
+        try:
+            # Read only when a limit is set: without one the usage is not needed.
+            used = int(current.read_text().strip())
+        except (OSError, ValueError):
+            continue
         return used, value
     return None
 
@@ -54,7 +66,10 @@ class SystemMonitor:
         self._me = psutil.Process(os.getpid())
         self._agents: dict[int, psutil.Process] = {}
         self._last: MemorySample | None = None
-        self._me.cpu_percent(None)  # the first reading is meaningless; prime it
+        self._page_size = os.sysconf("SC_PAGE_SIZE")
+        self._statm = os.path.exists(STATM)
+        self._total_memory = psutil.virtual_memory().total
+        self._cpu_before = (time.monotonic(), _cpu_seconds())
 
     def _agent_rss(self, pids: list[int]) -> int:
         total = 0
@@ -82,14 +97,40 @@ class SystemMonitor:
 
     def _sample(self, agent_pids: list[int]) -> MemorySample:
         agent_rss = self._agent_rss(agent_pids)
-        sidecar_rss = self._me.memory_info().rss
-        cpu = self._me.cpu_percent(None) / 100
-        vm = psutil.virtual_memory()
+        sidecar_rss = self._own_rss()
+        cpu = self._cpu_ratio()
         cgroup = cgroup_memory() if self.source in ("auto", "cgroup") else None
         if cgroup is not None:
             used, limit, source = cgroup[0], cgroup[1], "cgroup"
         elif self.source in ("auto", "agent") and agent_pids:
-            used, limit, source = agent_rss, self.agent_limit_bytes or vm.total, "agent"
+            used, limit, source = agent_rss, self.agent_limit_bytes or self._total_memory, "agent"
         else:
+            vm = psutil.virtual_memory()
             used, limit, source = vm.total - vm.available, vm.total, "system"
         return MemorySample(used, limit, source, agent_rss, sidecar_rss, cpu)
+
+    def _own_rss(self) -> int:
+        if self._statm:
+            try:
+                fd = os.open(STATM, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    # statm: size resident shared ..., in pages
+                    return int(os.read(fd, 128).split()[1]) * self._page_size
+                finally:
+                    os.close(fd)
+            except (ValueError, IndexError):
+                self._statm = False  # not the format this reads: psutil from now on
+        return int(self._me.memory_info().rss)
+
+    def _cpu_ratio(self) -> float:
+        """The sidecar's CPU seconds per wall second since the previous reading."""
+        now, cpu = time.monotonic(), _cpu_seconds()
+        before_wall, before_cpu = self._cpu_before
+        self._cpu_before = (now, cpu)
+        elapsed = now - before_wall
+        return max(0.0, (cpu - before_cpu) / elapsed) if elapsed > 0 else 0.0
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system

@@ -133,6 +133,9 @@ class BackpressureMonitor:
         self.queues: dict[str, QueueView] = {}
         self.memory: dict[str, Any] = {}
         self._consumed_before: dict[str, tuple[float, int]] = {}
+        # The reading runs in a worker thread, one at a time: /proc reads of a foreign pid
+        # can block, and the loop carries deliveries meanwhile.
+        self._sampling = trio.CapacityLimiter(1)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -149,7 +152,9 @@ class BackpressureMonitor:
 
     async def sample_pressure(self) -> None:
         pids = self.agent_pids()
-        sample = await trio.to_thread.run_sync(self.sysmon.sample, pids)
+        sample = await trio.to_thread.run_sync(
+            self.sysmon.sample, pids, limiter=self._sampling, abandon_on_cancel=True
+        )
         ratio = memory_ratio(sample.used, sample.limit)
         self.memory = {
             "ratio": round(ratio, 4),

@@ -32,11 +32,16 @@ if TYPE_CHECKING:
     from sidecar.runtime.backpressure import BackpressureMonitor
     from sidecar.runtime.dlq import DeadLetterWriter
     from sidecar.runtime.engine import Engine
+    from sidecar.runtime.looplag import LoopLagMonitor
     from sidecar.store.spool import SpoolingStore
 
 log = logging.getLogger("sidecar.alerts")
 
 DLQ_REFRESH = 2.0
+# The store is re-read when a dead letter was written, someone read the view, the spool
+# holds records or the last read failed; otherwise only this often, for changes made from
+# outside (tools, other sidecars sharing the store).
+DLQ_IDLE_REFRESH = 30.0
 HISTORY_POINTS = 300
 
 
@@ -109,6 +114,8 @@ class Observability:
         self._reasons_exported: set[str] = set()
         self._breaker_seen: tuple[BreakerState, float | None] = (BreakerState.CLOSED, None)
         self._webhook_send, self._webhook_recv = trio.open_memory_channel[Alert](256)
+        self._dlq_changed = True  # a record written (or the view read) since the last read
+        self._dlq_read_at: float | None = None
 
     def bind(
         self,
@@ -116,12 +123,15 @@ class Observability:
         monitor: BackpressureMonitor,
         broker: Broker,
         dlq: DeadLetterWriter,
+        loop_lag: LoopLagMonitor | None = None,
     ) -> None:
         self.engine, self.monitor, self.broker, self.writer = engine, monitor, broker, dlq
+        self.loop_lag = loop_lag
 
     # --- alerts --------------------------------------------------------------------------
 
     def on_dead_letter(self, record: DeadLetterRecord, new: bool) -> None:
+        self._dlq_changed = True
         if new:
             self._emit(self.rules.observe_dead_letter(trio.current_time(), record.signature))
 
@@ -183,17 +193,40 @@ class Observability:
                 log.warning("could not read known failure patterns: %s", exc)
             task_status.started()
             while True:
-                await self.refresh()
+                if self._dlq_read_due(trio.current_time()):
+                    await self.refresh()
+                else:
+                    self._observe(trio.current_time())
                 await trio.sleep(DLQ_REFRESH)
+
+    def view_read(self) -> None:
+        """Someone looked (status, dashboard, a scrape): the next tick re-reads the store."""
+        self._dlq_changed = True
+
+    def _dlq_read_due(self, now: float) -> bool:
+        """Whether the store needs reading: the queries run on the store's one thread, where
+        they hold up dead-letter writes, so they run only when they may tell something new."""
+        return (
+            self._dlq_changed
+            or self._dlq_read_at is None
+            or now - self._dlq_read_at >= DLQ_IDLE_REFRESH
+            or "error" in self.dlq
+            or self.dlq.get("spooled", 0) > 0
+        )
 
     async def refresh(self) -> None:
         """Re-read the DLQ view and evaluate the DLQ alert rules."""
+        self._dlq_changed = False
         try:
             self.dlq = await self.writer.call(dlq_health, self.store)
         except StoreUnavailable as exc:
             self.dlq = {**self.dlq, "error": str(exc)}
             return
-        now = trio.current_time()
+        self._dlq_read_at = trio.current_time()
+        self._observe(self._dlq_read_at)
+
+    def _observe(self, now: float) -> None:
+        """Export the last DLQ view and the health gauges, and evaluate the alert rules."""
         m = self.metrics
         m.dlq_size.set(self.dlq["size"])
         m.spooled.set(self.dlq.get("spooled", 0))
@@ -276,6 +309,7 @@ class Observability:
         }
 
     async def status(self) -> dict[str, Any]:
+        self.view_read()
         bp = self.monitor.status()
         engine = self.engine.status()
         depth_levels = {q: v["level"] for q, v in bp["queues"].items()}
@@ -312,6 +346,7 @@ class Observability:
                 },
                 "draining": engine["draining"],
                 "in_flight": engine["in_flight"],
+                "loop_lag": self.loop_lag.status() if self.loop_lag else None,
             },
             "dlq_health": self.dlq,
             "backpressure_status": {

@@ -24,7 +24,12 @@ from sidecar.policy.breaker import BreakerConfig, BreakerState, KeyedBreakers
 from sidecar.policy.failure import error_signature
 from sidecar.policy.pressure import PressureLevel
 from sidecar.runtime.dlq import DeadLetterWriter
-from sidecar.runtime.observability import DLQ_REFRESH, Observability, ObservabilitySettings
+from sidecar.runtime.observability import (
+    DLQ_IDLE_REFRESH,
+    DLQ_REFRESH,
+    Observability,
+    ObservabilitySettings,
+)
 from sidecar.store.opening import open_store
 from sidecar.store.records import PatternRow
 from sidecar.store.spool import SpoolingStore
@@ -352,3 +357,64 @@ async def test_snapshot_skipped_under_critical_pressure(tmp_path):
                 nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+# --- when the store is read ------------------------------------------------------------------
+
+
+class CountingStore(FakeStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def failure_patterns(self) -> list[PatternRow]:
+        self.reads += 1
+        return super().failure_patterns()
+
+    def insert_metric(self, snapshot: Any) -> None:
+        pass  # the periodic db.metrics snapshot; not what these tests count
+
+
+async def test_store_is_read_only_when_something_may_have_changed(tmp_path, autojump_clock):
+    store = CountingStore()
+    obs = make_obs(tmp_path, store)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(obs.run)
+        await trio.sleep(DLQ_REFRESH / 2)
+        assert store.reads == 1  # the first view at start
+        await trio.sleep(5 * DLQ_REFRESH)
+        assert store.reads == 1  # nothing written, nobody looked
+        # A dead letter written: the next tick reads the store, and the gauge follows.
+        store.size = 1
+        obs.on_dead_letter(record("a", "TIMEOUT", "timed out"), new=True)
+        await trio.sleep(DLQ_REFRESH)
+        assert store.reads == 2
+        assert obs.metrics.registry.get_sample_value("sidecar_dlq_size") == 1
+        # Someone reads /status, the dashboard or /metrics: the next tick re-reads.
+        obs.view_read()
+        await trio.sleep(DLQ_REFRESH)
+        assert store.reads == 3
+        # Changes made from outside still show within the idle refresh.
+        store.size = 0
+        await trio.sleep(DLQ_IDLE_REFRESH)
+        assert store.reads == 4
+        assert obs.metrics.registry.get_sample_value("sidecar_dlq_size") == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_health_gauges_and_alerts_still_follow_every_tick(tmp_path, autojump_clock):
+    store = CountingStore()
+    store.size = 5
+    obs = make_obs(tmp_path, store)
+    broker: FakeBroker = obs.broker  # type: ignore[assignment]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(obs.run)
+        await trio.sleep(DLQ_REFRESH / 2)
+        broker.is_connected = False
+        broker.reconnects = 2
+        await trio.sleep(DLQ_REFRESH)
+        assert store.reads == 1
+        assert obs.metrics.registry.get_sample_value("sidecar_broker_connected") == 0
+        assert obs.metrics.registry.get_sample_value("sidecar_broker_reconnects_total") == 2
+        assert fired(obs, "DLQ_NOT_EMPTY") == 1
+        nursery.cancel_scope.cancel()
