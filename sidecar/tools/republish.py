@@ -144,6 +144,17 @@ def _has_token(record: DeadLetterRecord, token: str) -> bool:
     return any(h.get("token") == token for h in record.history)
 
 
+def _claim_of(
+    in_flight: dict[str, DeadLetterRecord], record_id: str, token: str
+) -> DeadLetterRecord | None:
+    """The in-flight record claimed with ``token``, taken out of ``in_flight`` (its entry
+    resolves it); a claim with another token stays, to be released if nothing does."""
+    record = in_flight.get(record_id)
+    if record is None or record.retryToken != token:
+        return None
+    return in_flight.pop(record_id)
+
+
 class Republisher:
     """Use as ``async with Republisher(...) as rp``: entering takes the store's lock and
     declares its ledger; a clean exit deletes the ledger queue when it is empty."""
@@ -225,6 +236,15 @@ class Republisher:
         for message in messages:
             await self._get.basic_reject(message.delivery.delivery_tag, requeue=True)
 
+    async def _settle(self, queue: str) -> None:
+        """Wait for a reply about ``queue`` on the getter channel: the broker then has
+        put back every entry rejected before it, so whoever takes the lock next finds
+        them all."""
+        try:
+            await self._get.queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            self._get = await self.amqp.channel(confirms=False)
+
     async def _drop_entry(self, record_id: str, token: str) -> bool:
         """Remove this record's ledger entry; others go back untouched."""
         others: list[Any] = []
@@ -250,24 +270,25 @@ class Republisher:
         result = Recovery()
         in_flight = {r.id: r for r in self.store.in_flight_retries()}
         now = datetime.now(UTC)
-        others: list[Any] = []
+        held = await self._take_ledger(self.ledger_queue)
+        unsettled = {m.delivery.delivery_tag: m for m, _ in held}
         try:
-            for message, entry in await self._take_ledger(self.ledger_queue):
+            for message, entry in held:
                 key = _id_and_token(entry)
                 if key is None or entry.get("store") != self.store_id:
-                    others.append(message)  # not this store's: left as it is
-                    continue
+                    continue  # not this store's: put back as it is
                 record_id, token = key
-                record = in_flight.pop(record_id, None) or self.store.get(record_id)
+                record = _claim_of(in_flight, record_id, token) or self.store.get(record_id)
                 if record is not None and not _has_token(record, token):
                     # The message was committed with this entry: it was published.
                     self._mark_recovered(record_id, token, entry, now)
                     result.marked.append(record_id)
                 result.dropped_ledger += 1
                 await self._get.basic_ack(message.delivery.delivery_tag)
+                del unsettled[message.delivery.delivery_tag]
         finally:
-            await self._put_back(others)
-        result.left_ledger += len(others)
+            await self._put_back(list(unsettled.values()))
+        result.left_ledger += len(unsettled)
         await self._recover_legacy(in_flight, result, now)
         for record in in_flight.values():
             # Claimed but no ledger entry: the publish never committed.
@@ -323,34 +344,34 @@ class Republisher:
         if depth is None or (depth == 0 and not in_flight):
             return
         lock = await self._legacy_lock()
-        others: list[Any] = []
+        held = await self._take_ledger(LEGACY_LEDGER_QUEUE)
+        unsettled = {m.delivery.delivery_tag: m for m, _ in held}
         try:
-            for message, entry in await self._take_ledger(LEGACY_LEDGER_QUEUE):
+            for message, entry in held:
                 key = _id_and_token(entry)
-                record = None
-                if key is not None:
-                    record = in_flight.get(key[0]) or self.store.get(key[0])
-                if key is None or record is None:
-                    others.append(message)
+                if key is None:
                     continue
                 record_id, token = key
+                record = _claim_of(in_flight, record_id, token) or self.store.get(record_id)
+                if record is None:
+                    continue  # another store's record
                 if _has_token(record, token):
-                    in_flight.pop(record_id, None)  # marked before the crash; a stale claim
+                    pass  # marked before the crash; only the entry was left
                 elif record.retryToken == token:
                     self._mark_recovered(record_id, token, entry, now)
                     result.marked.append(record_id)
-                    in_flight.pop(record_id, None)
                 else:
-                    others.append(message)  # the same id in another store
-                    continue
+                    continue  # the same id in another store, claimed there
                 result.dropped_ledger += 1
                 await self._get.basic_ack(message.delivery.delivery_tag)
+                del unsettled[message.delivery.delivery_tag]
         finally:
-            await self._put_back(others)
+            await self._put_back(list(unsettled.values()))
+            await self._settle(LEGACY_LEDGER_QUEUE)
             # Released now, not when the connection ends: other runs may be waiting.
             with contextlib.suppress(*BROKER_LOST):
                 await lock.queue_delete(LEGACY_LOCK_QUEUE)
-        result.left_ledger += len(others)
+        result.left_ledger += len(unsettled)
 
     # --- one record
 
