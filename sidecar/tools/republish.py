@@ -211,6 +211,8 @@ class Republisher:
             await self._get.queue_delete(self.ledger_queue, if_empty=True)
         except aiormq.exceptions.ChannelPreconditionFailed:
             return False  # entries left: the queue stays for the next run's recovery
+        except BROKER_LOST:
+            return False  # the run's work is done; an empty queue left behind is harmless
         return True
 
     async def queue_exists(self, queue: str) -> bool:
