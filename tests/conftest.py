@@ -18,7 +18,7 @@ import aiormq
 import pytest
 
 from sidecar.core.messages import tier_queue_name
-from tests.helpers.broker import BROKER_URL, TEST_TIERS, delete_queues
+from tests.helpers.broker import BROKER_URL, TEST_TIERS, delete_queues, run_amqp
 
 
 def _ping() -> bool:
@@ -66,14 +66,19 @@ def pytest_configure(config: pytest.Config) -> None:
 def rabbitmq() -> Any:
     """The broker, started if needed. Every test that touches the broker reaches it through
     this fixture (directly or via ``unique_queue``), so the end-of-session clean-up of the
-    operator tools' ledger queue lives here: a unit-only run never sets it up and never
-    connects."""
+    ledger queue from before store ids (which the tests of its recovery declare) lives
+    here: a unit-only run never sets it up and never connects. Only when empty: another
+    run on this broker may be using it. Each store's own ledger queue is deleted by the
+    tools when a run ends with it empty."""
     ensure_rabbitmq()
     yield BROKER_URL
-    from sidecar.tools.republish import LEDGER_QUEUE
+    from sidecar.tools.republish import LEGACY_LEDGER_QUEUE
+
+    async def delete_if_empty(channel: Any) -> None:
+        await channel.queue_delete(LEGACY_LEDGER_QUEUE, if_empty=True)
 
     with contextlib.suppress(OSError, aiormq.exceptions.AMQPError):
-        delete_queues([LEDGER_QUEUE])
+        run_amqp(delete_if_empty)
 
 
 @pytest.fixture

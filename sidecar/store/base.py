@@ -6,6 +6,7 @@ with a limiter of one per store, and both backends' drivers are blocking.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
@@ -141,6 +142,13 @@ class DeadLetterStore(Protocol):
         """Raise StoreUnavailable unless the store answers."""
         ...
 
+    def store_id(self) -> str:
+        """This store's persistent identity: a random id (uuid4 hex) created once, the
+        first time the store is opened, and kept in the store itself, so every process
+        opening the same store gets the same id and two stores never share one (a file
+        path would not do: two hosts' SQLite files may have the same path)."""
+        ...
+
     def close(self) -> None: ...
 
     def describe(self) -> str:
@@ -226,6 +234,14 @@ def apply_reprocess(
         retryToken=None if existing.retryToken == token else existing.retryToken,
     )
     return updated, True
+
+
+STORE_ID_KEY = "store_id"
+
+
+def new_store_id() -> str:
+    """A fresh store identity; kept only if no process stored one first."""
+    return uuid.uuid4().hex
 
 
 # --- URLs and credentials (redact_url lives in sidecar.redact, shared with the config)

@@ -12,7 +12,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -35,10 +35,12 @@ from pymongo.write_concern import WriteConcern
 
 from sidecar.store.base import (
     PATTERN_KEYS,
+    STORE_ID_KEY,
     PatternKey,
     PutResult,
     StoreUnavailable,
     history_entry,
+    new_store_id,
     put_each,
     redact_url,
     scrub,
@@ -166,6 +168,8 @@ class MongoStore:
         db = self._client.get_database(db_name, codec_options=codec, write_concern=wc)
         self._records: Collection[dict[str, Any]] = db.get_collection("dead_letter")
         self._metrics: Collection[dict[str, Any]] = db.get_collection("metrics")
+        self._meta: Collection[dict[str, Any]] = db.get_collection("sidecar_meta")
+        self._store_id: str | None = None
         self._indexes_ready = False
         self._index_lock = threading.Lock()
 
@@ -473,6 +477,24 @@ class MongoStore:
 
     def close(self) -> None:
         self._client.close()
+
+    def store_id(self) -> str:
+        """Created by the first upsert to reach the server; a racing upsert that loses on
+        the unique ``_id`` reads the winner's id."""
+        if self._store_id is None:
+            with self._guard("store id"):
+                with suppress(DuplicateKeyError):
+                    self._meta.update_one(
+                        {"_id": STORE_ID_KEY},
+                        {"$setOnInsert": {"value": new_store_id()}},
+                        upsert=True,
+                    )
+                doc = self._meta.find_one({"_id": STORE_ID_KEY})
+            value = None if doc is None else doc.get("value")
+            if not isinstance(value, str) or not value:
+                raise StoreUnavailable(f"{self.describe()}: no usable store id in sidecar_meta")
+            self._store_id = value
+        return self._store_id
 
     def describe(self) -> str:
         return f"mongodb {redact_url(self._url)} (database {self.database})"

@@ -34,11 +34,13 @@ from psycopg.conninfo import conninfo_to_dict
 
 from sidecar.store.base import (
     PATTERN_KEYS,
+    STORE_ID_KEY,
     PatternKey,
     PutResult,
     StoreUnavailable,
     apply_put,
     apply_reprocess,
+    new_store_id,
     put_each,
     redact_url,
     scrub,
@@ -104,6 +106,10 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 CREATE INDEX IF NOT EXISTS metrics_type_ts ON metrics (type, ts);
 CREATE TABLE IF NOT EXISTS sidecar_schema (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sidecar_meta (
+    key TEXT COLLATE "C" PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 _UPSERT = """
@@ -237,6 +243,7 @@ class PostgresStore:
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[Any] | None = None
         self._closed = False
+        self._store_id: str | None = None
 
     # --- plumbing
 
@@ -285,6 +292,13 @@ class PostgresStore:
                         f"{self.describe()}: schema version {version} is newer than this "
                         f"sidecar understands ({SCHEMA_VERSION})"
                     )
+                # Kept if a store id exists (this schema predates it, or another
+                # sidecar created it first): every sidecar of the store reads the same one.
+                cur.execute(
+                    "INSERT INTO sidecar_meta (key, value) VALUES (%s, %s)"
+                    " ON CONFLICT (key) DO NOTHING",
+                    (STORE_ID_KEY, new_store_id()),
+                )
             conn.commit()
         except BaseException:
             conn.close()
@@ -674,6 +688,19 @@ class PostgresStore:
             if not self._closed:
                 self._closed = True
                 self._drop()
+
+    def store_id(self) -> str:
+        if self._store_id is None:
+
+            def run(cur: psycopg.Cursor[Any]) -> str:
+                cur.execute("SELECT value FROM sidecar_meta WHERE key = %s", (STORE_ID_KEY,))
+                row = cur.fetchone()
+                if row is None:  # the connection's schema set-up creates it
+                    raise StoreUnavailable(f"{self.describe()}: no store id in sidecar_meta")
+                return str(row[0])
+
+            self._store_id = self._call("store id", run)
+        return self._store_id
 
     def describe(self) -> str:
         schema = f", schema {self.schema}" if self.schema else ""

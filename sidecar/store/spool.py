@@ -349,5 +349,9 @@ class SpoolingStore:
                     self._closed = True
                     self._conn.close()
 
+    def store_id(self) -> str:
+        """The primary's: the spool only holds records on their way to it."""
+        return self._call(self.primary.store_id)
+
     def describe(self) -> str:
         return f"{self.primary.describe()} (spool {self.spool_path})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -21,11 +22,13 @@ import msgspec
 
 from sidecar.store.base import (
     PATTERN_KEYS,
+    STORE_ID_KEY,
     PatternKey,
     PutResult,
     StoreUnavailable,
     apply_put,
     apply_reprocess,
+    new_store_id,
 )
 from sidecar.store.records import (
     DeadLetterRecord,
@@ -78,6 +81,10 @@ CREATE TABLE IF NOT EXISTS metrics (
     labels TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS metrics_type_timestamp ON metrics (type, timestamp);
+CREATE TABLE IF NOT EXISTS sidecar_meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 _COLUMNS = (
@@ -152,7 +159,7 @@ def connect_durable(
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"{what} at {path}: cannot open: {exc}") from exc
     try:
-        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        mode = _switch_to_wal(conn, busy_timeout_ms / 1000)
         if mode != "wal" and not memory:
             log.warning("%s at %s: journal_mode is %r, not WAL", what, path, mode)
         conn.execute("PRAGMA synchronous=FULL")
@@ -161,6 +168,20 @@ def connect_durable(
         conn.close()
         raise StoreUnavailable(f"{what} at {path}: cannot configure: {exc}") from exc
     return conn
+
+
+def _switch_to_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock: on a
+    fresh file SQLite reports "database is locked" at once, without waiting out the busy
+    timeout, when processes open it together."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def limit_size(conn: sqlite3.Connection, max_bytes: int | None) -> None:
@@ -212,6 +233,7 @@ class SqliteStore:
                     f"sqlite store at {self.path}: schema version {version} is newer than "
                     f"this sidecar understands ({SCHEMA_VERSION})"
                 )
+            self._store_id = self._own_store_id(self._conn)
             limit_size(self._conn, max_bytes)
         except sqlite3.Error as exc:
             self._conn.close()
@@ -223,6 +245,26 @@ class SqliteStore:
             raise
 
     # --- plumbing
+
+    @staticmethod
+    def _own_store_id(conn: sqlite3.Connection) -> str:
+        """The id kept in the file, created by whichever process opens it first: an insert
+        that keeps an existing row, then a read, so two processes opening a fresh file at
+        once agree on one id."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "INSERT INTO sidecar_meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO NOTHING",
+                (STORE_ID_KEY, new_store_id()),
+            )
+            row = conn.execute(
+                "SELECT value FROM sidecar_meta WHERE key = ?", (STORE_ID_KEY,)
+            ).fetchone()
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback(conn)
+            raise
+        return str(row[0])
 
     @contextmanager
     def _guard(self, action: str) -> Iterator[sqlite3.Connection]:
@@ -525,6 +567,9 @@ class SqliteStore:
             if not self._closed:
                 self._closed = True
                 self._conn.close()
+
+    def store_id(self) -> str:
+        return self._store_id
 
     def describe(self) -> str:
         return f"sqlite {self.path}"

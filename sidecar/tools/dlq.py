@@ -332,9 +332,7 @@ def _retry_dry_run(store: DeadLetterStore, flt: Any, args: argparse.Namespace) -
 
 async def _retry(url: str, store: DeadLetterStore, flt: Any, args: argparse.Namespace) -> int:
     token = new_token("retry")
-    async with Amqp(url) as amqp:
-        rp = Republisher(amqp, store, tool="dlq retry", token=token)
-        await rp.open()
+    async with Amqp(url) as amqp, Republisher(amqp, store, tool="dlq retry", token=token) as rp:
         recovery = await rp.recover()
         _print_recovery(recovery, args.json)
         ids = [r.id for r in store.find(flt, limit=args.limit)]  # the snapshot
@@ -397,9 +395,7 @@ def cmd_move(args: argparse.Namespace) -> int:
 
 async def _move(url: str, store: DeadLetterStore, args: argparse.Namespace) -> int:
     token = new_token("move")
-    async with Amqp(url) as amqp:
-        rp = Republisher(amqp, store, tool="dlq move", token=token)
-        await rp.open()
+    async with Amqp(url) as amqp, Republisher(amqp, store, tool="dlq move", token=token) as rp:
         recovery = await rp.recover()
         _print_recovery(recovery, args.json)
         # An exact id: a prefix that happens to be unique is fine to read, not to send.
@@ -471,9 +467,7 @@ async def _send_one(
     tool: str,
 ) -> dict[str, Any]:
     token = new_token("retry" if target_queue is None else "move")
-    async with Amqp(url) as amqp:
-        rp = Republisher(amqp, store, tool=tool, token=token)
-        await rp.open()
+    async with Amqp(url) as amqp, Republisher(amqp, store, tool=tool, token=token) as rp:
         await rp.recover()
         record = store.get(record_id)
         if record is None:

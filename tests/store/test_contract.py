@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
@@ -26,6 +27,13 @@ def test_store_satisfies_protocol(store: DeadLetterStore) -> None:
     assert isinstance(store, DeadLetterStore)
     assert store.name in ("sqlite", "mongodb", "postgresql")
     assert store.describe()
+
+
+def test_store_id_is_a_uuid_hex_kept_across_calls(store: DeadLetterStore) -> None:
+    store_id = store.store_id()
+    assert re.fullmatch(r"[0-9a-f]{32}", store_id), store_id
+    store.put(make_record("after-id"))
+    assert store.store_id() == store_id
 
 
 def test_put_get_round_trips_every_field(store: DeadLetterStore) -> None:

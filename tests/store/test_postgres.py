@@ -511,3 +511,51 @@ async def test_two_running_sidecars_dead_letter_into_one_store(
     assert len({r.id for r in records}) == len(bodies)
     assert {r.processingHost for r in records} == {"pod-a", "pod-b"}
     assert all(r.failureReason == "VALIDATION_FAILED" for r in records)
+
+
+def test_store_id_is_shared_by_the_store_and_kept_in_it(
+    postgres_database: str, postgres_schema: str
+) -> None:
+    first = PostgresStore(postgres_database, schema=postgres_schema)
+    second = PostgresStore(postgres_database, schema=postgres_schema)
+    other = PostgresStore(postgres_database, schema=postgres_schema + "_other")
+    try:
+        store_id = first.store_id()
+        # Another sidecar of the same store, and the same store reopened, read the same id.
+        assert second.store_id() == store_id
+        first.close()
+        first = PostgresStore(postgres_database, schema=postgres_schema)
+        assert first.store_id() == store_id
+        # Another schema is another store.
+        assert other.store_id() != store_id
+        rows = _sql(postgres_database, f"SELECT value FROM {postgres_schema}.sidecar_meta")
+        assert rows == [(store_id,)]
+    finally:
+        for s in (first, second, other):
+            s.close()
+        _sql(
+            postgres_database,
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE")
+            .format(sql.Identifier(postgres_schema + "_other"))
+            .as_string(None),
+        )
+
+
+def test_store_from_before_store_ids_gets_one_on_first_open(
+    postgres_database: str, postgres_schema: str
+) -> None:
+    old = PostgresStore(postgres_database, schema=postgres_schema)
+    old.put(make_record("kept"))
+    old.close()
+    _sql(postgres_database, f"DROP TABLE {postgres_schema}.sidecar_meta")
+    upgraded = PostgresStore(postgres_database, schema=postgres_schema)
+    try:
+        store_id = upgraded.store_id()
+        assert len(store_id) == 32 and upgraded.get("kept") is not None
+    finally:
+        upgraded.close()
+    reopened = PostgresStore(postgres_database, schema=postgres_schema)
+    try:
+        assert reopened.store_id() == store_id
+    finally:
+        reopened.close()

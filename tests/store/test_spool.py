@@ -94,6 +94,10 @@ def test_is_a_dead_letter_store(spool: SpoolingStore) -> None:
     assert "spool" in spool.describe()
 
 
+def test_store_id_is_the_primarys(spool: SpoolingStore, primary: FlakyPrimary) -> None:
+    assert spool.store_id() == primary.inner.store_id()
+
+
 def test_puts_go_to_primary_while_it_is_up(spool: SpoolingStore, primary: FlakyPrimary) -> None:
     assert spool.put(make_record("a")) is True
     assert spool.put(make_record("a")) is False  # the primary's idempotency shows through

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -195,3 +198,96 @@ def test_in_memory_store() -> None:
         assert store.describe() == "sqlite :memory:"
     finally:
         store.close()
+
+
+# --- the store's identity
+
+
+def test_store_id_survives_reopen_and_differs_between_files(tmp_path: Path) -> None:
+    first = SqliteStore(tmp_path / "a.db")
+    store_id = first.store_id()
+    first.close()
+    again = SqliteStore(tmp_path / "a.db")
+    other = SqliteStore(tmp_path / "b.db")
+    try:
+        assert again.store_id() == store_id
+        assert other.store_id() != store_id
+    finally:
+        again.close()
+        other.close()
+
+
+def test_store_from_before_store_ids_gets_one_on_first_open(db_path: Path) -> None:
+    old = SqliteStore(db_path)
+    old.put(make_record("kept"))
+    old.close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("DROP TABLE sidecar_meta")  # the layout before store ids existed
+    conn.commit()
+    conn.close()
+    upgraded = SqliteStore(db_path)
+    try:
+        store_id = upgraded.store_id()
+        assert store_id and upgraded.get("kept") is not None
+    finally:
+        upgraded.close()
+    reopened = SqliteStore(db_path)
+    try:
+        assert reopened.store_id() == store_id
+    finally:
+        reopened.close()
+
+
+def test_threads_opening_one_fresh_file_agree_on_its_id(db_path: Path) -> None:
+    start = threading.Barrier(8)
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def open_and_read() -> None:
+        try:
+            start.wait(timeout=10)
+            s = SqliteStore(db_path)
+            try:
+                ids.append(s.store_id())
+            finally:
+                s.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_and_read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    assert len(ids) == 8 and len(set(ids)) == 1
+
+
+_PRINT_STORE_ID = """
+import sys, time
+from sidecar.store.sqlite import SqliteStore
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
+store = SqliteStore(sys.argv[1])
+print(store.store_id())
+store.close()
+"""
+
+
+def test_processes_opening_one_fresh_file_agree_on_its_id(db_path: Path) -> None:
+    # All start their open at one agreed instant, after the interpreters have loaded.
+    at_instant = str(time.time() + 2.0)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PRINT_STORE_ID, str(db_path), at_instant],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        outputs.append(out.strip())
+    assert len(set(outputs)) == 1 and len(outputs[0]) == 32

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import aiormq
+import aiormq.exceptions
 
 from sidecar.store.records import DeadLetterRecord, payload_from_body
 from sidecar.store.sqlite import SqliteStore
@@ -147,3 +148,34 @@ def props_of(message: Any) -> dict[str, Any]:
         **{n: getattr(p, n) for n in names},
         "headers": dict(p.headers or {}),
     }
+
+
+def queue_exists(queue: str) -> bool:
+    async def go(channel: Any) -> bool:
+        try:
+            await channel.queue_declare(queue, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+        return True
+
+    return bool(run_amqp(go))
+
+
+def peek(queue: str) -> list[dict[str, Any]]:
+    """The JSON entries in a queue, all put back; [] when the queue does not exist."""
+
+    async def go(channel: Any) -> list[dict[str, Any]]:
+        held = []
+        try:
+            while True:
+                m = await channel.basic_get(queue, no_ack=False)
+                if isinstance(m.delivery, aiormq.spec.Basic.GetEmpty):
+                    break
+                held.append(m)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return []
+        for m in held:
+            await channel.basic_reject(m.delivery.delivery_tag, requeue=True)
+        return [json.loads(m.body) for m in held]
+
+    return list(run_amqp(go))

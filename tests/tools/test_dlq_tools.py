@@ -7,12 +7,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiormq
 import pytest
 
 from sidecar.attempts import REPROCESSED_FROM
-from tests.helpers import run_amqp
-from tests.tools.helpers import CRASHING_CLI, at, cli, declare, drain, open_store, put, record
+from sidecar.tools.republish import ledger_queue, lock_queue
+from tests.tools.helpers import (
+    CRASHING_CLI,
+    at,
+    cli,
+    declare,
+    drain,
+    open_store,
+    put,
+    queue_exists,
+    record,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -277,24 +286,15 @@ def test_unreachable_broker_and_store(tmp_path: Path, rabbitmq: str) -> None:
 
 
 def test_ledger_left_empty(tmp_path: Path, unique_queue: Any) -> None:
+    """A clean run deletes its store's ledger queue, and the broker its lock queue."""
     queue = unique_queue("tools")
     declare(queue)
     put(tmp_path, record("l1", queue, 1))
+    store = open_store(tmp_path)
+    store_id = store.store_id()
+    store.close()
     out = cli("dlq", "retry", "--pattern", "TIMEOUT", tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
-
-    async def ledger_ids(channel: Any) -> list[str]:
-        held = []
-        ids = []
-        while True:
-            m = await channel.basic_get("sidecar.dlq.ledger", no_ack=False)
-            if isinstance(m.delivery, aiormq.spec.Basic.GetEmpty):
-                break
-            held.append(m)
-            ids.append(json.loads(m.body)["id"])
-        for m in held:
-            await channel.basic_reject(m.delivery.delivery_tag, requeue=True)
-        return ids
-
-    assert "l1" not in run_amqp(ledger_ids)
-    drain(queue)
+    assert not queue_exists(ledger_queue(store_id))
+    assert not queue_exists(lock_queue(store_id))
+    _check_republished(drain(queue), {"l1"})

@@ -18,7 +18,19 @@ from typing import Any
 
 import pytest
 
-from tests.tools.helpers import CLI, cli, declare, drain, open_store, put, record, store_url
+from sidecar.store.records import RecordFilter
+from sidecar.tools.republish import ledger_queue
+from tests.tools.helpers import (
+    CLI,
+    cli,
+    declare,
+    drain,
+    open_store,
+    put,
+    queue_exists,
+    record,
+    store_url,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -327,6 +339,19 @@ def test_broker_lost_during_retry_is_exit_5_in_one_line(tmp_path: Path, unique_q
     assert "Traceback" not in err
     assert len(err.strip().splitlines()) == 1, err
     assert "lost the broker connection" in err or "broker unavailable" in err
+    # A rerun recovers what the lost connection left in the store's ledger and finishes,
+    # and leaves no ledger queue behind.
+    rerun = cli("dlq", "retry", "--queue", queue, "--limit", "200", "--rate", "1000",
+                tmp_path=tmp_path)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    store = open_store(tmp_path)
+    try:
+        assert store.in_flight_retries() == []
+        assert store.count(RecordFilter(reprocessed=False)) == 0
+        store_id = store.store_id()
+    finally:
+        store.close()
+    assert not queue_exists(ledger_queue(store_id))
     drain(queue)
 
 
