@@ -657,6 +657,7 @@ def test_alert_rules_cover_the_seed() -> None:
         "SidecarQueueDepthCritical",
         "SidecarBrokerDisconnected",
         "SidecarStoreSpooling",
+        "SidecarEventLoopStalls",
     }
     for name, rule in rules.items():
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), name
