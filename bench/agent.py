@@ -21,6 +21,22 @@ from sidecar import protocol as p
 from sidecar.client import AgentClient, connect_unix, open_agent
 
 
+def emit_consumed(n: int, count: int, first: float, cpu0: float, errors: list[p.Error]) -> None:
+    """The result of a consume run: ``n`` messages since ``first`` (wall) and ``cpu0``."""
+    last = time.time()
+    elapsed = last - first
+    emit(
+        event="result",
+        n=n,
+        cpu_s=cpu_seconds() - cpu0,
+        complete=n >= count,
+        first=first,
+        last=last,
+        rate=(n - 1) / elapsed if elapsed > 0 and n > 1 else 0.0,
+        errors=[e.code for e in errors][:5],
+    )
+
+
 async def consume(socket: str, queue: str, count: int, batch: int, idle: float) -> None:
     async with open_agent(socket, agent="bench-consume", queues=[queue]) as a:
         emit(event="ready")
@@ -36,18 +52,7 @@ async def consume(socket: str, queue: str, count: int, batch: int, idle: float) 
             await a.ack([m.id for m in messages])
             n += len(messages)
             last_progress = time.monotonic()
-        last, cpu_s = time.time(), cpu_seconds() - cpu0
-        elapsed = last - first
-        emit(
-            event="result",
-            n=n,
-            cpu_s=cpu_s,
-            complete=n >= count,
-            first=first,
-            last=last,
-            rate=(n - 1) / elapsed if elapsed > 0 and n > 1 else 0.0,
-            errors=[e.code for e in a.errors][:5],
-        )
+        emit_consumed(n, count, first, cpu0, a.errors)
 
 
 async def consume_each(socket: str, queue: str, count: int, batch: int, idle: float) -> None:
@@ -65,18 +70,7 @@ async def consume_each(socket: str, queue: str, count: int, batch: int, idle: fl
             await message.ack()
             n += 1
             last_progress = time.monotonic()
-        last, cpu_s = time.time(), cpu_seconds() - cpu0
-        elapsed = last - first
-        emit(
-            event="result",
-            n=n,
-            cpu_s=cpu_s,
-            complete=n >= count,
-            first=first,
-            last=last,
-            rate=(n - 1) / elapsed if elapsed > 0 and n > 1 else 0.0,
-            errors=[e.code for e in a.errors][:5],
-        )
+        emit_consumed(n, count, first, cpu0, a.errors)
 
 
 async def latency(socket: str, queue: str, count: int, batch: int, idle: float) -> None:
