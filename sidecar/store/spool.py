@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 
@@ -134,21 +134,24 @@ class SpoolingStore:
         """A record as a spool row; raises (before anything is written) if it cannot be."""
         return record.id, to_text(datetime.now(UTC)), _encoder.encode(record)
 
-    def _append(self, rows: list[tuple[str, str, bytes]]) -> None:
+    def _write_all(self, action: str, statement: str, rows: Sequence[tuple[Any, ...]]) -> None:
         """Every row in one transaction under synchronous=FULL: one fsync for the batch,
         and all of it on disk when this returns (or none of it)."""
 
-        def append(conn: sqlite3.Connection) -> None:
+        def write(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany("INSERT INTO spool (id, spooledAt, doc) VALUES (?, ?, ?)", rows)
+                conn.executemany(statement, rows)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
 
-        self._spool_op("append", append)
+        self._spool_op(action, write)
+
+    def _append(self, rows: list[tuple[str, str, bytes]]) -> None:
+        self._write_all("append", "INSERT INTO spool (id, spooledAt, doc) VALUES (?, ?, ?)", rows)
 
     # --- the contract, plus drain/spooled
 
@@ -228,10 +231,11 @@ class SpoolingStore:
     def drain(self, max_items: int = 500) -> int:
         """Replay up to ``max_items`` spooled records into the primary, oldest first.
 
-        Each is deleted from the spool only after the primary accepted it; the first
-        StoreUnavailable stops the drain. A record the primary rejects for another reason
-        (poison) is kept, its error noted, and skipped so it cannot block the rest.
-        Returns how many records were moved.
+        Each chunk goes to the primary's ``put_many`` (one transaction where it has them),
+        and a record is deleted from the spool only after the primary accepted it; a
+        StoreUnavailable stops the drain. A record the primary rejects for another reason,
+        or one that no longer decodes (poison), is kept, its error noted, and skipped so it
+        cannot block the rest. Returns how many records were moved.
         """
         moved = 0
         after = 0
@@ -239,21 +243,35 @@ class SpoolingStore:
             rows = self._read_after(after, min(100, max_items - moved))
             if not rows:
                 break
+            after = rows[-1][0]
+            seqs: list[int] = []
+            records: list[DeadLetterRecord] = []
             for seq, doc in rows:
-                after = seq
                 try:
-                    self._call(self.primary.put, _decoder.decode(doc))
-                except StoreUnavailable:
-                    return moved
+                    records.append(_decoder.decode(doc))
+                    seqs.append(seq)
                 except Exception as exc:
-                    log.exception("spooled record seq=%d rejected by the primary", seq)
-                    self._note_error(seq, f"{type(exc).__name__}: {exc}")
-                    continue
-                self._delete(seq)
-                moved += 1
-                if moved >= max_items:
-                    break
+                    self._reject(seq, exc)
+            if not records:
+                continue
+            try:
+                results = self._call(self.primary.put_many, records)
+            except StoreUnavailable:
+                return moved
+            stored: list[int] = []
+            for seq, result in zip(seqs, results, strict=True):
+                if isinstance(result, Exception):
+                    self._reject(seq, result)
+                else:
+                    stored.append(seq)
+            self._delete(stored)
+            moved += len(stored)
         return moved
+
+    def _reject(self, seq: int, exc: Exception) -> None:
+        log.error("spooled record seq=%d rejected by the primary: %s: %s", seq,
+                  type(exc).__name__, exc)  # fmt: skip
+        self._note_error(seq, f"{type(exc).__name__}: {exc}")
 
     def _read_after(self, after: int, n: int) -> list[tuple[int, bytes]]:
         return self._spool_op(
@@ -272,8 +290,10 @@ class SpoolingStore:
             ),
         )
 
-    def _delete(self, seq: int) -> None:
-        self._spool_op("delete", lambda c: c.execute("DELETE FROM spool WHERE seq = ?", (seq,)))
+    def _delete(self, seqs: list[int]) -> None:
+        """Forget records the primary now holds, in one transaction."""
+        if seqs:
+            self._write_all("delete", "DELETE FROM spool WHERE seq = ?", [(seq,) for seq in seqs])
 
     def spooled(self) -> int:
         """Records waiting in the local spool."""

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
-from sidecar.store.base import DeadLetterStore, StoreUnavailable
+from sidecar.store.base import DeadLetterStore, PutResult, StoreUnavailable, put_each
 from sidecar.store.mongo import MongoStore
 from sidecar.store.records import DeadLetterRecord, RecordFilter, normalise_record
 from sidecar.store.spool import SpoolingStore
@@ -35,6 +35,7 @@ class FlakyPrimary:
         self.ack_lost_on: str | None = None  # write this id, then report failure
         self.poison: set[str] = set()
         self.put_calls = 0
+        self.batches: list[int] = []  # the size of each put_many
         self.accepted: list[str] = []
 
     def _check(self) -> None:
@@ -57,6 +58,12 @@ class FlakyPrimary:
             self.ack_lost_on = None
             raise StoreUnavailable("flaky primary: reply lost after the write")
         return new
+
+    def put_many(self, records: Sequence[DeadLetterRecord]) -> list[PutResult]:
+        """Like a backend without multi-record transactions (the worst case for a drain):
+        one put after another, so a failure can land after part of the batch was written."""
+        self.batches.append(len(records))
+        return put_each(self.put, records)
 
     def __getattr__(self, attr: str) -> Any:
         target = getattr(self.inner, attr)
@@ -165,17 +172,18 @@ def test_crash_mid_drain_then_drain_again_yields_each_record_once(
     for record in batch:
         spool.put(record)
     primary.down = False
-    primary.puts_left = 4  # the primary dies after four records
-    assert spool.drain() == 4
-    assert spool.spooled() == 6
+    primary.puts_left = 4  # the primary dies after four records of the drained batch
+    assert spool.drain() == 0  # the batch failed: all of it stays spooled
+    assert spool.spooled() == 10
     assert spool.primary_available is False
 
     primary.down = False
     primary.puts_left = None
-    assert spool.drain() == 6
+    assert spool.drain() == 10
     assert spool.spooled() == 0
-    assert primary.accepted == [r.id for r in batch]
-    assert sorted(r.id for r in spool.find(limit=100)) == [r.id for r in batch]
+    ids = [r.id for r in batch]
+    assert primary.accepted == [*ids[:4], *ids]  # the four written twice: no-ops the 2nd time
+    assert sorted(r.id for r in spool.find(limit=100)) == ids
     assert spool.count() == 10
 
 
@@ -188,12 +196,12 @@ def test_reply_lost_after_primary_write_duplicates_nothing(
         spool.put(record)
     primary.down = False
     primary.ack_lost_on = batch[2].id  # written, but the drain sees a failure: kept in spool
-    assert spool.drain() == 2
-    assert spool.spooled() == 2
-    assert spool.drain() == 2
+    assert spool.drain() == 0
+    assert spool.spooled() == 4
+    assert spool.drain() == 4
     assert spool.spooled() == 0
     ids = [r.id for r in batch]
-    assert primary.accepted == [*ids[:3], ids[2], ids[3]]  # the re-put of ids[2] was a no-op
+    assert primary.accepted == [*ids[:3], *ids]  # the re-puts of the first three were no-ops
     assert spool.count() == 4
     assert [r.id for r in spool.find(limit=100)] == [r.id for r in reversed(batch)]
 
@@ -226,6 +234,38 @@ def test_drain_respects_max_items(spool: SpoolingStore, primary: FlakyPrimary) -
     assert primary.accepted == [r.id for r in batch[:120]]
     assert spool.drain(max_items=500) == 130
     assert primary.accepted == [r.id for r in batch]
+
+
+def test_drain_hands_the_primary_a_batch_at_a_time(
+    spool: SpoolingStore, primary: FlakyPrimary
+) -> None:
+    primary.down = True
+    for record in records(250):
+        spool.put(record)
+    primary.down = False
+    assert spool.drain() == 250
+    # One put_many per chunk of 100 (one transaction each on SQLite and PostgreSQL), not
+    # one write per record.
+    assert primary.batches == [100, 100, 50]
+    assert spool.spooled() == 0 and primary.inner.count() == 250
+
+
+def test_a_spooled_row_that_no_longer_decodes_is_kept_and_skipped(
+    spool: SpoolingStore, primary: FlakyPrimary
+) -> None:
+    primary.down = True
+    batch = records(2)
+    spool.put(batch[0])
+    conn = sqlite3.connect(spool.spool_path)
+    with conn:
+        conn.execute("INSERT INTO spool (id, spooledAt, doc) VALUES ('bad', '2026-01-01', x'7b7b')")
+    conn.close()
+    spool.put(batch[1])
+    primary.down = False
+    assert spool.drain() == 2
+    assert primary.accepted == [batch[0].id, batch[1].id]
+    rows = sqlite3.connect(spool.spool_path).execute("SELECT id, attempts FROM spool")
+    assert rows.fetchall() == [("bad", 1)]
 
 
 def test_poison_record_does_not_block_the_spool(
