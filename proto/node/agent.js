@@ -1,14 +1,30 @@
 #!/usr/bin/env node
-// Example agent for the sidecar agent protocol v1 (see ../PROTOCOL.md), JSON text frames.
+// A Node.js client for the sidecar agent protocol v1 (see ../PROTOCOL.md), JSON text frames,
+// and an example program using it.
+//
+//   const { Agent } = require('./agent');
+//   const agent = new Agent('/run/sidecar/agent.sock');
+//   await agent.hello('parser', '1.0.0', ['html.raw']);
+//   for await (const message of agent.messages()) {   // one delivery at a time
+//     ...                                            // message.body (a Buffer), .attempt, .headers
+//     message.ack();                                 // or fail(reason, error) / extend(seconds)
+//     await message.publish('result', 'html.parsed'); // continues the message's trace
+//   }
+//   agent.close();                                   // 1000: what is still held is requeued uncharged
+//
+// Behind messages() one batch is pulled ahead within the welcome's limits, the acks of a
+// burst share one frame, and buffered deliveries have their deadlines extended while the
+// agent works (the Python clients' rules, ./prefetch.js). agent.run(handler) does the same
+// with a handler: ack on return, fail with the mapped reason on throw; what the handler
+// publishes continues its message's trace (traceparent, tracestate).
 //
 //   node agent.js <socket path> <queue> <N> [publish queue]
 //
-// Connects over the Unix socket, says hello, publishes one message to "<queue>.out" (or the
-// optional 4th argument), then runs a handler over pulled messages: a message is acked when
-// the handler returns and failed with the reason its exception maps to when it throws (a
-// Failure names its reason; here a body containing "fail" throws one). It exits after N
-// messages with a JSON summary line on stdout. Ctrl-C closes the connection with 1000, so
-// whatever the agent still holds is requeued uncharged, and exits quietly.
+// The example connects over the Unix socket, says hello, publishes one message to
+// "<queue>.out" (or the optional 4th argument), then runs a handler over the messages: a
+// body containing "fail" throws a Failure. It exits after N messages with a JSON summary line
+// on stdout. Ctrl-C closes the connection with 1000, so whatever the agent still holds is
+// requeued uncharged, and exits quietly.
 'use strict';
 
 const { AsyncLocalStorage } = require('node:async_hooks');
