@@ -121,8 +121,9 @@ class Message {
     return this.decoded;
   }
 
-  // Done. The ack goes out with the others of the same burst: as soon as the agent waits for
-  // anything (the next message or its own I/O), or ACK_DELAY after the first.
+  // Done. The ack goes out with the others of the same burst: when the event loop next turns
+  // (the agent awaits I/O, a timer or the next batch), or with the next message asked for
+  // ACK_DELAY or more after the first ack.
   ack() {
     this.agent.ackSoon(this.delivery.id);
   }
@@ -345,7 +346,7 @@ class Agent {
     this.checkHeld([id]);
     this.held.delete(id);
     this.prefetch.ackLater(id, nowSeconds());
-    // Runs as soon as the agent's code waits for anything: the event loop turns then.
+    // Runs as soon as the agent's code waits for I/O or a timer: the event loop turns then.
     this.flushQueued ??= setImmediate(() => {
       this.flushQueued = null;
       this.flushAcks();
