@@ -27,16 +27,24 @@ class RoleError(RuntimeError):
 
 
 class Proc:
-    """One ``python -m bench.<role>`` child; stdout is JSON lines, stderr goes to a log."""
+    """One ``python -m bench.<role>`` child (or ``command``, another program speaking the
+    same JSON lines); stdout is JSON lines, stderr goes to a log."""
 
-    def __init__(self, name: str, module: str, args: list[str], env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+    ):
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.log_path = LOG_DIR / f"{name}.log"
         self._log = self.log_path.open("w")
         self.events: queue.Queue[dict[str, Any]] = queue.Queue()
         self.p = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [*(command or [sys.executable, "-m", module]), *args],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,

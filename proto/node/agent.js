@@ -1,17 +1,37 @@
 #!/usr/bin/env node
-// Example agent for the sidecar agent protocol v1 (see ../PROTOCOL.md), JSON text frames.
+// A Node.js client for the sidecar agent protocol v1 (see ../PROTOCOL.md), JSON text frames,
+// and an example program using it.
+//
+//   const { Agent } = require('./agent');
+//   const agent = new Agent('/run/sidecar/agent.sock');
+//   await agent.hello('parser', '1.0.0', ['html.raw']);
+//   for await (const message of agent.messages()) {   // one delivery at a time
+//     ...                                            // message.body (a Buffer), .attempt, .headers
+//     message.ack();                                 // or fail(reason, error) / extend(seconds)
+//     await message.publish('result', 'html.parsed'); // continues the message's trace
+//   }
+//   agent.close();                                   // 1000: what is still held is requeued uncharged
+//
+// Behind messages() one batch is pulled ahead within the welcome's limits, the acks of a
+// burst share one frame, and buffered deliveries have their deadlines extended while the
+// agent works (the Python clients' rules, ./prefetch.js). agent.run(handler) does the same
+// with a handler: ack on return, fail with the mapped reason on throw; what the handler
+// publishes continues its message's trace (traceparent, tracestate).
 //
 //   node agent.js <socket path> <queue> <N> [publish queue]
 //
-// Connects over the Unix socket, says hello, publishes one message to "<queue>.out" (or the
-// optional 4th argument), then runs a handler over pulled messages: a message is acked when
-// the handler returns and failed with the reason its exception maps to when it throws (a
-// Failure names its reason; here a body containing "fail" throws one). It exits after N
-// messages with a JSON summary line on stdout. Ctrl-C closes the connection with 1000, so
-// whatever the agent still holds is requeued uncharged, and exits quietly.
+// The example connects over the Unix socket, says hello, publishes one message to
+// "<queue>.out" (or the optional 4th argument), then runs a handler over the messages: a
+// body containing "fail" throws a Failure. It exits after N messages with a JSON summary line
+// on stdout. Ctrl-C closes the connection with 1000, so whatever the agent still holds is
+// requeued uncharged, and exits quietly.
 'use strict';
 
+const { AsyncLocalStorage } = require('node:async_hooks');
 const WebSocket = require('ws');
+
+const { Prefetch } = require('./prefetch');
+const { withTrace } = require('./tracecontext');
 
 const MIN_RESEND_MS = 50; // a throttled publish is never resent sooner than this
 
@@ -56,23 +76,91 @@ function reasonFor(err) {
   return { reason: 'PROCESSING_ERROR', error };
 }
 
+// --- trace context -------------------------------------------------------------------------
+
+// The delivery whose handler is running (set by `run`), so what the handler publishes
+// continues that delivery's trace without passing it along.
+const handling = new AsyncLocalStorage();
+
 // --- the client ----------------------------------------------------------------------------
+
+function nowSeconds() {
+  return performance.now() / 1000;
+}
+
+function closedError() {
+  return new Error('connection to the sidecar closed');
+}
+
+// One delivery handed out by `messages()`, with the calls that answer it. `ack`, `fail` and
+// `extend` take effect at once (no need to await them); an id the agent no longer holds
+// throws a SidecarError (unknown_delivery) before anything is sent.
+class Message {
+  constructor(agent, delivery) {
+    this.agent = agent;
+    this.delivery = delivery; // the delivery as the sidecar sent it (body in base64)
+    this.decoded = null;
+  }
+
+  get id() { return this.delivery.id; }
+  get queue() { return this.delivery.queue; }
+  get attempt() { return this.delivery.attempt; }
+  get deadline() { return this.delivery.deadline; }
+  get headers() { return this.delivery.headers; }
+  get routingKey() { return this.delivery.routing_key || ''; }
+  get exchange() { return this.delivery.exchange || ''; }
+  get messageId() { return this.delivery.message_id ?? null; }
+  get contentType() { return this.delivery.content_type ?? null; }
+  get priority() { return this.delivery.priority ?? null; }
+  get redelivered() { return Boolean(this.delivery.redelivered); }
+  get reducedScope() { return Boolean(this.delivery.reduced_scope); }
+
+  // The body as a Buffer (decoded once).
+  get body() {
+    if (this.decoded === null) this.decoded = Buffer.from(this.delivery.body, 'base64');
+    return this.decoded;
+  }
+
+  // Done. The ack goes out with the others of the same burst: when the event loop next turns
+  // (the agent awaits I/O, a timer or the next batch), or with the next message asked for
+  // ACK_DELAY or more after the first ack.
+  ack() {
+    this.agent.ackSoon(this.delivery.id);
+  }
+
+  fail(reason, error = '', retryAfter = null) {
+    this.agent.fail(this.delivery.id, reason, error, retryAfter);
+  }
+
+  extend(seconds) {
+    this.agent.extend([this.delivery.id], seconds);
+  }
+
+  // `publish` continuing this message's trace (its traceparent and tracestate).
+  publish(body, queue, fields = {}) {
+    return this.agent.publish(body, queue, { ...fields, trace: this.delivery });
+  }
+}
 
 class Agent {
   constructor(socketPath) {
     this.ws = new WebSocket(`ws+unix://${socketPath}:/`);
     this.welcome = null;
     this.errors = []; // errors no call was waiting for (late answers, expired deadlines)
-    this.held = new Set();
+    this.held = new Set(); // handed out or buffered, not answered yet
     this.nextRef = 1;
-    this.pendingPull = null; // { resolve, reject }
+    this.prefetch = new Prefetch();
+    this.batchWaiters = []; // { resolve, reject }: waiting for the batch of the pull that is out
     this.pendingPublishes = new Map(); // ref -> { resolve, reject }
+    this.flushQueued = null; // the setImmediate that sends waiting acks
+    this.keeperTimer = null; // extends buffered deliveries while the agent works
+    this.keeperDue = Infinity;
     this.closed = false;
     this.onWelcome = null;
     this.ws.on('message', (data, isBinary) => {
       if (!isBinary) this.route(JSON.parse(data.toString('utf8')));
     });
-    this.ws.on('close', () => this.fail_all(new Error('connection to the sidecar closed')));
+    this.ws.on('close', () => this.fail_all(closedError()));
     this.ws.on('error', (err) => this.fail_all(err));
   }
 
@@ -96,10 +184,16 @@ class Agent {
         if (this.onWelcome) this.onWelcome.resolve(frame);
         break;
       case 'batch': {
-        for (const m of frame.messages) this.held.add(m.id);
-        const waiter = this.pendingPull;
-        this.pendingPull = null;
-        if (waiter) waiter.resolve(frame.messages);
+        for (const m of frame.messages) {
+          // Fields at their default value are left out of the frame.
+          m.attempt ??= 1;
+          m.deadline ??= 30.0;
+          m.headers ??= {};
+          this.held.add(m.id);
+        }
+        this.prefetch.arrived(frame.messages, nowSeconds());
+        this.wakeBatchWaiters(null);
+        this.arm(true);
         break;
       }
       case 'published': {
@@ -131,33 +225,108 @@ class Agent {
       waiter.reject(err);
       return;
     }
-    if ((frame.code === 'invalid_pull' || frame.code === 'pull_in_progress') && this.pendingPull) {
-      const waiter = this.pendingPull;
-      this.pendingPull = null;
-      waiter.reject(err);
+    if (frame.code === 'invalid_pull' && this.prefetch.pulling) {
+      this.prefetch.pullAnswered();
+      this.wakeBatchWaiters(err);
       return;
     }
+    // The pull that is out keeps going: its batch is the one to wait for.
+    if (frame.code === 'pull_in_progress' && this.prefetch.pulling) return;
     if (frame.code === 'deadline_expired' && frame.ref != null) this.held.delete(frame.ref);
     for (const id of frame.ids || []) this.held.delete(id);
     this.errors.push({ code: frame.code, message: frame.message, ids: frame.ids || null });
+    this.errors.splice(0, this.errors.length - 100); // the recent ones, not a long session's all
   }
 
   fail_all(err) {
     this.closed = true;
-    if (this.pendingPull) this.pendingPull.reject(err);
-    this.pendingPull = null;
+    this.held.clear(); // the sidecar has taken back whatever the connection held
+    this.wakeBatchWaiters(err);
     for (const waiter of this.pendingPublishes.values()) waiter.reject(err);
     this.pendingPublishes.clear();
     if (this.onWelcome && !this.welcome) this.onWelcome.reject(err);
+    clearTimeout(this.keeperTimer);
+    this.keeperTimer = null;
   }
 
-  pull(max = 10, wait = 1.0) {
-    return new Promise((resolve, reject) => {
-      if (this.closed) return reject(new Error('connection to the sidecar closed'));
-      this.pendingPull = { resolve, reject };
-      this.send({ kind: 'pull', max, wait });
-    });
+  batchSize() {
+    return (this.welcome && this.welcome.batch_size) || 1;
   }
+
+  // --- pulling -----------------------------------------------------------------------------
+
+  sendPull(max, wait) {
+    this.flushAcks(); // the sidecar counts unanswered deliveries against max_in_flight
+    this.send({ kind: 'pull', max, wait });
+    this.prefetch.pulled();
+  }
+
+  // Resolves when the batch of the pull that is out has been buffered.
+  receiveBatch() {
+    if (this.closed) return Promise.reject(closedError());
+    return new Promise((resolve, reject) => this.batchWaiters.push({ resolve, reject }));
+  }
+
+  wakeBatchWaiters(err) {
+    const waiters = this.batchWaiters;
+    this.batchWaiters = [];
+    for (const waiter of waiters) {
+      if (err) waiter.reject(err);
+      else waiter.resolve();
+    }
+  }
+
+  // Up to `max` deliveries, waiting at most `wait` seconds for the first. What `messages()`
+  // pulled ahead and did not hand out comes first, without a new pull.
+  async pull(max = 10, wait = 1.0) {
+    if (this.closed) throw closedError();
+    if (this.prefetch.pulling) await this.receiveBatch();
+    if (this.prefetch.buffered) return this.prefetch.takeMany(max, this.held);
+    this.sendPull(max, wait);
+    await this.receiveBatch();
+    return this.prefetch.takeMany(this.prefetch.buffered, this.held);
+  }
+
+  // Deliveries one at a time: `for await (const message of agent.messages()) { ... }`.
+  //
+  // Answer each with message.ack() / fail(reason, error) / extend(seconds). Behind it, up to
+  // `batch` deliveries (within the welcome's limits) are pulled ahead while the agent works,
+  // and the acks of a burst go out in one frame. The loop ends when stop() is true (checked
+  // before each message and after each idle `wait`).
+  //
+  // Leaving the loop early (break, an exception) keeps what was pulled ahead held by this
+  // connection: the next messages() or pull() hands it out first, and close() (1000)
+  // returns it to the queue uncharged. A buffered delivery has its deadline moved while the
+  // agent works on the message handed out last; left alone after the loop, it runs to its
+  // deadline (charged TIMEOUT).
+  async *messages({ batch = 50, wait = 5.0, stop = null } = {}) {
+    const prefetch = this.prefetch;
+    for (;;) {
+      if (stop && stop()) {
+        this.flushAcks();
+        return;
+      }
+      if (this.closed) throw closedError();
+      const now = nowSeconds();
+      if (prefetch.acksOverdue(now)) this.flushAcks();
+      const want = prefetch.want({
+        batch, held: this.held.size, limits: this.welcome && this.welcome.limits, batchSize: this.batchSize(),
+      });
+      if (want) this.sendPull(want, wait);
+      if (prefetch.headDue(now)) this.extendBuffered(now);
+      const delivery = prefetch.take(this.held, now);
+      if (delivery !== null) {
+        this.arm(false);
+        yield new Message(this, delivery);
+        prefetch.resumed(nowSeconds());
+        continue;
+      }
+      this.flushAcks(); // never hold an ack while waiting for input
+      await this.receiveBatch();
+    }
+  }
+
+  // --- answers -----------------------------------------------------------------------------
 
   checkHeld(ids) {
     const unknown = ids.filter((id) => !this.held.has(id));
@@ -170,6 +339,51 @@ class Agent {
     this.checkHeld(ids);
     for (const id of ids) this.held.delete(id);
     this.send({ kind: 'ack', ids });
+  }
+
+  // An ack that waits for the others of its burst (see Message.ack).
+  ackSoon(id) {
+    this.checkHeld([id]);
+    this.held.delete(id);
+    this.prefetch.ackLater(id, nowSeconds());
+    // Runs as soon as the agent's code waits for I/O or a timer: the event loop turns then.
+    this.flushQueued ??= setImmediate(() => {
+      this.flushQueued = null;
+      this.flushAcks();
+    });
+  }
+
+  flushAcks() {
+    if (this.prefetch.pendingAcks.length === 0 || this.closed) return;
+    this.send({ kind: 'ack', ids: this.prefetch.takeAcks() });
+  }
+
+  extendBuffered(now) {
+    for (const [seconds, ids] of this.prefetch.extensions(now)) this.send({ kind: 'extend', ids, seconds });
+  }
+
+  // Keep a timer for the next buffered delivery to extend while the agent works on the
+  // message handed out last. `recompute` after a batch arrived; otherwise a timer already set
+  // stays (taking messages out of the buffer only makes the next due time later, and a timer
+  // that fires early just finds nothing due and sets itself again).
+  arm(recompute) {
+    if (this.closed || (this.keeperTimer !== null && !recompute)) return;
+    const due = this.prefetch.nextDue(this.held.has(this.prefetch.lastHanded));
+    if (due === null || (this.keeperTimer !== null && due >= this.keeperDue)) return;
+    clearTimeout(this.keeperTimer);
+    this.keeperDue = due;
+    this.keeperTimer = setTimeout(() => this.keep(), Math.max(0, (due - nowSeconds()) * 1000));
+    this.keeperTimer.unref(); // the connection keeps the process alive, not this timer
+  }
+
+  keep() {
+    this.keeperTimer = null;
+    this.keeperDue = Infinity;
+    this.flushAcks();
+    if (this.held.has(this.prefetch.lastHanded)) {
+      this.extendBuffered(nowSeconds());
+      this.arm(true);
+    }
   }
 
   fail(id, reason, error = '', retryAfter = null) {
@@ -191,14 +405,20 @@ class Agent {
     this.send({ kind: 'extend', ids, seconds });
   }
 
-  // One publish frame and its answer, throttled or not.
+  // --- publishing --------------------------------------------------------------------------
+
+  // One publish frame and its answer, throttled or not. `fields.trace` (a delivery or a
+  // Message) names the message whose trace this one continues; without it, the message
+  // whose handler is running under `run`, if any.
   publishOnce(body, queue, fields = {}) {
     return new Promise((resolve, reject) => {
-      if (this.closed) return reject(new Error('connection to the sidecar closed'));
+      if (this.closed) return reject(closedError());
+      const { trace, ...rest } = fields;
+      const from = trace instanceof Message ? trace.delivery : trace ?? handling.getStore();
       const ref = this.nextRef++;
       this.pendingPublishes.set(ref, { resolve, reject });
       // Bytes travel as base64 in JSON.
-      this.send({ kind: 'publish', ref, queue, body: Buffer.from(body).toString('base64'), ...fields });
+      this.send({ kind: 'publish', ref, queue, body: Buffer.from(body).toString('base64'), ...withTrace(rest, from) });
     });
   }
 
@@ -212,25 +432,40 @@ class Agent {
     }
   }
 
-  // Pull and handle until stop() says so: ack on return, fail with the mapped reason on throw.
+  // Handle messages one at a time (through messages()) until stop() says so: ack when the
+  // handler returns, fail with the mapped reason when it throws. The handler gets the
+  // delivery as the sidecar sent it (body in base64); what it publishes continues that
+  // delivery's trace. A message whose deadline expired meanwhile is skipped, not an error.
   async run(handler, { batch = 10, wait = 1.0, stop = () => false } = {}) {
-    while (!stop() && !this.closed) {
-      const max = Math.max(1, Math.min(batch, (this.welcome && this.welcome.batch_size) || 1));
-      for (const message of await this.pull(max, wait)) {
-        try {
-          await handler(message);
-        } catch (err) {
-          const { reason, error, retryAfter } = reasonFor(err);
-          this.fail(message.id, reason, error, retryAfter);
-          continue;
+    for await (const message of this.messages({ batch, wait, stop })) {
+      let thrown = null;
+      try {
+        await handling.run(message.delivery, () => handler(message.delivery));
+      } catch (err) {
+        thrown = err;
+      }
+      try {
+        if (thrown === null) {
+          message.ack();
+        } else {
+          const { reason, error, retryAfter } = reasonFor(thrown);
+          try {
+            message.fail(reason, error, retryAfter);
+          } catch (err) {
+            if (!(err instanceof SidecarError && err.code === 'unknown_reason')) throw err;
+            message.fail('PROCESSING_ERROR', error, retryAfter);
+          }
         }
-        this.ack([message.id]);
+      } catch (err) {
+        if (!(err instanceof SidecarError && err.code === 'unknown_delivery')) throw err;
       }
     }
   }
 
   close() {
-    // A clean close (1000) tells the sidecar to requeue anything still held, uncharged.
+    // A clean close (1000) tells the sidecar to requeue anything still held, uncharged;
+    // acks given go out first.
+    if (this.ws.readyState === WebSocket.OPEN) this.flushAcks();
     if (this.ws.readyState === WebSocket.OPEN || this.ws.readyState === WebSocket.CONNECTING) {
       this.ws.close(1000, 'done');
     }
@@ -289,4 +524,4 @@ async function main() {
 
 if (require.main === module) main();
 
-module.exports = { Agent, Failure, SidecarError, reasonFor };
+module.exports = { Agent, Message, Failure, SidecarError, reasonFor };

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,26 @@ def test_bench_quick_smoke() -> None:
         failure = res["failure"][reason]
         assert failure["median_rate"] > 0, reason
         assert failure["nothing_lost"], failure
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not on PATH")
+@pytest.mark.skipif(
+    not (ROOT / "proto" / "node" / "node_modules" / "ws").is_dir(),
+    reason="proto/node/node_modules is missing: run `npm ci` in proto/node",
+)
+def test_bench_node_smoke() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.node", "--pairs", "1", "--messages", "300"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    figures = json.loads(proc.stderr.strip().splitlines()[-1])
+    for key in ("b50", "each", "run"):
+        row = figures["pairs"][0][key]
+        assert row["n"] == 300, (key, row)
+        assert row["rate"] > 0 and 0 < row["cpu_per_10k"] < 1000, (key, row)
+    assert "| **median** |" in proc.stdout
