@@ -23,6 +23,10 @@ Trace context: a message published while a handler runs under ``run`` continues 
 of the message being handled (its W3C ``traceparent`` header is carried over); elsewhere
 pass the delivery, ``publish(body, queue=..., trace=message)``.
 
+Publishing fast: call ``publish`` from several tasks at once (a nursery under a semaphore,
+say); the publishes queued before the client's writer next runs leave in one socket write,
+and their answers, read together, wake their tasks together.
+
 Errors the sidecar answers with are raised as ``SidecarError`` subclasses at the call that
 caused them: ``fail`` with a reason the sidecar does not accept and ``ack``/``fail``/
 ``extend`` of an id the agent does not hold are caught before anything is sent; a refused
