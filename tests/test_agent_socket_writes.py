@@ -388,3 +388,27 @@ async def test_the_client_matches_each_published_answer_to_its_publish_and_fails
     assert isinstance(results[2], p.Published) and results[2].error == "nack"
     assert isinstance(results[3], SidecarClosed)
     assert client._published == {}
+
+
+async def test_a_frame_sent_after_queued_publishes_goes_out_after_them_in_the_same_write():
+    with trio.fail_after(10):
+        async with connected(server_queue=64) as (server, client, _counted):
+            agent = AgentClient(client)
+            writes: list[int] = []
+            stream = client._stream
+            send_all = stream.send_all
+
+            async def counted(data: bytes | bytearray | memoryview) -> None:
+                writes.append(len(data))
+                await send_all(data)
+
+            stream.send_all = counted  # type: ignore[method-assign]
+            # Publishes queued for the writer, which has not run yet.
+            agent._unsent = [
+                CODEC.encode(p.Publish(ref=r, body=b"x", queue="q"), binary=True) for r in (1, 2)
+            ]
+            await agent.send(p.Ack(ids=[7]))
+            frames = [CODEC.decode_agent(await server.get_message()) for _ in range(3)]
+            assert [type(f) for f in frames] == [p.Publish, p.Publish, p.Ack]
+            assert [f.ref for f in frames[:2]] == [1, 2]  # type: ignore[union-attr]
+            assert len(writes) == 1 and agent._unsent == []

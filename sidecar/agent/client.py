@@ -581,6 +581,11 @@ class AgentClient(AgentCalls):
         else:
             await self.ws.send_message(data)
 
+    async def _flush_unsent(self) -> None:
+        if self._unsent:
+            unsent, self._unsent = self._unsent, []
+            await send_messages(self.ws, unsent)
+
     async def writer(self) -> None:
         """Send the queued publish frames, everything queued at a wake-up in one write;
         runs for the life of the connection (``open_agent`` starts it)."""
@@ -589,9 +594,7 @@ class AgentClient(AgentCalls):
             while True:
                 await self._writer_wake.wait()
                 self._writer_wake = trio.Event()
-                if self._unsent:
-                    unsent, self._unsent = self._unsent, []
-                    await send_messages(self.ws, unsent)
+                await self._flush_unsent()
         except (ConnectionClosed, trio.ClosedResourceError, trio.BrokenResourceError):
             pass  # the reader sees the close and wakes every waiting publish
         finally:
@@ -794,6 +797,7 @@ async def open_agent(
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     with suppress(ConnectionClosed, trio.ClosedResourceError):
                         await client._flush_acks()  # acks given are acks sent
+                        await client._flush_unsent()  # and publishes queued are sent
                     await ws.aclose(code=1000)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
