@@ -14,11 +14,10 @@ import math
 import time
 
 import trio
-from trio_websocket import wrap_client_stream
 
 from bench.common import body_of, cpu_seconds, emit, latency_summary, stamp_of
 from sidecar import protocol as p
-from sidecar.client import AgentClient, connect_unix, open_agent
+from sidecar.client import SidecarError, open_agent
 
 
 def emit_consumed(n: int, count: int, first: float, cpu0: float, errors: list[p.Error]) -> None:
@@ -150,53 +149,36 @@ async def fail(
 
 
 async def publish(socket: str, queue: str, count: int, size: int, window: int) -> None:
-    """Pipelined: up to ``window`` Publish frames outstanding, counting ``published``
-    answers (sidecar.client's publish() would wait for each one)."""
-    codec = p.Codec()
-    stream = await connect_unix(socket)
+    """Pipelined through the client: a task per publish, at most ``window`` waiting for
+    their answers (as the direct publisher keeps ``window`` unconfirmed), counting
+    ``published`` answers. The client writes the publishes queued at one wake-up at once."""
     body = body_of(size)
     result = {"ok": 0, "errors": 0, "throttled": 0}
-    async with trio.open_nursery() as nursery:
-        ws = await wrap_client_stream(
-            nursery,
-            stream,
-            "localhost",
-            "/",
-            message_queue_size=1024,
-            max_message_size=64 * 1024 * 1024,
-        )
-        client = AgentClient(ws)
-        await client.send(p.Hello(agent="bench-publish", queues=[]))
-        welcome = codec.decode_sidecar(await ws.get_message())
-        assert isinstance(welcome, p.Welcome), welcome
+    async with open_agent(socket, agent="bench-publish", queues=[]) as a:
         emit(event="ready")
         credit = trio.Semaphore(window)
-        all_done = trio.Event()
 
-        async def reader() -> None:
-            answered = 0
-            while answered < count:
-                frame = codec.decode_sidecar(await ws.get_message())
-                if isinstance(frame, p.Published):
-                    answered += 1
-                    if frame.throttled:
-                        result["throttled"] += 1
-                    elif frame.ok:
-                        result["ok"] += 1
-                    else:
-                        result["errors"] += 1
-                    credit.release()
-            all_done.set()
+        async def one() -> None:
+            try:
+                answer = await a.publish_once(body, queue=queue)
+            except SidecarError:
+                result["errors"] += 1
+            else:
+                if answer.throttled:
+                    result["throttled"] += 1
+                elif answer.ok:
+                    result["ok"] += 1
+                else:
+                    result["errors"] += 1
+            finally:
+                credit.release()
 
-        nursery.start_soon(reader)
         start, cpu0 = time.time(), cpu_seconds()
-        for ref in range(1, count + 1):
-            await credit.acquire()
-            await client.send(p.Publish(ref=ref, body=body, queue=queue))
-        await all_done.wait()
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                await credit.acquire()
+                nursery.start_soon(one)
         elapsed, cpu_s = time.time() - start, cpu_seconds() - cpu0
-        await ws.aclose()
-        nursery.cancel_scope.cancel()
     emit(
         event="result",
         n=count,

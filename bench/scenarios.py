@@ -418,13 +418,17 @@ def run_publish(s: Settings) -> dict[str, Any]:
                     "cpu_ratio": sc["cpu_per_10k"] / d_cpu,
                     "sidecar_errors": sc.get("errors", 0),
                     "sidecar_throttled": sc.get("throttled", 0),
+                    "sidecar_only_cpu_per_10k": per_10k(sc["sidecar_cpu_s"], sc["n"]),
+                    "agent_cpu_per_10k": per_10k(sc["cpu_s"], sc["n"]),
                 }
             )
             log(
                 f"publish size={size} pair={i + 1}: direct {d['rate']:.0f} sidecar "
                 f"{sc['rate']:.0f} msg/s (errors {sc.get('errors')}, throttled "
                 f"{sc.get('throttled')}); CPU-s/10k direct {d_cpu:.3f} "
-                f"sidecar+agent {sc['cpu_per_10k']:.3f}"
+                f"sidecar+agent {sc['cpu_per_10k']:.3f} (sidecar "
+                f"{per_10k(sc['sidecar_cpu_s'], sc['n']):.3f}, agent "
+                f"{per_10k(sc['cpu_s'], sc['n']):.3f})"
             )
         keys = ("direct", "sidecar", "ratio", "direct_cpu_per_10k", "sidecar_cpu_per_10k")
         out[str(size)] = {

@@ -26,6 +26,7 @@ from sidecar.runtime.session import (
     WRITE_BURST_BYTES,
     Session,
 )
+from sidecar.wsburst import read_in_bursts, reads_in_bursts, take_received
 
 CODEC = p.Codec()
 
@@ -55,6 +56,7 @@ class CountedStream(trio.abc.Stream):
 async def connected(
     pair: Callable[[], tuple[Any, Any]] = trio.testing.memory_stream_pair,
     client_queue: int = 4096,
+    server_queue: int = 1,
 ) -> AsyncIterator[tuple[WebSocketConnection, WebSocketConnection, CountedStream]]:
     """A server and a client WebSocket over an in-memory stream; the server's writes counted
     from after the upgrade."""
@@ -64,7 +66,7 @@ async def connected(
         accepted: list[WebSocketConnection] = []
 
         async def serve() -> None:
-            request = await wrap_server_stream(nursery, counted)
+            request = await wrap_server_stream(nursery, counted, message_queue_size=server_queue)
             accepted.append(await request.accept())
 
         nursery.start_soon(serve)
@@ -130,6 +132,49 @@ async def test_the_locked_trio_websocket_still_offers_what_coalescing_uses():
             await send_messages(server, [b"one", "two", b"three"])
             assert len(counted.writes) == 1
             assert [await client.get_message() for _ in range(3)] == [b"one", "two", b"three"]
+
+
+async def test_the_locked_trio_websocket_still_offers_what_burst_reads_use():
+    # If this fails, trio-websocket's internals moved: the session and the client take
+    # received frames one per scheduler pass again (still correct); adapt sidecar/wsburst.py.
+    with trio.fail_after(10):
+        async with connected(server_queue=64) as (server, client, _counted):
+            assert reads_in_bursts(server)
+            read_in_bursts(server)
+            read_in_bursts(server)  # idempotent: the reader's channel is wrapped once
+            sent = [f"m{i}".encode() for i in range(50)]
+            await send_messages(client, sent)  # one write, so one read on the other end
+            first = await server.get_message()
+            # The whole read is queued by the time the first message is handed over.
+            assert [first, *take_received(server, 1000)] == sent
+            assert take_received(server, 1000) == []
+
+
+async def test_a_burst_read_takes_at_most_the_limit_and_keeps_the_queue_bound():
+    with trio.fail_after(10):
+        async with connected(server_queue=8) as (server, client, _counted):
+            read_in_bursts(server)
+            sent = [f"m{i}".encode() for i in range(30)]
+            await send_messages(client, sent)
+            got = [await server.get_message()]
+            got += take_received(server, 3)
+            assert len(got) == 4
+            while len(got) < len(sent):
+                got.append(await server.get_message())
+                got += take_received(server, 1000)
+                # The reader never queues past the channel's bound to take more at once.
+                assert server._recv_channel.statistics().current_buffer_used <= 8
+            assert got == sent
+
+
+async def test_burst_reads_fall_back_to_one_at_a_time_without_the_internals():
+    class Elsewhere:
+        """A connection class without trio-websocket's private attributes."""
+
+    plain = Elsewhere()
+    read_in_bursts(plain)  # type: ignore[arg-type]  # a stand-in without the internals
+    assert not reads_in_bursts(plain)  # type: ignore[arg-type]
+    assert take_received(plain, 10) == []  # type: ignore[arg-type]
 
 
 async def test_frames_queued_at_one_wake_up_go_out_in_one_write_in_order():
@@ -343,3 +388,27 @@ async def test_the_client_matches_each_published_answer_to_its_publish_and_fails
     assert isinstance(results[2], p.Published) and results[2].error == "nack"
     assert isinstance(results[3], SidecarClosed)
     assert client._published == {}
+
+
+async def test_a_frame_sent_after_queued_publishes_goes_out_after_them_in_the_same_write():
+    with trio.fail_after(10):
+        async with connected(server_queue=64) as (server, client, _counted):
+            agent = AgentClient(client)
+            writes: list[int] = []
+            stream = client._stream
+            send_all = stream.send_all
+
+            async def counted(data: bytes | bytearray | memoryview) -> None:
+                writes.append(len(data))
+                await send_all(data)
+
+            stream.send_all = counted  # type: ignore[method-assign]
+            # Publishes queued for the writer, which has not run yet.
+            agent._unsent = [
+                CODEC.encode(p.Publish(ref=r, body=b"x", queue="q"), binary=True) for r in (1, 2)
+            ]
+            await agent.send(p.Ack(ids=[7]))
+            frames = [CODEC.decode_agent(await server.get_message()) for _ in range(3)]
+            assert [type(f) for f in frames] == [p.Publish, p.Publish, p.Ack]
+            assert [f.ref for f in frames[:2]] == [1, 2]  # type: ignore[union-attr]
+            assert len(writes) == 1 and agent._unsent == []

@@ -13,12 +13,15 @@ import logging
 import os
 import resource
 import stat
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
-from wsproto.events import BytesMessage, TextMessage
+
+# One write per burst to an agent: shared with the clients, kept importable from here.
+from sidecar.wsburst import coalesces_writes as coalesces_writes
+from sidecar.wsburst import send_messages as send_messages
 
 log = logging.getLogger("sidecar.agents")
 
@@ -100,53 +103,6 @@ class _BudgetedStream(trio.abc.Stream):
     async def aclose(self) -> None:
         self._hold(0)
         await self.inner.aclose()
-
-
-# What ``send_messages`` reaches into: trio-websocket keeps its wsproto connection, the
-# stream and the lock serialising writes to it private. Checked once; if a release renames
-# them, every message goes through ``send_message`` again (correct, only slower), and
-# tests/test_agent_socket_writes.py fails so the change is noticed.
-_WS_INTERNALS = ("_wsproto", "_stream", "_stream_lock", "_close_reason", "_abort_web_socket")
-_coalescing: bool | None = None
-
-
-def coalesces_writes(ws: WebSocketConnection) -> bool:
-    """Whether ``send_messages`` writes several messages to ``ws`` in one stream write."""
-    global _coalescing
-    if _coalescing is None:
-        _coalescing = all(hasattr(ws, name) for name in _WS_INTERNALS)
-        if not _coalescing:
-            log.warning("trio-websocket internals changed: agent writes are not coalesced")
-    return _coalescing
-
-
-async def send_messages(ws: WebSocketConnection, messages: Sequence[bytes | str]) -> None:
-    """Send ``messages`` in order as separate WebSocket messages, framed together and
-    written to the stream at once: one system call and one lock round for a burst instead
-    of one per message, with the same wire bytes as sending each on its own.
-
-    Raises ``ConnectionClosed`` like ``WebSocketConnection.send_message``."""
-    if len(messages) <= 1 or not coalesces_writes(ws):
-        for message in messages:
-            await ws.send_message(message)
-        return
-    if ws._close_reason:
-        raise ConnectionClosed(ws._close_reason)
-    frame = ws._wsproto.send
-    data = b"".join(
-        [
-            frame(BytesMessage(data=m) if isinstance(m, bytes) else TextMessage(data=m))
-            for m in messages
-        ]
-    )
-    async with ws._stream_lock:
-        try:
-            await ws._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # What trio-websocket does when its own write fails: the peer is gone.
-            await ws._abort_web_socket()
-            assert ws._close_reason is not None
-            raise ConnectionClosed(ws._close_reason) from None
 
 
 class SocketPathError(RuntimeError):

@@ -23,6 +23,10 @@ Trace context: a message published while a handler runs under ``run`` continues 
 of the message being handled (its W3C ``traceparent`` header is carried over); elsewhere
 pass the delivery, ``publish(body, queue=..., trace=message)``.
 
+Publishing fast: call ``publish`` from several tasks at once (a nursery under a semaphore,
+say); the publishes queued before the client's writer next runs leave in one socket write,
+and their answers, read together, wake their tasks together.
+
 Errors the sidecar answers with are raised as ``SidecarError`` subclasses at the call that
 caused them: ``fail`` with a reason the sidecar does not accept and ``ack``/``fail``/
 ``extend`` of an id the agent does not hold are caught before anything is sent; a refused
@@ -49,10 +53,12 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 from sidecar import protocol as p
 from sidecar.agent.prefetch import Prefetch
 from sidecar.tracecontext import TRACEPARENT, TRACESTATE, trace_context
+from sidecar.wsburst import read_in_bursts, send_messages, take_received
 
 log = logging.getLogger("sidecar.client")
 
 MIN_RESEND = 0.05  # a throttled publish is never resent sooner than this
+READ_BURST = 256  # frames routed per wake-up of the reader before it yields
 
 
 # --- errors ------------------------------------------------------------------------------
@@ -559,9 +565,40 @@ class AgentClient(AgentCalls):
         self._welcome = trio.Event()
         self._fatal: p.Error | None = None
         self._keeper_wake = trio.Event()
+        # Publish frames waiting for the writer: those queued by any number of tasks before
+        # it runs leave in one socket write.
+        self._unsent: list[bytes | str] = []
+        self._writer_wake = trio.Event()
+        self._writer_running = False
 
     async def send(self, frame: p.Frame) -> None:
-        await self.ws.send_message(self.codec.encode(frame, binary=self.binary))
+        data = self.codec.encode(frame, binary=self.binary)
+        if self._unsent:
+            # Never overtake the publishes queued before this frame.
+            unsent, self._unsent = self._unsent, []
+            unsent.append(data)
+            await send_messages(self.ws, unsent)
+        else:
+            await self.ws.send_message(data)
+
+    async def _flush_unsent(self) -> None:
+        if self._unsent:
+            unsent, self._unsent = self._unsent, []
+            await send_messages(self.ws, unsent)
+
+    async def writer(self) -> None:
+        """Send the queued publish frames, everything queued at a wake-up in one write;
+        runs for the life of the connection (``open_agent`` starts it)."""
+        self._writer_running = True
+        try:
+            while True:
+                await self._writer_wake.wait()
+                self._writer_wake = trio.Event()
+                await self._flush_unsent()
+        except (ConnectionClosed, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the reader sees the close and wakes every waiting publish
+        finally:
+            self._writer_running = False
 
     async def hello(
         self, agent: str, queues: list[str], *, version: str = "", token: str | None = None
@@ -577,24 +614,19 @@ class AgentClient(AgentCalls):
         return self.welcome
 
     async def reader(self) -> None:
-        """Route incoming frames; runs for the life of the connection."""
+        """Route incoming frames; runs for the life of the connection. Everything received
+        in one read is routed in one wake-up (a burst of ``published`` answers wakes its
+        publishers together, so their next publishes share a write)."""
+        ws = self.ws
+        read_in_bursts(ws)
         try:
             while True:
-                frame = self.codec.decode_sidecar(await self.ws.get_message())
-                if isinstance(frame, p.Batch):
-                    self._track_batch(frame)
-                    await self._batch.send(frame)
-                elif isinstance(frame, p.Published):
-                    waiter = self._published.pop(frame.ref, None)
-                    if waiter is not None:
-                        waiter.give(frame)
-                elif isinstance(frame, p.Welcome):
-                    self.welcome = frame
-                    self._welcome.set()
-                elif isinstance(frame, p.Pressure):
-                    self.pressure = frame
-                elif isinstance(frame, p.Error):
-                    self._route_error(frame)
+                batch = self._route(await ws.get_message())
+                if batch is not None:
+                    await self._batch.send(batch)
+                for data in take_received(ws, READ_BURST):
+                    if (batch := self._route(data)) is not None:
+                        await self._batch.send(batch)
         except (ConnectionClosed, trio.ClosedResourceError):
             pass
         finally:
@@ -603,6 +635,25 @@ class AgentClient(AgentCalls):
             for waiter in self._published.values():
                 waiter.done.set()  # no answer: the connection closed
             self._published.clear()
+
+    def _route(self, data: bytes | str) -> p.Batch | None:
+        """Route one frame; a batch is returned for the reader to queue (it may wait)."""
+        frame = self.codec.decode_sidecar(data)
+        if isinstance(frame, p.Published):
+            waiter = self._published.pop(frame.ref, None)
+            if waiter is not None:
+                waiter.give(frame)
+        elif isinstance(frame, p.Batch):
+            self._track_batch(frame)
+            return frame
+        elif isinstance(frame, p.Welcome):
+            self.welcome = frame
+            self._welcome.set()
+        elif isinstance(frame, p.Pressure):
+            self.pressure = frame
+        elif isinstance(frame, p.Error):
+            self._route_error(frame)
+        return None
 
     def _route_error(self, frame: p.Error) -> None:
         if frame.fatal:
@@ -659,8 +710,14 @@ class AgentClient(AgentCalls):
         ref = next(self._refs)
         fields = traced_fields(fields, trace)
         waiter = self._published[ref] = _Answer()
+        frame = p.Publish(ref=ref, body=body, queue=queue, **fields)
         try:
-            await self.send(p.Publish(ref=ref, body=body, queue=queue, **fields))
+            if self._writer_running:
+                # Queued for the writer: publishes from many tasks share one write.
+                self._unsent.append(self.codec.encode(frame, binary=self.binary))
+                self._writer_wake.set()
+            else:
+                await self.send(frame)
             await waiter.done.wait()
         finally:
             self._published.pop(ref, None)
@@ -731,6 +788,7 @@ async def open_agent(
             )
             client = AgentClient(ws, binary=binary)
             nursery.start_soon(client.reader)
+            nursery.start_soon(client.writer)
             nursery.start_soon(client.keeper)
             try:
                 await client.hello(agent, queues, version=version, token=token)
@@ -739,6 +797,7 @@ async def open_agent(
                 with trio.CancelScope(shield=True), trio.move_on_after(2):
                     with suppress(ConnectionClosed, trio.ClosedResourceError):
                         await client._flush_acks()  # acks given are acks sent
+                        await client._flush_unsent()  # and publishes queued are sent
                     await ws.aclose(code=1000)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:

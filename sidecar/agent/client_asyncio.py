@@ -65,6 +65,9 @@ class AsyncioAgent(AgentCalls):
         self._keeper_wake = asyncio.Event()
         self._keeper_task: asyncio.Task[None] | None = None
         self.pressure: p.Pressure | None = None
+        # Framed publishes waiting for the loop's next pass: those queued by any number of
+        # tasks before it leave in one socket write.
+        self._unsent: list[bytes] = []
 
     @classmethod
     async def connect(
@@ -104,11 +107,28 @@ class AsyncioAgent(AgentCalls):
     ) -> None:
         await self.close()
 
-    async def send(self, frame: p.Frame) -> None:
+    def _frame(self, frame: p.Frame) -> bytes:
         data = self._codec.encode(frame, binary=True)
         assert isinstance(data, bytes)
-        self._writer.write(self._ws.send(BytesMessage(data=data)))
+        return self._ws.send(BytesMessage(data=data))
+
+    async def send(self, frame: p.Frame) -> None:
+        data = self._frame(frame)
+        if self._unsent:
+            self._write_unsent()  # never overtake the publishes queued before this frame
+        self._writer.write(data)
         await self._writer.drain()
+
+    def _send_soon(self, frame: p.Frame) -> None:
+        """Queue a frame for the write at the loop's next pass."""
+        self._unsent.append(self._frame(frame))
+        if len(self._unsent) == 1:
+            asyncio.get_running_loop().call_soon(self._write_unsent)
+
+    def _write_unsent(self) -> None:
+        if self._unsent and not self._writer.is_closing():
+            self._writer.write(b"".join(self._unsent))
+        self._unsent.clear()
 
     async def _read_loop(self) -> None:
         binary_parts: list[bytes] = []
@@ -212,7 +232,10 @@ class AsyncioAgent(AgentCalls):
         future: asyncio.Future[p.Published] = asyncio.get_running_loop().create_future()
         self._published[ref] = future
         try:
-            await self.send(p.Publish(ref=ref, body=body, queue=queue, **fields))
+            # Written at the loop's next pass with the publishes other tasks queue meanwhile;
+            # the wait for room follows, as ``send`` waits after its write.
+            self._send_soon(p.Publish(ref=ref, body=body, queue=queue, **fields))
+            await self._writer.drain()
             return await future
         finally:
             self._published.pop(ref, None)
@@ -243,6 +266,7 @@ class AsyncioAgent(AgentCalls):
             self._keeper_task.cancel()
         try:
             await self._flush_acks()  # acks given are acks sent
+            self._write_unsent()  # and publishes queued are publishes sent
             self._writer.write(self._ws.send(CloseConnection(code=1000)))
             await self._writer.drain()
         except (ConnectionError, RuntimeError):

@@ -24,13 +24,13 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from sidecar import limits
 from sidecar import protocol as p
-from sidecar.adapters.agent_socket import send_messages
 from sidecar.config import AgentConfig, ThrottleConfig
 from sidecar.core.messages import MessageProps
 from sidecar.core.port import BrokerPort
 from sidecar.metrics import Metrics
 from sidecar.runtime.backpressure import HELD_RETRY_AFTER, PublishGate
 from sidecar.runtime.engine import Engine
+from sidecar.wsburst import read_in_bursts, send_messages, take_received
 
 log = logging.getLogger("sidecar.session")
 
@@ -40,6 +40,10 @@ OUTBOX_LIMIT = 4096  # frames queued for an agent that is not reading: then we d
 # Encoded bytes the writer gathers for one write to the socket: what is queued at a wake-up
 # goes out together, but a burst of large batches is not copied into one huge buffer.
 WRITE_BURST_BYTES = 256 * 1024
+# Frames handled per wake-up of the reader before it yields: a burst an agent wrote at once
+# (say, a window of publishes) is dispatched together, so it reaches the broker as one
+# handoff and one write.
+READ_BURST = 256
 _QUEUE_NAME = re.compile(r"^(?!amq\.)[^\x00-\x1f]{1,255}$")
 # retry_after of a throttled publish: never 0 (an agent obeying it exactly must not spin),
 # never so long that an idle queue is left waiting.
@@ -201,9 +205,13 @@ class Session:
                 self.engine.close_session(self.id, crashed=self.crashed)
 
     async def _read_frames(self) -> None:
+        ws = self.ws
+        read_in_bursts(ws)
         try:
             while True:
-                self.dispatch(await self.ws.get_message())
+                self.dispatch(await ws.get_message())
+                for data in take_received(ws, READ_BURST):
+                    self.dispatch(data)
         except ConnectionClosed as closed:
             reason = closed.reason
             # A clean close (1000/1001) is a goodbye: what the agent held is requeued, not

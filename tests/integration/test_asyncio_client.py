@@ -116,3 +116,51 @@ async def test_asyncio_handler_loop_maps_exceptions_to_reasons(tmp_path, unique_
     assert [(r.rawBody, r.failureReason) for r in records] == [(b"bad", "VALIDATION_FAILED")]
     assert counts["retried"] == 1 and counts["acked"] == 3 and counts["crashes"] == 0
     assert await queue_count(queue) == 0
+
+
+def run_asyncio_publishers(socket: str, queue: str, n: int) -> tuple[list[int], int]:
+    """``n`` publishes from ``n`` tasks started together: their answers' refs, and how many
+    writes the client made for them."""
+
+    async def main() -> tuple[list[int], int]:
+        agent = await AsyncioAgent.connect(socket, agent="aio-burst", queues=[])
+        writes = 0
+        write = agent._writer.write
+
+        def counted(data: bytes | bytearray | memoryview) -> None:
+            nonlocal writes
+            writes += 1
+            write(data)
+
+        agent._writer.write = counted  # type: ignore[method-assign]
+        answers = await asyncio.gather(
+            *(agent.publish_once(f"m{i}".encode(), queue=queue) for i in range(n))
+        )
+        publish_writes = writes
+        await agent.close()
+        assert all(a.ok for a in answers)
+        return [a.ref for a in answers], publish_writes
+
+    loop = asyncio.SelectorEventLoop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+
+async def test_asyncio_publishes_from_tasks_leave_in_one_write_and_are_answered_per_ref(
+    tmp_path, unique_queue
+):
+    queue = unique_queue()
+    n = 100
+    await publish_many(queue, [])
+    config = make_config(tmp_path, [])
+    with trio.fail_after(60):
+        async with running_sidecar(config) as sidecar:
+            refs, writes = await trio.to_thread.run_sync(
+                run_asyncio_publishers, config.agent.socket, queue, n
+            )
+            await until(lambda: not sidecar.broker.unsettled)
+    assert sorted(refs) == sorted(set(refs)) and len(refs) == n
+    assert writes == 1
+    assert await queue_count(queue) == n
