@@ -7,10 +7,14 @@ upgrading past the versions it was written for must be a decision, not a surpris
 from __future__ import annotations
 
 import asyncio
+import enum
 import inspect
 import struct
+import time
+from collections import OrderedDict
 from collections.abc import Coroutine
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from importlib.metadata import version
 from typing import Any
 
@@ -19,6 +23,8 @@ import pamqp.frame
 import pytest
 from aiormq.abc import ChannelFrame
 from aiormq.connection import FrameReceiver
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pamqp import commands as spec
 from pamqp import decode as pamqp_decode
 from pamqp.body import ContentBody
@@ -367,3 +373,252 @@ def test_settle_frames_are_the_acks_and_nacks_aiormq_would_send() -> None:
         ("Ack", 10, False),
     ]
     assert frames[1].requeue is True
+
+
+# --- the property encoder: byte for byte what pamqp writes ----------------------------
+
+
+class _Level(enum.IntEnum):
+    HIGH = 300
+
+
+def _pamqp_frame(properties: spec.Basic.Properties, body_size: int = 200) -> bytes:
+    return pamqp.frame.marshal(ContentHeader(0, body_size, properties), 7)
+
+
+def _same_as_pamqp(properties: spec.Basic.Properties) -> bytes:
+    """The fast frame, asserted equal to pamqp's (or raising what pamqp raises)."""
+    try:
+        expected = _pamqp_frame(properties)
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            fast_amqp.content_header_frame(7, 200, properties)
+        return b""
+    got = fast_amqp.content_header_frame(7, 200, properties)
+    assert got == expected
+    return got
+
+
+_WIDE_TABLE: dict[str, Any] = {
+    # ints at every width boundary pamqp chooses between
+    **{
+        f"int{i}": n
+        for i, n in enumerate(
+            (
+                0,
+                1,
+                -1,
+                127,
+                128,
+                -128,
+                -129,
+                255,
+                256,
+                32767,
+                32768,
+                -32768,
+                -32769,
+                65535,
+                65536,
+                2**31 - 1,
+                2**31,
+                -(2**31),
+                -(2**31) - 1,
+                2**32 - 1,
+                2**32,
+                2**63 - 1,
+                -(2**63),
+            )
+        )
+    },
+    "float": 1.5,
+    "float-big": 3.5e300,  # beyond single precision: a double, as amqp_decode writes it
+    "float-neg": -0.0,
+    "float-inf": float("inf"),
+    "decimal": Decimal("3.14159"),
+    "decimal-int": Decimal("12E+2"),
+    "decimal-neg": Decimal("-0.001"),
+    "ts-naive": datetime(2026, 12, 4, 16, 0, 0),
+    "ts-aware": datetime(2026, 12, 4, 16, 0, 0, 999, tzinfo=UTC),
+    "ts-offset": datetime(2026, 12, 4, 18, 0, tzinfo=timezone(timedelta(hours=2))),
+    "ts-struct": time.gmtime(1_700_000_000),
+    "bytes": b"\xff\xfe not utf-8",
+    "bytearray": bytearray(b"\x00\x01\x02"),
+    "true": True,
+    "false": False,
+    "none": None,
+    "empty-str": "",
+    "long-str": "x" * 70_000,
+    "non-ascii": "héllo wörld ✓ 𝄞 日本語",
+    "unreadable": amqp_decode.Unreadable("<unreadable timestamp>"),
+    "int-enum": _Level.HIGH,
+    "empty-table": {},
+    "empty-array": [],
+    "nested": {
+        "b": [1, "two", 3.0, None, True, {"deep": [[], [{"x": b"y"}], {"z": Decimal("1.5")}]}],
+        "a": {"ü-key": "ü-value", "n": -(2**40)},
+    },
+    "x-death": [
+        {
+            "count": 2,
+            "reason": "expired",
+            "queue": "sidecar.retry.q.50",
+            "time": datetime(2026, 12, 4, 16, 0, tzinfo=UTC),
+            "exchange": "",
+            "routing-keys": ["sidecar.retry.q.50"],
+            "original-expiration": "50",
+        }
+    ],
+    "ключ": "non-ASCII key",
+    "k" * 128: "a key of exactly 128 bytes",
+}
+
+
+def test_the_property_encoder_writes_what_pamqp_writes_for_a_wide_table() -> None:
+    properties = spec.Basic.Properties(
+        content_type="application/json",
+        content_encoding="gzip",
+        headers=_WIDE_TABLE,
+        delivery_mode=2,
+        priority=9,
+        correlation_id="c-é",
+        reply_to="amq.rabbitmq.reply-to",
+        expiration="100",
+        message_id="m" * 255,
+        timestamp=datetime(2026, 12, 4, 16, 0, tzinfo=UTC),
+        message_type="t",
+        user_id="guest",
+        app_id="app",
+    )
+    frame = _same_as_pamqp(properties)
+    # ... and by the fast path itself, not by falling back to pamqp.
+    assert fast_amqp._fast_properties(properties) == properties.marshal()
+    # It decodes back: the frame is a real content header.
+    _used, channel, header = pamqp.frame.unmarshal(frame)
+    assert channel == 7 and isinstance(header, ContentHeader) and header.body_size == 200
+    assert header.properties.headers["non-ascii"] == _WIDE_TABLE["non-ascii"]
+    for each in (
+        spec.Basic.Properties(),
+        spec.Basic.Properties(headers={}, message_id=""),  # {} is written, '' is not
+        spec.Basic.Properties(headers={"only": 1}, delivery_mode=1),
+        spec.Basic.Properties(timestamp=datetime(2026, 1, 1)),
+    ):
+        assert _same_as_pamqp(each)
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        spec.Basic.Properties(headers={"k" * 129: "over-long key: pamqp truncates it"}),
+        spec.Basic.Properties(headers={"ü" * 70: "over-long once encoded"}),
+        spec.Basic.Properties(headers={"nested": {"k" * 200: 1}}),
+        spec.Basic.Properties(headers={1: "a key that is not text"}),  # type: ignore[dict-item]
+        spec.Basic.Properties(headers={"big": 2**64}),
+        spec.Basic.Properties(headers={"obj": object()}),
+        spec.Basic.Properties(headers={"nan": Decimal("NaN")}),
+        spec.Basic.Properties(headers={"surrogate": "\ud800"}),
+        spec.Basic.Properties(headers={"\ud800": "surrogate key"}),
+        spec.Basic.Properties(headers={"pre-epoch": datetime(1960, 1, 1)}),
+        spec.Basic.Properties(headers={"ordered": OrderedDict(b=1, a=2)}),
+        spec.Basic.Properties(message_id="m" * 256),
+        spec.Basic.Properties(message_id=b"bytes"),  # type: ignore[arg-type]
+        spec.Basic.Properties(priority=256),
+        spec.Basic.Properties(delivery_mode=True),  # type: ignore[arg-type]
+        spec.Basic.Properties(correlation_id=amqp_decode.Unreadable("<unreadable>")),
+        spec.Basic.Properties(timestamp=time.gmtime(0)),  # type: ignore[arg-type]
+    ],
+    ids=lambda p: repr(p)[:60],
+)
+def test_what_the_fast_encoder_does_not_handle_is_pamqps_bytes_or_pamqps_error(
+    properties: spec.Basic.Properties,
+) -> None:
+    _same_as_pamqp(properties)
+
+
+def test_the_fast_encoder_hands_unhandled_blocks_to_pamqp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[spec.Basic.Properties] = []
+    marshal = spec.Basic.Properties.marshal
+
+    def counted(self: spec.Basic.Properties) -> bytes:
+        calls.append(self)
+        return marshal(self)
+
+    monkeypatch.setattr(spec.Basic.Properties, "marshal", counted)
+    fast_amqp.encode_properties(spec.Basic.Properties(headers={"a": [1, {"b": "c"}]}))
+    assert calls == []  # the fast path wrote it
+    over_long = spec.Basic.Properties(headers={"k" * 129: 1})
+    fast_amqp.encode_properties(over_long)
+    assert calls == [over_long]
+    monkeypatch.setattr(amqp_decode, "_installed", False)
+    plain = spec.Basic.Properties(headers={"f": 1.5})
+    # Without amqp_decode's encoder pamqp writes a float in single precision: pamqp decides.
+    assert fast_amqp.encode_properties(plain) == marshal(plain)
+    assert calls[-1] is plain
+
+
+_KEYS = st.text(max_size=40)
+_SCALARS = st.one_of(
+    st.text(max_size=300),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+    st.binary(max_size=50),
+    st.binary(max_size=20).map(bytearray),
+    st.decimals(allow_nan=False, allow_infinity=False, places=3),
+    st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(9000, 1, 1)),
+    st.datetimes(
+        min_value=datetime(1971, 1, 1), max_value=datetime(9000, 1, 1), timezones=st.just(UTC)
+    ),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(_KEYS, inner, max_size=5)),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.one_of(st.none(), st.dictionaries(_KEYS, _VALUES, max_size=8)),
+    message_id=st.one_of(st.none(), st.text(max_size=300)),
+    priority=st.one_of(st.none(), st.integers(min_value=-5, max_value=300)),
+    timestamp=st.one_of(st.none(), st.datetimes(min_value=datetime(1971, 1, 1))),
+)
+def test_any_header_table_encodes_as_pamqp_encodes_it(
+    headers: dict[str, Any] | None,
+    message_id: str | None,
+    priority: int | None,
+    timestamp: datetime | None,
+) -> None:
+    _same_as_pamqp(
+        spec.Basic.Properties(
+            headers=headers, message_id=message_id, priority=priority, timestamp=timestamp
+        )
+    )
+
+
+def test_a_publish_carries_the_content_header_pamqp_would_write() -> None:
+    async def scenario() -> bytes:
+        connection = FastConnection("amqp://guest:guest@127.0.0.1/?heartbeat=0")
+        publisher = Publisher(connection, _Channel(asyncio.get_running_loop()))
+        publisher.publish(
+            b"body",
+            exchange="",
+            routing_key="q",
+            properties=spec.Basic.Properties(message_id="m1", headers=_WIDE_TABLE),
+            mandatory=True,
+            on_done=lambda error: None,
+        )
+        publisher.flush()
+        written: ChannelFrame = connection.write_queue.get_nowait()
+        return written.payload
+
+    payload = _run(scenario())
+    used, _channel, _method = pamqp.frame.unmarshal(payload)
+    header = pamqp.frame.marshal(
+        ContentHeader(0, 4, spec.Basic.Properties(message_id="m1", headers=_WIDE_TABLE)), 5
+    )
+    assert payload[used : used + len(header)] == header
