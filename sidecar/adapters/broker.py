@@ -54,6 +54,11 @@ log = logging.getLogger("sidecar.broker")
 # Values pamqp cannot represent must not kill the connection (see amqp_decode).
 amqp_decode.install()
 
+# How long a lingering publish (a retry copy) may wait to share a socket write with others.
+# Each write costs about as much CPU as the rest of a retry's republish; the copy then
+# waits tens of milliseconds or more in its delay tier, so two more are nothing.
+PUBLISH_LINGER = 0.002
+
 
 _BROKER_ERRORS = (
     aiormq.exceptions.AMQPError,
@@ -264,6 +269,12 @@ class Broker:
         # batch of failures) goes out as one write instead of one write per publish.
         self._publishes = Handoff[_PublishRequest](
             self.bridge.to_asyncio_later, self._start_publishes
+        )
+        # Retry copies arrive one per agent frame, each in its own pass: written at once,
+        # nearly every one cost its own socket write (the largest single cost per retry).
+        # They are bound for a delay tier, so they wait a moment for company instead.
+        self._lingering = Handoff[_PublishRequest](
+            self.bridge.to_asyncio_later, self._start_lingering
         )
         self._confirms = Handoff[tuple[PublishCallback, str | None]](
             self.bridge.to_trio, self._deliver_confirms
@@ -573,14 +584,17 @@ class Broker:
         routing_key: str,
         props: MessageProps,
         on_done: PublishCallback,
+        linger: bool = False,
     ) -> None:
         """Publish with confirms and ``mandatory``; ``on_done`` gets the outcome. Sync, so a
-        session can pipeline many publishes without a task per message on the trio side."""
+        session can pipeline many publishes without a task per message on the trio side.
+        ``linger``: the write may wait up to ``PUBLISH_LINGER`` for other publishes."""
         gen = self._gen
         if not self.is_connected or gen.publish_channel is None:
             on_done("broker not connected")
             return
-        self._publishes.put((gen, body, exchange, routing_key, props, on_done))
+        request = (gen, body, exchange, routing_key, props, on_done)
+        (self._lingering if linger else self._publishes).put(request)
 
     def _start_publishes(self, requests: deque[_PublishRequest]) -> None:
         """(loop) The burst goes out as one write per publishing channel, confirms
@@ -591,6 +605,15 @@ class Broker:
             self._publish_fast(requests.popleft(), 1, touched)
         for publisher in touched:
             publisher.flush()
+
+    def _start_lingering(self, requests: deque[_PublishRequest]) -> None:
+        """(loop) Like ``_start_publishes``, but the write waits up to ``PUBLISH_LINGER``
+        (or for the next burst that is written at once) so several go out together."""
+        touched: set[Publisher] = set()
+        while requests:
+            self._publish_fast(requests.popleft(), 1, touched)
+        for publisher in touched:
+            publisher.flush_later(PUBLISH_LINGER)
 
     def _publish_fast(
         self, request: _PublishRequest, attempt: int, touched: set[Publisher]

@@ -419,6 +419,7 @@ class Publisher:
         self.out: list[bytes] = []
         self.closed: BaseException | None = None
         self._putting = False
+        self._flush_timer: asyncio.TimerHandle | None = None
         connection.publishers[self.number] = self
         channel.closing.add_done_callback(self._on_channel_closed)
 
@@ -483,6 +484,16 @@ class Publisher:
             self._putting = True
             self.connection.create_task(self._put(frame))
 
+    def flush_later(self, delay: float) -> None:
+        """Write the buffer within ``delay`` seconds (with whatever else is published
+        meanwhile); an earlier ``flush`` takes it along."""
+        if self.out and self._flush_timer is None and self.closed is None:
+            self._flush_timer = self.connection.loop.call_later(delay, self._timed_flush)
+
+    def _timed_flush(self) -> None:
+        self._flush_timer = None
+        self.flush()
+
     async def _put(self, frame: ChannelFrame) -> None:
         try:
             await self.connection.write_queue.put(frame)
@@ -535,6 +546,9 @@ class Publisher:
     def fail_all(self, reason: BaseException) -> None:
         """Every publish not yet confirmed fails with ``reason`` (the channel is gone)."""
         self.closed = reason
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
         if self.connection.publishers.get(self.number) is self:
             del self.connection.publishers[self.number]
         self.out.clear()

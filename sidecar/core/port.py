@@ -61,8 +61,11 @@ class BrokerPort(Protocol):
         routing_key: str,
         props: MessageProps,
         on_done: PublishCallback,
+        linger: bool = False,
     ) -> None:
-        """Publish with confirms; ``on_done`` gets the outcome."""
+        """Publish with confirms; ``on_done`` gets the outcome. ``linger``: it may wait a
+        few milliseconds to leave in one write with others (a retry copy, bound for a delay
+        tier anyway)."""
         ...
 
     def tier_for(self, queue: str, ttl: float) -> str:

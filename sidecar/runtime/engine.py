@@ -284,6 +284,7 @@ class Engine:
             routing_key=routing_key,
             props=props,
             on_done=confirmed,
+            linger=True,
         )
 
     def _write_dead_letter(self, command: WriteDeadLetter) -> None:

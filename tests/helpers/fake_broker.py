@@ -61,6 +61,7 @@ class FakeBroker:
         routing_key: str,
         props: MessageProps,
         on_done: PublishCallback,
+        linger: bool = False,
     ) -> None:
         self.published.append(Published(body, exchange, routing_key, props, on_done))
 
