@@ -359,6 +359,67 @@ def test_a_closed_channel_fails_every_unconfirmed_publish_once() -> None:
     assert [type(o) for o in outcomes[1:]] == [aiormq.exceptions.ChannelNotFoundEntity] * 2
 
 
+def test_lingering_publishes_leave_together_or_with_the_next_immediate_write() -> None:
+    async def scenario() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        connection = FastConnection("amqp://guest:guest@127.0.0.1/?heartbeat=0", loop=loop)
+        publisher = Publisher(connection, _Channel(loop))
+        outcomes: list[BaseException | None] = []
+
+        def publish(routing_key: str) -> None:
+            publisher.publish(
+                b"b",
+                exchange="",
+                routing_key=routing_key,
+                properties=spec.Basic.Properties(),
+                mandatory=True,
+                on_done=outcomes.append,
+            )
+
+        seen: dict[str, Any] = {}
+        # Lingering copies wait for their timer: nothing is written until it fires.
+        publish("tier-1")
+        publisher.flush_later(0)
+        publish("tier-2")
+        publisher.flush_later(0)  # already pending: still one timer
+        seen["before_timer"] = connection.write_queue.qsize()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        seen["timer_writes"] = connection.write_queue.qsize()
+        seen["timer_keys"] = _routing_keys(connection.write_queue.get_nowait())
+        # An immediate flush (an agent's publish) takes a waiting copy along.
+        publish("tier-3")
+        publisher.flush_later(3600)
+        publish("agent")
+        publisher.flush()
+        seen["flush_keys"] = _routing_keys(connection.write_queue.get_nowait())
+        # A closed channel cancels the timer and fails what is unconfirmed, once.
+        publish("tier-4")
+        publisher.flush_later(3600)
+        timer = publisher._flush_timer
+        publisher.fail_all(aiormq.exceptions.ChannelInvalidStateError("closed"))
+        seen["timer_cancelled"] = timer is not None and timer.cancelled()
+        seen["failed"] = sum(isinstance(o, BaseException) for o in outcomes)
+        seen["left"] = connection.write_queue.qsize()
+        return seen
+
+    seen = _run(scenario())
+    assert seen["before_timer"] == 0
+    assert seen["timer_writes"] == 1 and seen["timer_keys"] == ["tier-1", "tier-2"]
+    assert seen["flush_keys"] == ["tier-3", "agent"]
+    assert seen["timer_cancelled"] and seen["failed"] == 5 and seen["left"] == 0
+
+
+def _routing_keys(written: ChannelFrame) -> list[str]:
+    keys, data = [], written.payload
+    while data:
+        used, _channel, frame = pamqp.frame.unmarshal(data)
+        if isinstance(frame, spec.Basic.Publish):
+            keys.append(frame.routing_key)
+        data = data[used:]
+    return keys
+
+
 def test_settle_frames_are_the_acks_and_nacks_aiormq_would_send() -> None:
     blob = _settle_frames(3, [(7, True, False), (9, False, True), (10, False, False)])
     frames = []
