@@ -58,6 +58,9 @@ amqp_decode.install()
 # Each write costs about as much CPU as the rest of a retry's republish; the copy then
 # waits tens of milliseconds or more in its delay tier, so two more are nothing.
 PUBLISH_LINGER = 0.002
+# The same for the ack of a message whose retry copy was confirmed or whose dead letter is
+# durable: the agent is not waiting for it, and its prefetch slot is held 2 ms longer.
+SETTLE_LINGER = 0.002
 
 
 _BROKER_ERRORS = (
@@ -156,6 +159,10 @@ class _Generation:
         # (tag, requeue) from trio, read by the writer on the loop.
         self.settle_requests: deque[tuple[int, bool]] = deque()
         self.writer_signalled = False
+        # A settlement that should not wait (an agent's ack) is among the requests; while
+        # only lingering ones are, the writer waits up to SETTLE_LINGER for company.
+        self.settle_urgent = False
+        self.writer_lingering: asyncio.Event | None = None  # set: stop waiting, write now
         self.writer_passed: asyncio.Event | None = None  # set after each writer pass
         self.exchanges: set[str] = set()  # exchanges seen to exist on this connection
         self.publish_lock: asyncio.Lock | None = None  # (loop) one channel reopen at a time
@@ -502,14 +509,22 @@ class Broker:
 
     # --- settling ------------------------------------------------------------------------
 
-    def settle(self, generation: int, tag: int, *, requeue: bool = False) -> bool:
+    def settle(
+        self, generation: int, tag: int, *, requeue: bool = False, linger: bool = False
+    ) -> bool:
         """Queue an ack (or a requeue) for the single ack writer. Returns False, sending
-        nothing, when the tag belongs to a dead generation."""
+        nothing, when the tag belongs to a dead generation. ``linger``: the write may wait
+        up to ``SETTLE_LINGER`` for other settlements (a hint: every one is written)."""
         gen = self._gen
         if generation != gen.number or gen.writer_wakeup is None:
             self.stale_acks += 1
             return False
         gen.settle_requests.append((tag, requeue))
+        if not linger:
+            gen.settle_urgent = True
+            lingering = gen.writer_lingering  # read once: the loop thread may clear it
+            if lingering is not None:
+                self.bridge.to_asyncio(lingering.set)
         if not gen.writer_signalled:
             gen.writer_signalled = True
             self.bridge.to_asyncio(gen.writer_wakeup.set)
@@ -521,6 +536,9 @@ class Broker:
         while True:
             await gen.writer_wakeup.wait()
             gen.writer_wakeup.clear()
+            if not gen.settle_urgent:
+                await self._linger(gen)
+            gen.settle_urgent = False
             gen.writer_signalled = False  # before draining, so no request is left behind
             requests = gen.settle_requests
             while requests:
@@ -542,6 +560,20 @@ class Broker:
                     )
             if gen.writer_passed is not None:
                 gen.writer_passed.set()
+
+    @staticmethod
+    async def _linger(gen: _Generation) -> None:
+        """(loop) Wait up to SETTLE_LINGER, or until an urgent settlement arrives."""
+        lingering = gen.writer_lingering = asyncio.Event()
+        if gen.settle_urgent:  # arrived before the event was there to set
+            gen.writer_lingering = None
+            return
+        timer = asyncio.get_running_loop().call_later(SETTLE_LINGER, lingering.set)
+        try:
+            await lingering.wait()
+        finally:
+            timer.cancel()
+            gen.writer_lingering = None
 
     @staticmethod
     async def _writer_idle(gen: _Generation) -> None:

@@ -49,8 +49,11 @@ class BrokerPort(Protocol):
         """Wake ``wait_inbox`` callers: what they may take has changed."""
         ...
 
-    def settle(self, generation: int, tag: int, *, requeue: bool = False) -> bool:
-        """Ack (or requeue) a delivery; False, sending nothing, for a dead generation."""
+    def settle(
+        self, generation: int, tag: int, *, requeue: bool = False, linger: bool = False
+    ) -> bool:
+        """Ack (or requeue) a delivery; False, sending nothing, for a dead generation.
+        ``linger``: the write may wait a few milliseconds for others (no one waits on it)."""
         ...
 
     def publish_nowait(

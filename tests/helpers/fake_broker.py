@@ -47,7 +47,9 @@ class FakeBroker:
     def wake(self) -> None:
         self._changed.set()
 
-    def settle(self, generation: int, tag: int, *, requeue: bool = False) -> bool:
+    def settle(
+        self, generation: int, tag: int, *, requeue: bool = False, linger: bool = False
+    ) -> bool:
         if generation != self.generation or not self.is_connected:
             return False
         self.settled.append((tag, requeue))
