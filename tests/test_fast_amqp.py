@@ -27,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pamqp import commands as spec
 from pamqp import decode as pamqp_decode
+from pamqp import encode as pamqp_encode
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
@@ -683,3 +684,94 @@ def test_a_publish_carries_the_content_header_pamqp_would_write() -> None:
         ContentHeader(0, 4, spec.Basic.Properties(message_id="m1", headers=_WIDE_TABLE)), 5
     )
     assert payload[used : used + len(header)] == header
+
+
+# --- the header table decoder: pamqp's values, or the tolerant decoders decide ---------
+
+
+def _tolerant_table(data: bytes) -> Any:
+    """What the receive path decoded a table with before: pamqp + amqp_decode."""
+    return pamqp_decode.METHODS["table"](data)
+
+
+_DECODABLE = st.recursive(
+    st.one_of(
+        st.text(max_size=300),
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        st.floats(allow_nan=False),
+        st.booleans(),
+        st.none(),
+        st.binary(max_size=20).map(bytearray),
+        st.decimals(allow_nan=False, allow_infinity=False, places=3).filter(
+            lambda d: abs(d) < 2_000_000
+        ),
+        st.datetimes(
+            min_value=datetime(1971, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+        ).map(lambda d: d.replace(microsecond=0)),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=20), inner, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+
+def test_the_table_decoder_reads_what_pamqp_reads_for_a_wide_table() -> None:
+    table = {k: v for k, v in _WIDE_TABLE.items() if k != "ts-struct"}
+    encoded = pamqp_encode.field_table(table) + b"trailing bytes are not the table's"
+    expected = _tolerant_table(encoded)
+    assert fast_amqp._fast_table(encoded, 0, len(encoded)) == expected
+    assert expected[1]["non-ascii"] == _WIDE_TABLE["non-ascii"]
+    # A whole content header decodes the same through the receive path.
+    props = spec.Basic.Properties(headers=table, message_id="m", delivery_mode=2)
+    block = props.marshal()
+    flags = struct.unpack(">H", block[:2])[0]
+    decoded = fast_amqp.decode_properties(flags, block[2:])
+    assert decoded.headers == expected[1] and decoded.message_id == "m"
+
+
+@settings(max_examples=300, deadline=None)
+@given(table=st.dictionaries(st.text(max_size=40), _DECODABLE, max_size=8))
+def test_any_well_formed_table_decodes_as_pamqp_decodes_it(table: dict[str, Any]) -> None:
+    encoded = pamqp_encode.field_table(table)
+    assert fast_amqp._fast_table(encoded, 0, len(encoded)) == _tolerant_table(encoded)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    table=st.dictionaries(st.text(max_size=10), _DECODABLE, max_size=4),
+    cut=st.integers(min_value=0, max_value=400),
+    flip=st.integers(min_value=0, max_value=400),
+    byte=st.integers(min_value=0, max_value=255),
+)
+def test_a_damaged_table_is_pamqps_value_or_left_to_the_tolerant_decoders(
+    table: dict[str, Any], cut: int, flip: int, byte: int
+) -> None:
+    data = bytearray(pamqp_encode.field_table(table))
+    if flip < len(data):
+        data[flip] = byte
+    damaged = bytes(data[: max(cut, 4)])
+    try:
+        fast = fast_amqp._fast_table(damaged, 0, len(damaged))
+    except Exception:
+        return  # given up: the tolerant decoders decide, as before
+    # Whatever the fast decoder accepts, the tolerant decoders read the same way.
+    assert fast == _tolerant_table(damaged)
+
+
+def test_hostile_tables_still_get_the_tolerant_decoders_repairs() -> None:
+    bad_key = b"\x02\xff\xfeS\x00\x00\x00\x01x"
+    far_future = b"\x01tT" + struct.pack(">Q", 2**63 - 1)
+    deep = pamqp_encode.field_table(
+        {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {}}}}}}}}}}
+    )
+    for table in (struct.pack(">I", len(bad_key)) + bad_key, struct.pack(">I", 10) + far_future):
+        amqp_decode.take_repairs()
+        props = fast_amqp.decode_properties(1 << 13, table)  # headers only
+        assert amqp_decode.take_repairs() == 1  # repaired once, by the tolerant decoders
+        assert any(isinstance(v, amqp_decode.Unreadable) for v in props.headers.values()) or any(
+            isinstance(k, str) and k.startswith("<unreadable") for k in props.headers
+        )
+    with pytest.raises(fast_amqp._Unhandled):
+        fast_amqp._fast_table(deep, 0, len(deep))
+    assert fast_amqp.decode_properties(1 << 13, deep).headers == _tolerant_table(deep)[1]

@@ -33,7 +33,7 @@ import asyncio
 import logging
 import struct
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib.metadata import version
 from typing import Any
 from uuid import uuid4
@@ -154,9 +154,140 @@ def _short_str(data: bytes, offset: int) -> tuple[int, str]:
         return end, amqp_decode.repaired("short string")
 
 
+# --- decoding header tables --------------------------------------------------------------
+#
+# A retried message comes back with its failure history and the broker's x-death (a list of
+# tables with timestamps and arrays); pamqp decodes it one sliced copy and one dispatch per
+# value. ``_fast_table`` reads the same values in place for well-formed tables only: at the
+# first thing that is not plainly well formed (an unknown type, a key or length out of
+# bounds, a key that is not UTF-8, a timestamp Python cannot represent, deep nesting) it
+# gives up, and the table is decoded by pamqp's decoders with amqp_decode's tolerant
+# repairs, exactly as before.
+
+_FAST_DEPTH = 8  # deeper tables go to the tolerant decoders, which bound nesting
+_S8 = struct.Struct(">b").unpack_from
+_S16 = struct.Struct(">h").unpack_from
+_U16 = struct.Struct(">H").unpack_from
+_S32 = struct.Struct(">l").unpack_from
+_U32_AT = struct.Struct(">I").unpack_from
+_S64 = struct.Struct(">q").unpack_from
+_U64 = struct.Struct(">Q").unpack_from
+_F32 = struct.Struct(">f").unpack_from
+_F64 = struct.Struct(">d").unpack_from
+# Fixed-size values: tag -> (size, unpack).
+_FIXED: dict[int, tuple[int, Callable[[bytes, int], tuple[Any, ...]]]] = {
+    ord("b"): (1, _S8),
+    ord("s"): (2, _S16),
+    ord("u"): (2, _U16),
+    ord("I"): (4, _S32),
+    ord("i"): (4, _U32_AT),
+    ord("l"): (8, _S64),
+    ord("L"): (8, _S64),
+    ord("f"): (4, _F32),
+    ord("d"): (8, _F64),
+}
+_TAG_S, _TAG_F, _TAG_A, _TAG_T = ord("S"), ord("F"), ord("A"), ord("T")
+_TAG_TRUE, _TAG_UBYTE, _TAG_DECIMAL, _TAG_BYTES = ord("t"), ord("B"), ord("D"), ord("x")
+_TAG_VOID = (ord("V"), 0)
+
+
+def _fast_value(data: bytes, offset: int, end: int, depth: int) -> tuple[int, Any]:
+    """The value at ``offset`` (its type tag first), which must end by ``end``."""
+    if offset >= end:
+        raise _Unhandled
+    tag = data[offset]
+    offset += 1
+    if tag == _TAG_S:
+        (length,) = _U32_AT(data, offset)
+        start = offset + 4
+        stop = start + length
+        if stop > end:
+            raise _Unhandled
+        raw = data[start:stop]
+        try:
+            return stop, raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return stop, raw  # what pamqp returns for a long string that is not UTF-8
+    fixed = _FIXED.get(tag)
+    if fixed is not None:
+        size, unpack = fixed
+        if offset + size > end:
+            raise _Unhandled
+        return offset + size, unpack(data, offset)[0]
+    if tag == _TAG_F:
+        if depth >= _FAST_DEPTH:
+            raise _Unhandled
+        return _fast_table(data, offset, end, depth + 1)
+    if tag == _TAG_A:
+        if depth >= _FAST_DEPTH:
+            raise _Unhandled
+        (length,) = _U32_AT(data, offset)
+        offset += 4
+        stop = offset + length
+        if stop > end:
+            raise _Unhandled
+        items = []
+        while offset < stop:
+            offset, item = _fast_value(data, offset, stop, depth + 1)
+            items.append(item)
+        return offset, items
+    if tag == _TAG_T:
+        if offset + 8 > end:
+            raise _Unhandled
+        (stamp,) = _U64(data, offset)
+        seconds: float = stamp / 1000.0 if stamp > 0xFFFFFFFF else stamp  # pamqp's rule
+        try:
+            return offset + 8, datetime.fromtimestamp(seconds, tz=UTC)
+        except (ValueError, OverflowError, OSError):
+            raise _Unhandled from None  # the tolerant decoder makes it a placeholder
+    if tag == _TAG_TRUE:
+        if offset + 1 > end:
+            raise _Unhandled
+        return offset + 1, bool(data[offset])
+    if tag == _TAG_UBYTE:
+        if offset + 1 > end:
+            raise _Unhandled
+        return offset + 1, data[offset]
+    if tag in _TAG_VOID:
+        return offset, None
+    if tag == _TAG_BYTES:
+        (length,) = _U32_AT(data, offset)
+        stop = offset + 4 + length
+        if stop > end:
+            raise _Unhandled
+        return stop, bytearray(data[offset + 4 : stop])
+    if tag == _TAG_DECIMAL:
+        if offset + 5 > end:
+            raise _Unhandled
+        consumed, value = pamqp_decode.decimal(data[offset : offset + 5])
+        return offset + consumed, value
+    raise _Unhandled
+
+
+def _fast_table(data: bytes, offset: int, end: int, depth: int = 0) -> tuple[int, Any]:
+    """The field table at ``offset`` (its length first), which must end by ``end``:
+    (offset after it, dict). Raises (anything) when it is not plainly well formed."""
+    (length,) = _U32_AT(data, offset)
+    offset += 4
+    stop = offset + length
+    if stop > end:
+        raise _Unhandled
+    table: dict[str, Any] = {}
+    while offset < stop:
+        key_length = data[offset]
+        offset += 1
+        key_end = offset + key_length
+        if key_end > stop:
+            raise _Unhandled
+        key = data[offset:key_end].decode("utf-8")
+        offset, table[key] = _fast_value(data, key_end, stop, depth)
+    return stop, table
+
+
 def decode_properties(flags: int, data: bytes) -> spec.Basic.Properties:
     """Basic.Properties from a content header's property block, through pamqp's decoders
-    (looked up at call time, so the tolerant ones from ``amqp_decode`` apply)."""
+    (looked up at call time, so the tolerant ones from ``amqp_decode`` apply); a header
+    table that is plainly well formed is read by ``_fast_table`` instead."""
     props = spec.Basic.Properties()
     if flags & 1:
         raise ValueError("property flags continue beyond Basic's 14 properties")
@@ -166,6 +297,13 @@ def decode_properties(flags: int, data: bytes) -> spec.Basic.Properties:
         if flags & flag:
             if offset > len(data):
                 raise ValueError("property block truncated")
+            if kind == "table":
+                try:
+                    offset, value = _fast_table(data, offset, len(data))
+                    setattr(props, name, value)
+                    continue
+                except Exception:  # not plainly well formed: the tolerant decoders decide
+                    pass
             consumed, value = methods[kind](data[offset:] if offset else data)
             offset += consumed
             setattr(props, name, value)
