@@ -7,6 +7,7 @@ or sidecar: ``import trio_asyncio`` would silently swap in its slower loop.
     python -m bench.direct latency --queue Q --count N
     python -m bench.direct paced   --queue Q --rate R --duration S --size B
     python -m bench.direct publish --queue Q --count N --size B --window 256
+    python -m bench.direct retry   --queue Q --count N --tiers 0.05,0.1,0.2
     python -m bench.direct fill    --queue Q --count N --size B
     python -m bench.direct declare --queues A,B
     python -m bench.direct delete  --queues A,B
@@ -25,7 +26,15 @@ from typing import Any
 import aiormq
 from pamqp import commands as spec
 
-from bench.common import BROKER_URL, body_of, cpu_seconds, emit, latency_summary, stamp_of
+from bench.common import (
+    BROKER_URL,
+    body_of,
+    cpu_seconds,
+    emit,
+    latency_summary,
+    stamp_of,
+    tier_queue_names,
+)
 
 
 def persistent() -> spec.Basic.Properties:
@@ -208,6 +217,83 @@ async def publish(queue: str, count: int, size: int, window: int) -> None:
     emit(event="result", n=count, errors=errors, elapsed=elapsed, rate=count / elapsed, cpu_s=cpu_s)
 
 
+ATTEMPTS = "x-sidecar-attempts"
+
+
+async def retry(queue: str, count: int, tiers: list[float], prefetch: int, idle: float) -> None:
+    """The failure path's broker work without the sidecar, its agent or its store: every
+    message is sent back twice through the delay tiers (the sidecar's quorum queues,
+    republish confirmed before the original's ack) and acked on its third delivery."""
+    conn = await aiormq.connect(BROKER_URL)
+    admin = await conn.channel()
+    names = tier_queue_names(queue, tiers)
+    for name, ttl in zip(names, tiers, strict=True):
+        await admin.queue_declare(
+            name,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-message-ttl": round(ttl * 1000),
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+    channel = await conn.channel(publisher_confirms=True)
+    await channel.basic_qos(prefetch_count=prefetch)
+    state = {"done": 0, "deliveries": 0, "first": 0.0, "last": 0.0, "cpu0": 0.0, "cpu1": 0.0}
+    finished = asyncio.Event()
+
+    async def on_message(message: aiormq.abc.DeliveredMessage) -> None:
+        state["deliveries"] += 1
+        if not state["first"]:
+            state["first"], state["cpu0"] = time.time(), cpu_seconds()
+        headers = dict(message.header.properties.headers or {})
+        attempt = int(headers.get(ATTEMPTS) or 0)
+        tag = message.delivery.delivery_tag
+        if attempt < 2:
+            headers[ATTEMPTS] = attempt + 1
+            ttl = tiers[attempt]
+            props = spec.Basic.Properties(
+                delivery_mode=2,
+                headers=headers,
+                message_id=message.header.properties.message_id,
+                expiration=str(round(ttl * 1000)),
+            )
+            confirm = await channel.basic_publish(
+                message.body, routing_key=names[attempt], properties=props, mandatory=True
+            )
+            if not isinstance(confirm, spec.Basic.Ack):
+                await channel.basic_nack(tag, requeue=True)
+                return
+            await channel.basic_ack(tag)
+            return
+        await channel.basic_ack(tag)
+        state["done"] += 1
+        if state["done"] >= count:
+            state["last"], state["cpu1"] = time.time(), cpu_seconds()
+            finished.set()
+
+    await channel.basic_consume(queue, on_message)
+    complete = await _wait_or_idle(finished, lambda: state["deliveries"], idle)
+    if not complete:
+        state["last"], state["cpu1"] = time.time(), cpu_seconds()
+    with contextlib.suppress(Exception):
+        await conn.close()
+    elapsed = state["last"] - state["first"]
+    emit(
+        event="result",
+        n=count,
+        done=state["done"],
+        deliveries=state["deliveries"],
+        complete=complete,
+        elapsed=elapsed,
+        rate=state["done"] / elapsed if elapsed > 0 else 0.0,
+        cpu_s=state["cpu1"] - state["cpu0"],
+    )
+
+
 async def fill(queue: str, count: int, size: int) -> None:
     conn = await aiormq.connect(BROKER_URL)
     channel = await conn.channel(publisher_confirms=False)
@@ -256,7 +342,8 @@ async def delete(queues: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="bench.direct")
     ap.add_argument(
-        "mode", choices=["consume", "latency", "paced", "publish", "fill", "declare", "delete"]
+        "mode",
+        choices=["consume", "latency", "paced", "publish", "retry", "fill", "declare", "delete"],
     )
     ap.add_argument("--queue", default="")
     ap.add_argument("--queues", default="")
@@ -268,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--idle", type=float, default=10.0)
+    ap.add_argument("--tiers", default="0.05,0.1,0.2")
     a = ap.parse_args(argv)
     assert "trio_asyncio" not in sys.modules
     jobs: dict[str, Callable[[], Awaitable[Any]]] = {
@@ -275,6 +363,9 @@ def main(argv: list[str] | None = None) -> None:
         "latency": lambda: latency(a.queue, a.count, a.prefetch, a.idle),
         "paced": lambda: paced(a.queue, a.rate, a.duration, a.size),
         "publish": lambda: publish(a.queue, a.count, a.size, a.window),
+        "retry": lambda: retry(
+            a.queue, a.count, [float(t) for t in a.tiers.split(",")], a.prefetch, a.idle
+        ),
         "fill": lambda: fill(a.queue, a.count, a.size),
         "declare": lambda: declare([q for q in a.queues.split(",") if q]),
         "delete": lambda: delete([q for q in a.queues.split(",") if q]),

@@ -141,6 +141,24 @@ def render(res: dict[str, Any]) -> str:
                 f"| {reason} | **median** | | | | | **{f0(f['median_rate'])}** "
                 f"(nothing lost: {f['nothing_lost']}) |"
             )
+        direct = res["failure"].get("NETWORK_ERROR", {}).get("direct")
+        if direct:
+            out += [
+                "",
+                "The broker's part alone: a plain aiormq client sending every message back "
+                "twice through the same tiers and acking it on the third delivery (no "
+                "sidecar, agent or store), run before each NETWORK_ERROR run; sidecar "
+                "CPU-s per 10,000 messages dead-lettered beside it.",
+                "",
+                "| run | plain aiormq msg/s | its CPU-s/10k | sidecar msg/s | sidecar CPU-s/10k |",
+                "|---|---|---|---|---|",
+            ]
+            runs = res["failure"]["NETWORK_ERROR"]["runs"]
+            for i, (d, r) in enumerate(zip(direct["runs"], runs, strict=False), 1):
+                out.append(
+                    f"| {i} | {f0(d['rate'])} | {f2(d['cpu_per_10k'])} | {f0(r['rate'])} | "
+                    f"{f2(r.get('sidecar_cpu_per_10k', 0))} |"
+                )
         out.append("")
     if "footprint" in res:
         fp = res["footprint"]

@@ -468,11 +468,38 @@ def failure_run(count: int, reason: str, batch: int = 10) -> dict[str, Any]:
     return r
 
 
+def failure_direct(count: int) -> dict[str, Any]:
+    """The same three deliveries per message through the same tiers, by a plain aiormq
+    client: the broker's part of NETWORK_ERROR x3, with no sidecar, agent or store."""
+    with Queues("failure-direct") as q:
+        _fill(q, count, 200)
+        r = procs.direct_run(
+            "retry",
+            "--queue",
+            q,
+            "--count",
+            str(count),
+            "--tiers",
+            ",".join(str(t) for t in procs.TIERS),
+            timeout=300,
+        )
+    r["cpu_per_10k"] = per_10k(r.get("cpu_s", float("nan")), r["n"])
+    return r
+
+
 def run_failure(s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    direct_runs: list[dict[str, Any]] = []
     for reason in ("NETWORK_ERROR", "VALIDATION_FAILED"):
         runs = []
         for i in range(s.pairs):
+            if reason == "NETWORK_ERROR":
+                d = failure_direct(s.fail_messages)
+                direct_runs.append(d)
+                log(
+                    f"failure plain aiormq retry x3 run={i + 1}: {d['rate']:.0f} msg/s, "
+                    f"done {d['done']}/{d['n']}, CPU-s/10k {d['cpu_per_10k']:.2f}"
+                )
             r = failure_run(s.fail_messages, reason)
             runs.append(_strip(r))
             log(
@@ -490,6 +517,11 @@ def run_failure(s: Settings) -> dict[str, Any]:
             },
             "nothing_lost": all(r["stored"] == r["n"] for r in runs),
         }
+    out["NETWORK_ERROR"]["direct"] = {
+        "runs": [_strip(d) for d in direct_runs],
+        "median_rate": med([d["rate"] for d in direct_runs]),
+        "median_cpu_per_10k": med([d["cpu_per_10k"] for d in direct_runs]),
+    }
     return out
 
 

@@ -7,10 +7,14 @@ upgrading past the versions it was written for must be a decision, not a surpris
 from __future__ import annotations
 
 import asyncio
+import enum
 import inspect
 import struct
+import time
+from collections import OrderedDict
 from collections.abc import Coroutine
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from importlib.metadata import version
 from typing import Any
 
@@ -19,8 +23,11 @@ import pamqp.frame
 import pytest
 from aiormq.abc import ChannelFrame
 from aiormq.connection import FrameReceiver
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pamqp import commands as spec
 from pamqp import decode as pamqp_decode
+from pamqp import encode as pamqp_encode
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
@@ -353,6 +360,67 @@ def test_a_closed_channel_fails_every_unconfirmed_publish_once() -> None:
     assert [type(o) for o in outcomes[1:]] == [aiormq.exceptions.ChannelNotFoundEntity] * 2
 
 
+def test_lingering_publishes_leave_together_or_with_the_next_immediate_write() -> None:
+    async def scenario() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        connection = FastConnection("amqp://guest:guest@127.0.0.1/?heartbeat=0", loop=loop)
+        publisher = Publisher(connection, _Channel(loop))
+        outcomes: list[BaseException | None] = []
+
+        def publish(routing_key: str) -> None:
+            publisher.publish(
+                b"b",
+                exchange="",
+                routing_key=routing_key,
+                properties=spec.Basic.Properties(),
+                mandatory=True,
+                on_done=outcomes.append,
+            )
+
+        seen: dict[str, Any] = {}
+        # Lingering copies wait for their timer: nothing is written until it fires.
+        publish("tier-1")
+        publisher.flush_later(0)
+        publish("tier-2")
+        publisher.flush_later(0)  # already pending: still one timer
+        seen["before_timer"] = connection.write_queue.qsize()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        seen["timer_writes"] = connection.write_queue.qsize()
+        seen["timer_keys"] = _routing_keys(connection.write_queue.get_nowait())
+        # An immediate flush (an agent's publish) takes a waiting copy along.
+        publish("tier-3")
+        publisher.flush_later(3600)
+        publish("agent")
+        publisher.flush()
+        seen["flush_keys"] = _routing_keys(connection.write_queue.get_nowait())
+        # A closed channel cancels the timer and fails what is unconfirmed, once.
+        publish("tier-4")
+        publisher.flush_later(3600)
+        timer = publisher._flush_timer
+        publisher.fail_all(aiormq.exceptions.ChannelInvalidStateError("closed"))
+        seen["timer_cancelled"] = timer is not None and timer.cancelled()
+        seen["failed"] = sum(isinstance(o, BaseException) for o in outcomes)
+        seen["left"] = connection.write_queue.qsize()
+        return seen
+
+    seen = _run(scenario())
+    assert seen["before_timer"] == 0
+    assert seen["timer_writes"] == 1 and seen["timer_keys"] == ["tier-1", "tier-2"]
+    assert seen["flush_keys"] == ["tier-3", "agent"]
+    assert seen["timer_cancelled"] and seen["failed"] == 5 and seen["left"] == 0
+
+
+def _routing_keys(written: ChannelFrame) -> list[str]:
+    keys, data = [], written.payload
+    while data:
+        used, _channel, frame = pamqp.frame.unmarshal(data)
+        if isinstance(frame, spec.Basic.Publish):
+            keys.append(frame.routing_key)
+        data = data[used:]
+    return keys
+
+
 def test_settle_frames_are_the_acks_and_nacks_aiormq_would_send() -> None:
     blob = _settle_frames(3, [(7, True, False), (9, False, True), (10, False, False)])
     frames = []
@@ -367,3 +435,343 @@ def test_settle_frames_are_the_acks_and_nacks_aiormq_would_send() -> None:
         ("Ack", 10, False),
     ]
     assert frames[1].requeue is True
+
+
+# --- the property encoder: byte for byte what pamqp writes ----------------------------
+
+
+class _Level(enum.IntEnum):
+    HIGH = 300
+
+
+def _pamqp_frame(properties: spec.Basic.Properties, body_size: int = 200) -> bytes:
+    return pamqp.frame.marshal(ContentHeader(0, body_size, properties), 7)
+
+
+def _same_as_pamqp(properties: spec.Basic.Properties) -> bytes:
+    """The fast frame, asserted equal to pamqp's (or raising what pamqp raises)."""
+    try:
+        expected = _pamqp_frame(properties)
+    except Exception as exc:
+        with pytest.raises(type(exc)):
+            fast_amqp.content_header_frame(7, 200, properties)
+        return b""
+    got = fast_amqp.content_header_frame(7, 200, properties)
+    assert got == expected
+    return got
+
+
+_WIDE_TABLE: dict[str, Any] = {
+    # ints at every width boundary pamqp chooses between
+    **{
+        f"int{i}": n
+        for i, n in enumerate(
+            (
+                0,
+                1,
+                -1,
+                127,
+                128,
+                -128,
+                -129,
+                255,
+                256,
+                32767,
+                32768,
+                -32768,
+                -32769,
+                65535,
+                65536,
+                2**31 - 1,
+                2**31,
+                -(2**31),
+                -(2**31) - 1,
+                2**32 - 1,
+                2**32,
+                2**63 - 1,
+                -(2**63),
+            )
+        )
+    },
+    "float": 1.5,
+    "float-big": 3.5e300,  # beyond single precision: a double, as amqp_decode writes it
+    "float-neg": -0.0,
+    "float-inf": float("inf"),
+    "decimal": Decimal("3.14159"),
+    "decimal-int": Decimal("12E+2"),
+    "decimal-neg": Decimal("-0.001"),
+    "ts-naive": datetime(2026, 12, 4, 16, 0, 0),
+    "ts-aware": datetime(2026, 12, 4, 16, 0, 0, 999, tzinfo=UTC),
+    "ts-offset": datetime(2026, 12, 4, 18, 0, tzinfo=timezone(timedelta(hours=2))),
+    "ts-struct": time.gmtime(1_700_000_000),
+    "bytes": b"\xff\xfe not utf-8",
+    "bytearray": bytearray(b"\x00\x01\x02"),
+    "true": True,
+    "false": False,
+    "none": None,
+    "empty-str": "",
+    "long-str": "x" * 70_000,
+    "non-ascii": "héllo wörld ✓ 𝄞 日本語",
+    "unreadable": amqp_decode.Unreadable("<unreadable timestamp>"),
+    "int-enum": _Level.HIGH,
+    "empty-table": {},
+    "empty-array": [],
+    "nested": {
+        "b": [1, "two", 3.0, None, True, {"deep": [[], [{"x": b"y"}], {"z": Decimal("1.5")}]}],
+        "a": {"ü-key": "ü-value", "n": -(2**40)},
+    },
+    "x-death": [
+        {
+            "count": 2,
+            "reason": "expired",
+            "queue": "sidecar.retry.q.50",
+            "time": datetime(2026, 12, 4, 16, 0, tzinfo=UTC),
+            "exchange": "",
+            "routing-keys": ["sidecar.retry.q.50"],
+            "original-expiration": "50",
+        }
+    ],
+    "ключ": "non-ASCII key",
+    "k" * 128: "a key of exactly 128 bytes",
+}
+
+
+def test_the_property_encoder_writes_what_pamqp_writes_for_a_wide_table() -> None:
+    properties = spec.Basic.Properties(
+        content_type="application/json",
+        content_encoding="gzip",
+        headers=_WIDE_TABLE,
+        delivery_mode=2,
+        priority=9,
+        correlation_id="c-é",
+        reply_to="amq.rabbitmq.reply-to",
+        expiration="100",
+        message_id="m" * 255,
+        timestamp=datetime(2026, 12, 4, 16, 0, tzinfo=UTC),
+        message_type="t",
+        user_id="guest",
+        app_id="app",
+    )
+    frame = _same_as_pamqp(properties)
+    # ... and by the fast path itself, not by falling back to pamqp.
+    assert fast_amqp._fast_properties(properties) == properties.marshal()
+    # It decodes back: the frame is a real content header.
+    _used, channel, header = pamqp.frame.unmarshal(frame)
+    assert channel == 7 and isinstance(header, ContentHeader) and header.body_size == 200
+    assert header.properties.headers["non-ascii"] == _WIDE_TABLE["non-ascii"]
+    for each in (
+        spec.Basic.Properties(),
+        spec.Basic.Properties(headers={}, message_id=""),  # {} is written, '' is not
+        spec.Basic.Properties(headers={"only": 1}, delivery_mode=1),
+        spec.Basic.Properties(timestamp=datetime(2026, 1, 1)),
+    ):
+        assert _same_as_pamqp(each)
+
+
+@pytest.mark.parametrize(
+    "properties",
+    [
+        spec.Basic.Properties(headers={"k" * 129: "over-long key: pamqp truncates it"}),
+        spec.Basic.Properties(headers={"ü" * 70: "over-long once encoded"}),
+        spec.Basic.Properties(headers={"nested": {"k" * 200: 1}}),
+        spec.Basic.Properties(headers={1: "a key that is not text"}),  # type: ignore[dict-item]
+        spec.Basic.Properties(headers={"big": 2**64}),
+        spec.Basic.Properties(headers={"obj": object()}),
+        spec.Basic.Properties(headers={"nan": Decimal("NaN")}),
+        spec.Basic.Properties(headers={"surrogate": "\ud800"}),
+        spec.Basic.Properties(headers={"\ud800": "surrogate key"}),
+        spec.Basic.Properties(headers={"pre-epoch": datetime(1960, 1, 1)}),
+        spec.Basic.Properties(headers={"ordered": OrderedDict(b=1, a=2)}),
+        spec.Basic.Properties(message_id="m" * 256),
+        spec.Basic.Properties(message_id=b"bytes"),  # type: ignore[arg-type]
+        spec.Basic.Properties(priority=256),
+        spec.Basic.Properties(delivery_mode=True),  # type: ignore[arg-type]
+        spec.Basic.Properties(correlation_id=amqp_decode.Unreadable("<unreadable>")),
+        spec.Basic.Properties(timestamp=time.gmtime(0)),  # type: ignore[arg-type]
+    ],
+    ids=lambda p: repr(p)[:60],
+)
+def test_what_the_fast_encoder_does_not_handle_is_pamqps_bytes_or_pamqps_error(
+    properties: spec.Basic.Properties,
+) -> None:
+    _same_as_pamqp(properties)
+
+
+def test_the_fast_encoder_hands_unhandled_blocks_to_pamqp(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[spec.Basic.Properties] = []
+    marshal = spec.Basic.Properties.marshal
+
+    def counted(self: spec.Basic.Properties) -> bytes:
+        calls.append(self)
+        return marshal(self)
+
+    monkeypatch.setattr(spec.Basic.Properties, "marshal", counted)
+    fast_amqp.encode_properties(spec.Basic.Properties(headers={"a": [1, {"b": "c"}]}))
+    assert calls == []  # the fast path wrote it
+    over_long = spec.Basic.Properties(headers={"k" * 129: 1})
+    fast_amqp.encode_properties(over_long)
+    assert calls == [over_long]
+    monkeypatch.setattr(amqp_decode, "_installed", False)
+    plain = spec.Basic.Properties(headers={"f": 1.5})
+    # Without amqp_decode's encoder pamqp writes a float in single precision: pamqp decides.
+    assert fast_amqp.encode_properties(plain) == marshal(plain)
+    assert calls[-1] is plain
+
+
+_KEYS = st.text(max_size=40)
+_SCALARS = st.one_of(
+    st.text(max_size=300),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+    st.binary(max_size=50),
+    st.binary(max_size=20).map(bytearray),
+    st.decimals(allow_nan=False, allow_infinity=False, places=3),
+    st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(9000, 1, 1)),
+    st.datetimes(
+        min_value=datetime(1971, 1, 1), max_value=datetime(9000, 1, 1), timezones=st.just(UTC)
+    ),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(_KEYS, inner, max_size=5)),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    headers=st.one_of(st.none(), st.dictionaries(_KEYS, _VALUES, max_size=8)),
+    message_id=st.one_of(st.none(), st.text(max_size=300)),
+    priority=st.one_of(st.none(), st.integers(min_value=-5, max_value=300)),
+    timestamp=st.one_of(st.none(), st.datetimes(min_value=datetime(1971, 1, 1))),
+)
+def test_any_header_table_encodes_as_pamqp_encodes_it(
+    headers: dict[str, Any] | None,
+    message_id: str | None,
+    priority: int | None,
+    timestamp: datetime | None,
+) -> None:
+    _same_as_pamqp(
+        spec.Basic.Properties(
+            headers=headers, message_id=message_id, priority=priority, timestamp=timestamp
+        )
+    )
+
+
+def test_a_publish_carries_the_content_header_pamqp_would_write() -> None:
+    async def scenario() -> bytes:
+        connection = FastConnection("amqp://guest:guest@127.0.0.1/?heartbeat=0")
+        publisher = Publisher(connection, _Channel(asyncio.get_running_loop()))
+        publisher.publish(
+            b"body",
+            exchange="",
+            routing_key="q",
+            properties=spec.Basic.Properties(message_id="m1", headers=_WIDE_TABLE),
+            mandatory=True,
+            on_done=lambda error: None,
+        )
+        publisher.flush()
+        written: ChannelFrame = connection.write_queue.get_nowait()
+        return written.payload
+
+    payload = _run(scenario())
+    used, _channel, _method = pamqp.frame.unmarshal(payload)
+    header = pamqp.frame.marshal(
+        ContentHeader(0, 4, spec.Basic.Properties(message_id="m1", headers=_WIDE_TABLE)), 5
+    )
+    assert payload[used : used + len(header)] == header
+
+
+# --- the header table decoder: pamqp's values, or the tolerant decoders decide ---------
+
+
+def _tolerant_table(data: bytes) -> Any:
+    """What the receive path decoded a table with before: pamqp + amqp_decode."""
+    return pamqp_decode.METHODS["table"](data)
+
+
+_DECODABLE = st.recursive(
+    st.one_of(
+        st.text(max_size=300),
+        st.integers(min_value=-(2**63), max_value=2**63 - 1),
+        st.floats(allow_nan=False),
+        st.booleans(),
+        st.none(),
+        st.binary(max_size=20).map(bytearray),
+        st.decimals(allow_nan=False, allow_infinity=False, places=3).filter(
+            lambda d: abs(d) < 2_000_000
+        ),
+        st.datetimes(
+            min_value=datetime(1971, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+        ).map(lambda d: d.replace(microsecond=0)),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=20), inner, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+
+def test_the_table_decoder_reads_what_pamqp_reads_for_a_wide_table() -> None:
+    table = {k: v for k, v in _WIDE_TABLE.items() if k != "ts-struct"}
+    encoded = pamqp_encode.field_table(table) + b"trailing bytes are not the table's"
+    expected = _tolerant_table(encoded)
+    assert fast_amqp._fast_table(encoded, 0, len(encoded)) == expected
+    assert expected[1]["non-ascii"] == _WIDE_TABLE["non-ascii"]
+    # A whole content header decodes the same through the receive path.
+    props = spec.Basic.Properties(headers=table, message_id="m", delivery_mode=2)
+    block = props.marshal()
+    flags = struct.unpack(">H", block[:2])[0]
+    decoded = fast_amqp.decode_properties(flags, block[2:])
+    assert decoded.headers == expected[1] and decoded.message_id == "m"
+
+
+@settings(max_examples=300, deadline=None)
+@given(table=st.dictionaries(st.text(max_size=40), _DECODABLE, max_size=8))
+def test_any_well_formed_table_decodes_as_pamqp_decodes_it(table: dict[str, Any]) -> None:
+    encoded = pamqp_encode.field_table(table)
+    assert fast_amqp._fast_table(encoded, 0, len(encoded)) == _tolerant_table(encoded)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    table=st.dictionaries(st.text(max_size=10), _DECODABLE, max_size=4),
+    cut=st.integers(min_value=0, max_value=400),
+    flip=st.integers(min_value=0, max_value=400),
+    byte=st.integers(min_value=0, max_value=255),
+)
+def test_a_damaged_table_is_pamqps_value_or_left_to_the_tolerant_decoders(
+    table: dict[str, Any], cut: int, flip: int, byte: int
+) -> None:
+    data = bytearray(pamqp_encode.field_table(table))
+    if flip < len(data):
+        data[flip] = byte
+    damaged = bytes(data[: max(cut, 4)])
+    try:
+        fast = fast_amqp._fast_table(damaged, 0, len(damaged))
+    except Exception:
+        return  # given up: the tolerant decoders decide, as before
+    # Whatever the fast decoder accepts, the tolerant decoders read the same way.
+    assert fast == _tolerant_table(damaged)
+
+
+def test_hostile_tables_still_get_the_tolerant_decoders_repairs() -> None:
+    bad_key = b"\x02\xff\xfeS\x00\x00\x00\x01x"
+    far_future = b"\x01tT" + struct.pack(">Q", 2**63 - 1)
+    deep = pamqp_encode.field_table(
+        {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": {"i": {}}}}}}}}}}
+    )
+    for table in (struct.pack(">I", len(bad_key)) + bad_key, struct.pack(">I", 10) + far_future):
+        amqp_decode.take_repairs()
+        props = fast_amqp.decode_properties(1 << 13, table)  # headers only
+        assert amqp_decode.take_repairs() == 1  # repaired once, by the tolerant decoders
+        assert any(isinstance(v, amqp_decode.Unreadable) for v in props.headers.values()) or any(
+            isinstance(k, str) and k.startswith("<unreadable") for k in props.headers
+        )
+    with pytest.raises(fast_amqp._Unhandled):
+        fast_amqp._fast_table(deep, 0, len(deep))
+    assert fast_amqp.decode_properties(1 << 13, deep).headers == _tolerant_table(deep)[1]

@@ -152,6 +152,11 @@ def _table_value_encoder(original: Callable[[Any], bytes]) -> Callable[[Any], by
     return encode_table_value
 
 
+def installed() -> bool:
+    """Whether ``install`` ran (the fast encoder in fast_amqp matches pamqp only then)."""
+    return _installed
+
+
 def install() -> None:
     """Put the tolerant decoders (and the matching encoders) into pamqp (idempotent)."""
     global _installed

@@ -54,6 +54,14 @@ log = logging.getLogger("sidecar.broker")
 # Values pamqp cannot represent must not kill the connection (see amqp_decode).
 amqp_decode.install()
 
+# How long a lingering publish (a retry copy) may wait to share a socket write with others.
+# Each write costs about as much CPU as the rest of a retry's republish; the copy then
+# waits tens of milliseconds or more in its delay tier, so two more are nothing.
+PUBLISH_LINGER = 0.002
+# The same for the ack of a message whose retry copy was confirmed or whose dead letter is
+# durable: the agent is not waiting for it, and its prefetch slot is held 2 ms longer.
+SETTLE_LINGER = 0.002
+
 
 _BROKER_ERRORS = (
     aiormq.exceptions.AMQPError,
@@ -151,6 +159,10 @@ class _Generation:
         # (tag, requeue) from trio, read by the writer on the loop.
         self.settle_requests: deque[tuple[int, bool]] = deque()
         self.writer_signalled = False
+        # A settlement that should not wait (an agent's ack) is among the requests; while
+        # only lingering ones are, the writer waits up to SETTLE_LINGER for company.
+        self.settle_urgent = False
+        self.writer_lingering: asyncio.Event | None = None  # set: stop waiting, write now
         self.writer_passed: asyncio.Event | None = None  # set after each writer pass
         self.exchanges: set[str] = set()  # exchanges seen to exist on this connection
         self.publish_lock: asyncio.Lock | None = None  # (loop) one channel reopen at a time
@@ -264,6 +276,12 @@ class Broker:
         # batch of failures) goes out as one write instead of one write per publish.
         self._publishes = Handoff[_PublishRequest](
             self.bridge.to_asyncio_later, self._start_publishes
+        )
+        # Retry copies arrive one per agent frame, each in its own pass: written at once,
+        # nearly every one cost its own socket write (the largest single cost per retry).
+        # They are bound for a delay tier, so they wait a moment for company instead.
+        self._lingering = Handoff[_PublishRequest](
+            self.bridge.to_asyncio_later, self._start_lingering
         )
         self._confirms = Handoff[tuple[PublishCallback, str | None]](
             self.bridge.to_trio, self._deliver_confirms
@@ -491,14 +509,22 @@ class Broker:
 
     # --- settling ------------------------------------------------------------------------
 
-    def settle(self, generation: int, tag: int, *, requeue: bool = False) -> bool:
+    def settle(
+        self, generation: int, tag: int, *, requeue: bool = False, linger: bool = False
+    ) -> bool:
         """Queue an ack (or a requeue) for the single ack writer. Returns False, sending
-        nothing, when the tag belongs to a dead generation."""
+        nothing, when the tag belongs to a dead generation. ``linger``: the write may wait
+        up to ``SETTLE_LINGER`` for other settlements (a hint: every one is written)."""
         gen = self._gen
         if generation != gen.number or gen.writer_wakeup is None:
             self.stale_acks += 1
             return False
         gen.settle_requests.append((tag, requeue))
+        if not linger:
+            gen.settle_urgent = True
+            lingering = gen.writer_lingering  # read once: the loop thread may clear it
+            if lingering is not None:
+                self.bridge.to_asyncio(lingering.set)
         if not gen.writer_signalled:
             gen.writer_signalled = True
             self.bridge.to_asyncio(gen.writer_wakeup.set)
@@ -510,6 +536,9 @@ class Broker:
         while True:
             await gen.writer_wakeup.wait()
             gen.writer_wakeup.clear()
+            if not gen.settle_urgent:
+                await self._linger(gen)
+            gen.settle_urgent = False
             gen.writer_signalled = False  # before draining, so no request is left behind
             requests = gen.settle_requests
             while requests:
@@ -531,6 +560,20 @@ class Broker:
                     )
             if gen.writer_passed is not None:
                 gen.writer_passed.set()
+
+    @staticmethod
+    async def _linger(gen: _Generation) -> None:
+        """(loop) Wait up to SETTLE_LINGER, or until an urgent settlement arrives."""
+        lingering = gen.writer_lingering = asyncio.Event()
+        if gen.settle_urgent:  # arrived before the event was there to set
+            gen.writer_lingering = None
+            return
+        timer = asyncio.get_running_loop().call_later(SETTLE_LINGER, lingering.set)
+        try:
+            await lingering.wait()
+        finally:
+            timer.cancel()
+            gen.writer_lingering = None
 
     @staticmethod
     async def _writer_idle(gen: _Generation) -> None:
@@ -573,14 +616,17 @@ class Broker:
         routing_key: str,
         props: MessageProps,
         on_done: PublishCallback,
+        linger: bool = False,
     ) -> None:
         """Publish with confirms and ``mandatory``; ``on_done`` gets the outcome. Sync, so a
-        session can pipeline many publishes without a task per message on the trio side."""
+        session can pipeline many publishes without a task per message on the trio side.
+        ``linger``: the write may wait up to ``PUBLISH_LINGER`` for other publishes."""
         gen = self._gen
         if not self.is_connected or gen.publish_channel is None:
             on_done("broker not connected")
             return
-        self._publishes.put((gen, body, exchange, routing_key, props, on_done))
+        request = (gen, body, exchange, routing_key, props, on_done)
+        (self._lingering if linger else self._publishes).put(request)
 
     def _start_publishes(self, requests: deque[_PublishRequest]) -> None:
         """(loop) The burst goes out as one write per publishing channel, confirms
@@ -591,6 +637,15 @@ class Broker:
             self._publish_fast(requests.popleft(), 1, touched)
         for publisher in touched:
             publisher.flush()
+
+    def _start_lingering(self, requests: deque[_PublishRequest]) -> None:
+        """(loop) Like ``_start_publishes``, but the write waits up to ``PUBLISH_LINGER``
+        (or for the next burst that is written at once) so several go out together."""
+        touched: set[Publisher] = set()
+        while requests:
+            self._publish_fast(requests.popleft(), 1, touched)
+        for publisher in touched:
+            publisher.flush_later(PUBLISH_LINGER)
 
     def _publish_fast(
         self, request: _PublishRequest, attempt: int, touched: set[Publisher]

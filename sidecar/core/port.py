@@ -49,8 +49,11 @@ class BrokerPort(Protocol):
         """Wake ``wait_inbox`` callers: what they may take has changed."""
         ...
 
-    def settle(self, generation: int, tag: int, *, requeue: bool = False) -> bool:
-        """Ack (or requeue) a delivery; False, sending nothing, for a dead generation."""
+    def settle(
+        self, generation: int, tag: int, *, requeue: bool = False, linger: bool = False
+    ) -> bool:
+        """Ack (or requeue) a delivery; False, sending nothing, for a dead generation.
+        ``linger``: the write may wait a few milliseconds for others (no one waits on it)."""
         ...
 
     def publish_nowait(
@@ -61,8 +64,11 @@ class BrokerPort(Protocol):
         routing_key: str,
         props: MessageProps,
         on_done: PublishCallback,
+        linger: bool = False,
     ) -> None:
-        """Publish with confirms; ``on_done`` gets the outcome."""
+        """Publish with confirms; ``on_done`` gets the outcome. ``linger``: it may wait a
+        few milliseconds to leave in one write with others (a retry copy, bound for a delay
+        tier anyway)."""
         ...
 
     def tier_for(self, queue: str, ttl: float) -> str:

@@ -232,10 +232,12 @@ class Engine:
 
     # --- carrying out commands -------------------------------------------------------------
 
-    def _run(self, commands: list[Command]) -> None:
+    def _run(self, commands: list[Command], *, linger: bool = False) -> None:
+        """``linger``: the commands answer the broker or the store, not an agent, so their
+        acks may wait a moment to share a write."""
         for command in commands:
             if isinstance(command, Settle):
-                self._settle(command.message, requeue=command.requeue)
+                self._settle(command.message, requeue=command.requeue, linger=linger)
             elif isinstance(command, Republish):
                 self._republish(command)
             elif isinstance(command, WriteDeadLetter):
@@ -256,10 +258,10 @@ class Engine:
             self.ledger.deadline_moved = False
             self._deadline_changed.set()
 
-    def _settle(self, message: Inbound, *, requeue: bool = False) -> None:
+    def _settle(self, message: Inbound, *, requeue: bool = False, linger: bool = False) -> None:
         if self.tracer is not None:
             self.tracer.settled(message, requeue=requeue)
-        if not self.broker.settle(message.generation, message.tag, requeue=requeue):
+        if not self.broker.settle(message.generation, message.tag, requeue=requeue, linger=linger):
             self.ledger.settle_refused()
 
     def _republish(self, command: Republish) -> None:
@@ -272,7 +274,7 @@ class Engine:
                 log.warning("retry publish for %s failed: %s; requeued", message.queue, error)
             if self.tracer is not None:
                 self.tracer.retried(message, error)
-            self._run(self.ledger.confirmed(message, error, at=self._moment()))
+            self._run(self.ledger.confirmed(message, error, at=self._moment()), linger=True)
 
         routing_key = self.broker.tier_for(message.queue, command.tier)
         props = command.props
@@ -284,6 +286,7 @@ class Engine:
             routing_key=routing_key,
             props=props,
             on_done=confirmed,
+            linger=True,
         )
 
     def _write_dead_letter(self, command: WriteDeadLetter) -> None:
@@ -301,7 +304,7 @@ class Engine:
         def durable() -> None:
             if tracer is not None:
                 tracer.dead_lettered(message)
-            self._run(self.ledger.durable(message))
+            self._run(self.ledger.durable(message), linger=True)
 
         # The ack happens only after the record is durable (store or local spool).
         self.dlq.submit(record, on_durable=durable)

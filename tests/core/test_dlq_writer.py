@@ -85,10 +85,12 @@ async def test_no_message_of_a_batch_is_acked_before_the_batch_commits(
     acked_durable: list[tuple[int, bool]] = []
 
     class CheckingBroker(FakeBroker):
-        def settle(self, generation: int, tag: int, *, requeue: bool = False) -> bool:
+        def settle(
+            self, generation: int, tag: int, *, requeue: bool = False, linger: bool = False
+        ) -> bool:
             stored = {bytes(r.rawBody) for r in reader.find(limit=100)}
             acked_durable.append((tag, f"m{tag}".encode() in stored))
-            return super().settle(generation, tag, requeue=requeue)
+            return super().settle(generation, tag, requeue=requeue, linger=linger)
 
     broker = CheckingBroker()
     writer = DeadLetterWriter(store)

@@ -47,7 +47,9 @@ class FakeBroker:
     def wake(self) -> None:
         self._changed.set()
 
-    def settle(self, generation: int, tag: int, *, requeue: bool = False) -> bool:
+    def settle(
+        self, generation: int, tag: int, *, requeue: bool = False, linger: bool = False
+    ) -> bool:
         if generation != self.generation or not self.is_connected:
             return False
         self.settled.append((tag, requeue))
@@ -61,6 +63,7 @@ class FakeBroker:
         routing_key: str,
         props: MessageProps,
         on_done: PublishCallback,
+        linger: bool = False,
     ) -> None:
         self.published.append(Published(body, exchange, routing_key, props, on_done))
 
