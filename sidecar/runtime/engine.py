@@ -42,6 +42,7 @@ log = logging.getLogger("sidecar.engine")
 Clock = Callable[[], float]
 WallClock = Callable[[], datetime]
 TimeoutNotice = Callable[[int, int, bool], None]
+BatchAnswer = Callable[[list[Delivery]], None]
 PRESSURE_PAUSE = 0.05  # seconds per pressure level between batches (WARNING 0.05, CRITICAL 0.1)
 
 __all__ = ["MALFORMED_MESSAGE", "Engine", "InFlight", "SessionInfo"]
@@ -179,6 +180,11 @@ class Engine:
         self._flush_metrics: Callable[[], None] = (
             meter.flush if isinstance(meter, MetricsMeter) else lambda: None
         )
+        # Pulls waiting for deliveries, oldest first: session -> (want, answer). Answered
+        # from the broker's arrivals hook in the step that filled the inbox, not by a task
+        # woken for it (at paced rates each such hop was a wake-up per message).
+        self._waiting: dict[int, tuple[int, BatchAnswer]] = {}
+        broker.on_arrivals = self._serve_waiting
 
     # --- views the rest of the daemon reads ------------------------------------------------
 
@@ -334,6 +340,35 @@ class Engine:
                 await self.broker.wait_inbox()
         return []
 
+    def pull_now(self, session: int, want: int) -> list[Delivery]:
+        """What a pull gets without waiting (maybe nothing)."""
+        return self._take(session, want)
+
+    def must_pause(self) -> bool:
+        """Whether a pull must wait out the memory pressure's pause first (``pull``)."""
+        return "increase_processing_delay" in degradation_actions(self.pressure)
+
+    def wait_for(self, session: int, want: int, answer: BatchAnswer) -> None:
+        """Answer ``session``'s pull with ``answer(batch)`` as soon as deliveries for it
+        arrive; ``stop_waiting`` takes the pull back (its wait ran out)."""
+        self._waiting[session] = (want, answer)
+
+    def stop_waiting(self, session: int) -> bool:
+        """Take back a waiting pull; False when it was answered already (or never made)."""
+        return self._waiting.pop(session, None) is not None
+
+    def _serve_waiting(self) -> None:
+        """The inbox changed: answer the waiting pulls it can, oldest first."""
+        if not self._waiting or not self.broker.inbox:
+            return
+        for session, (want, answer) in list(self._waiting.items()):
+            batch = self._take(session, want)
+            if batch:
+                del self._waiting[session]
+                answer(batch)
+            if not self.broker.inbox:
+                return
+
     def _take(self, session: int, want: int) -> list[Delivery]:
         if not self.accepting_work():
             return []
@@ -390,6 +425,7 @@ class Engine:
         return True
 
     def close_session(self, session: int, *, crashed: bool) -> None:
+        self._waiting.pop(session, None)
         self._run(
             self.ledger.close_session(
                 session,

@@ -120,6 +120,10 @@ class Session:
         self._checked_queues: set[str] = set()
         self._published_ok = metrics.published.labels("ok")
         self._published_error = metrics.published.labels("error")
+        # The waiting pull's end (trio clock) and the timer's scope, whose deadline follows
+        # it: moving a deadline wakes nobody, so a pull answered in time costs no wake-up.
+        self._pull_until = math.inf
+        self._pull_timer_scope: trio.CancelScope | None = None
 
     # --- sending -----------------------------------------------------------------------
 
@@ -196,6 +200,7 @@ class Session:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._pump)
+                nursery.start_soon(self._pull_timer)
                 await self._read_frames()
                 nursery.cancel_scope.cancel()
         except ConnectionClosed:
@@ -320,13 +325,42 @@ class Session:
             raise p.ProtocolError("pull_in_progress", "wait for the batch before pulling again")
         self.pulling = True
         assert self._nursery is not None, "frames are handled only while the session runs"
-        self._nursery.start_soon(
-            self._pull, min(frame.max, self.agent_settings.batch_size), frame.wait
-        )
+        want = min(frame.max, self.agent_settings.batch_size)
+        wait = min(frame.wait, 30.0)
+        if self.engine.must_pause():
+            self._nursery.start_soon(self._pull, want, wait)
+            return
+        # Answered here when deliveries are buffered; else by the engine as soon as some
+        # arrive, or with an empty batch by the timer when the wait runs out.
+        batch = self.engine.pull_now(self.id, want)
+        if batch or wait <= 0:
+            self._answer_pull(batch)
+            return
+        self.engine.wait_for(self.id, want, self._answer_pull)
+        self._pull_until = trio.current_time() + wait
+        if self._pull_timer_scope is not None:
+            self._pull_timer_scope.deadline = self._pull_until
+
+    def _answer_pull(self, batch: list[p.Delivery]) -> None:
+        self.pulling = False
+        self._pull_until = math.inf
+        # The timer's deadline is left where it is: moving it costs more than the one
+        # wake-up it may save, and at that wake-up it sees nothing is waiting.
+        self.send(p.Batch(messages=batch))
+
+    async def _pull_timer(self) -> None:
+        """Answer a waiting pull whose wait ran out with an empty batch."""
+        while True:
+            with trio.CancelScope(deadline=self._pull_until) as scope:
+                self._pull_timer_scope = scope
+                await trio.sleep_forever()
+            self._pull_timer_scope = None
+            if trio.current_time() >= self._pull_until and self.engine.stop_waiting(self.id):
+                self._answer_pull([])
 
     async def _pull(self, want: int, wait: float) -> None:
         try:
-            messages = await self.engine.pull(self.id, want, min(wait, 30.0))
+            messages = await self.engine.pull(self.id, want, wait)
         finally:
             self.pulling = False
         self.send(p.Batch(messages=messages))
