@@ -579,7 +579,9 @@ class AgentClient(AgentCalls):
             unsent.append(data)
             await send_messages(self.ws, unsent)
         else:
-            await self.ws.send_message(data)
+            # Straight to the socket when it takes the frame at once: ``send_message``
+            # yields twice per frame (its lock and trio's send), a scheduler pass each.
+            await send_messages(self.ws, [data])
 
     async def _flush_unsent(self) -> None:
         if self._unsent:
