@@ -52,6 +52,27 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+# prometheus-client's Histogram has no observe-with-count; what ``observe`` does is
+# repeated here for ``count`` equal observations (one lock round per bucket, not per
+# delivery). tests/observability pins it against ``observe``; should the internals move,
+# every observation goes through ``observe`` again.
+_HISTOGRAM_INTERNALS = ("_sum", "_buckets", "_upper_bounds", "_raise_if_not_observable")
+
+
+def observe_many(histogram: Any, amount: float, count: int) -> None:
+    """``count`` observations of ``amount`` on a labelled histogram child."""
+    if count == 1 or not all(hasattr(histogram, name) for name in _HISTOGRAM_INTERNALS):
+        for _ in range(count):
+            histogram.observe(amount)
+        return
+    histogram._raise_if_not_observable()
+    histogram._sum.inc(amount * count)
+    for i, bound in enumerate(histogram._upper_bounds):
+        if amount <= bound:
+            histogram._buckets[i].inc(count)
+            break
+
+
 @dataclass(slots=True, frozen=True)
 class QueueMetrics:
     delivered: Any
@@ -115,11 +136,11 @@ class MetricsMeter:
         delivered = self._delivered
         delivered[queue] = delivered.get(queue, 0) + 1
 
-    def acked(self, queue: str, seconds: float) -> None:
+    def acked(self, queue: str, seconds: float, count: int = 1) -> None:
         acked = self._acked
-        acked[queue] = acked.get(queue, 0) + 1
-        # Each duration is its own observation: the histogram's buckets need every one.
-        self._queue(queue).ack_seconds.observe(seconds)
+        acked[queue] = acked.get(queue, 0) + count
+        # Each delivery is its own observation: the histogram's buckets need every one.
+        observe_many(self._queue(queue).ack_seconds, seconds, count)
 
     def failed(self, queue: str, reason: str, seconds: float) -> None:
         self.m.failures.labels(queue, reason).inc()
