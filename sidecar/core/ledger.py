@@ -363,7 +363,9 @@ class Ledger:
                     if not allowed:
                         continue
                 out.append(
-                    self._hand_out(session, info, message, now, message_state, probe_of=probe_of)
+                    self._hand_out(
+                        session, info, message, now, message_state, probe_of=probe_of, key=key
+                    )
                 )
             except Exception as exc:  # the error boundary of one message
                 if probe_of != NOT_A_PROBE:
@@ -422,9 +424,13 @@ class Ledger:
         state: attempts.AttemptState | None = None,
         *,
         probe_of: int = NOT_A_PROBE,
+        key: str | None = None,
     ) -> Delivery:
         if state is None:
             state = self._read_state(message)
+        if key is None:
+            key = self._key_of(message)
+        headers = message.props.headers
         delivery_id = next(self._ids)
         deadline_after = self.settings.deadline
         # Built before anything is registered: a header that cannot be carried to the agent
@@ -437,7 +443,8 @@ class Ledger:
             deadline=deadline_after,
             routing_key=message.routing_key,
             exchange=message.exchange,
-            headers=headers_json_safe(attempts.agent_headers(message.props.headers)),
+            # Most messages carry no headers at all: nothing to filter or convert.
+            headers=headers_json_safe(attempts.agent_headers(headers)) if headers else {},
             message_id=message.props.message_id,
             content_type=message.props.content_type,
             priority=message.props.priority,
@@ -452,7 +459,7 @@ class Ledger:
             state,
             now,
             deadline,
-            self._key_of(message),
+            key,
             info.agent,
             info.version,
             probe_of,
