@@ -194,6 +194,16 @@ def test_deliveries_come_out_whole_however_the_reads_split_them() -> None:
     assert _summary(trickle) == _summary(whole)
 
 
+def test_a_whole_delivery_for_an_unknown_consumer_is_dropped_and_the_next_served() -> None:
+    stranger = _frames(
+        (1, spec.Basic.Deliver(consumer_tag="other", delivery_tag=1, exchange="", routing_key="k")),
+        (1, ContentHeader(0, 1, spec.Basic.Properties())),
+        (1, ContentBody(b"s")),
+    )
+    got, _ = _run(_read([stranger + _delivery(1, 2, b"mine", spec.Basic.Properties())]))
+    assert [(d.tag, d.body) for d in got] == [(2, b"mine")]
+
+
 def test_deliveries_of_one_read_are_handed_over_before_its_after_read_hook() -> None:
     first = _delivery(1, 1, b"a", spec.Basic.Properties()) + _delivery(
         1, 2, b"b", spec.Basic.Properties()
@@ -304,6 +314,23 @@ def test_a_routing_key_that_is_not_utf8_is_a_placeholder_not_an_error() -> None:
         + _frames(
             (1, spec.Basic.Deliver(consumer_tag="ct", delivery_tag=2, exchange="", routing_key="k"))
         ),  # no content
+        # Whole deliveries in one read whose header or body frame is broken: the one-go
+        # path leaves them to the frame-by-frame one, which reports them.
+        _frames(
+            (1, spec.Basic.Deliver(consumer_tag="ct", delivery_tag=1, exchange="", routing_key="k"))
+        )
+        + _frames((1, ContentHeader(0, 3, spec.Basic.Properties())))[:-1]
+        + b"\x00"
+        + _frames((1, ContentBody(b"abc"))),  # the header's end marker
+        _delivery(1, 1, b"abc", spec.Basic.Properties())[:-1] + b"\x00" + b"\x00" * 8,  # body's
+        _frames(
+            (
+                1,
+                spec.Basic.Deliver(consumer_tag="ct", delivery_tag=1, exchange="", routing_key="k"),
+            ),
+            (1, ContentHeader(0, 3, spec.Basic.Properties())),
+            (1, ContentBody(b"abcd")),
+        ),  # a body longer than announced
     ],
 )
 def test_a_broken_frame_stream_is_a_connection_error_not_a_hang(stream: bytes) -> None:
