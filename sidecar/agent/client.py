@@ -808,6 +808,9 @@ async def open_agent(
                 "/",
                 message_queue_size=64,
                 max_message_size=64 * 1024 * 1024,
+                # trio-websocket reads 4 KiB at a time by default: a batch of 50 took four
+                # reads (and wake-ups) to arrive. The sidecar's end reads 256 KiB.
+                receive_buffer_size=256 * 1024,
             )
             client = AgentClient(ws, binary=binary)
             nursery.start_soon(client.reader)
