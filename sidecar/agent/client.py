@@ -590,16 +590,17 @@ class AgentClient(AgentCalls):
         self._writer_running = False
 
     async def send(self, frame: p.Frame) -> None:
-        data = self.codec.encode(frame, binary=self.binary)
+        await self.send_many([frame])
+
+    async def send_many(self, frames: list[p.Frame]) -> None:
+        # In one write, straight to the socket when it takes it at once (``send_message``
+        # yields twice per frame: its lock and trio's send, a scheduler pass each).
+        data = [self.codec.encode(frame, binary=self.binary) for frame in frames]
         if self._unsent:
-            # Never overtake the publishes queued before this frame.
+            # Never overtake the publishes queued before these frames.
             unsent, self._unsent = self._unsent, []
-            unsent.append(data)
-            await send_messages(self.ws, unsent)
-        else:
-            # Straight to the socket when it takes the frame at once: ``send_message``
-            # yields twice per frame (its lock and trio's send), a scheduler pass each.
-            await send_messages(self.ws, [data])
+            data = unsent + data
+        await send_messages(self.ws, data)
 
     async def _flush_unsent(self) -> None:
         if self._unsent:
@@ -619,9 +620,6 @@ class AgentClient(AgentCalls):
             pass  # the reader sees the close and wakes every waiting publish
         finally:
             self._writer_running = False
-
-    async def send_many(self, frames: list[p.Frame]) -> None:
-        await send_messages(self.ws, [self.codec.encode(f, binary=self.binary) for f in frames])
 
     async def hello(
         self, agent: str, queues: list[str], *, version: str = "", token: str | None = None
