@@ -19,6 +19,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 from wsproto.events import BytesMessage, TextMessage
+from wsproto.utilities import LocalProtocolError
 
 log = logging.getLogger("sidecar.wsburst")
 
@@ -46,14 +47,21 @@ def coalesces_writes(ws: WebSocketConnection) -> bool:
 
 def frame_messages(ws: WebSocketConnection, messages: Sequence[bytes | str]) -> bytes:
     """``messages`` framed for the wire, in order (``coalesces_writes`` must be true). The
-    result must be written before anything framed after it."""
+    result must be written before anything framed after it. Raises ``ConnectionClosed``
+    once the connection is closing (wsproto frames nothing then, and trio-websocket may
+    not have recorded the close yet)."""
+    if ws._close_reason:
+        raise ConnectionClosed(ws._close_reason)
     frame = ws._wsproto.send
-    return b"".join(
-        [
-            frame(BytesMessage(data=m) if isinstance(m, bytes) else TextMessage(data=m))
-            for m in messages
-        ]
-    )
+    try:
+        return b"".join(
+            [
+                frame(BytesMessage(data=m) if isinstance(m, bytes) else TextMessage(data=m))
+                for m in messages
+            ]
+        )
+    except LocalProtocolError:
+        raise ConnectionClosed(ws._close_reason) from None
 
 
 # Writing without a task step: trio-websocket's ``send_message`` (and the stream lock plus
@@ -64,12 +72,16 @@ def frame_messages(ws: WebSocketConnection, messages: Sequence[bytes | str]) -> 
 
 
 def _descriptor(stream: trio.abc.Stream) -> int:
-    """The socket under ``stream`` (through wrappers that keep it as ``inner``), or -1."""
+    """The socket under ``stream``, or -1. Only wrappers that declare their writes pass
+    straight through (``passes_writes_through``, keeping the stream as ``inner``) are
+    looked through: writing under any other would skip what its ``send_all`` does."""
     for _ in range(4):
         if isinstance(stream, trio.SocketStream):
             return stream.socket.fileno()
         inner = getattr(stream, "inner", None)
-        if not isinstance(inner, trio.abc.Stream):
+        if not getattr(stream, "passes_writes_through", False) or not isinstance(
+            inner, trio.abc.Stream
+        ):
             return -1
         stream = inner
     return -1

@@ -224,7 +224,10 @@ class Session:
         data = self._encode(frame)
         if data is None:
             return
-        framed = frame_messages(self.ws, [data])
+        try:
+            framed = frame_messages(self.ws, [data])
+        except ConnectionClosed:
+            return  # the connection is closing: nobody to tell (as for a queued frame)
         written = write_now(self.ws, framed)
         if written < len(framed):
             self._queue(framed[max(written, 0) :])
