@@ -189,3 +189,20 @@ async def test_a_client_send_that_the_socket_cannot_take_finishes_under_the_lock
             nursery.start_soon(wsburst.send_messages, client, [b"small", b"second"])
     assert sorted(received, key=len) == [b"small", b"second", big]
     assert received.index(b"small") < received.index(b"second")
+
+
+async def test_frames_for_a_connection_the_peer_closed_are_dropped_quietly():
+    with trio.fail_after(10):
+        async with socket_connected() as (server, client):
+            session, _ = make_session(server)
+            async with trio.open_nursery() as nursery:
+                session._nursery = nursery
+                nursery.start_soon(session._writer)
+                await client.aclose()
+                while not server.closed:
+                    await trio.sleep(0.01)
+                session.send(p.Heartbeat(ts=1.0))  # would be a direct write: dropped
+                session.send(p.Published(ref=1, ok=True))  # for the writer, which ends
+                await trio.testing.wait_all_tasks_blocked()
+                assert session._outbox.closed
+                nursery.cancel_scope.cancel()
