@@ -298,7 +298,7 @@ async def test_publish_checks_remember_good_queue_names_within_a_bound_and_never
         session.dispatch(CODEC.encode(p.Publish(ref=2, body=b"x", queue=f"q{i}"), binary=True))
     while True:
         try:
-            frame = session._out_recv.receive_nowait()
+            frame = session._outbox.receive_nowait()
         except trio.WouldBlock:
             break
         if isinstance(frame, p.Error):
@@ -319,7 +319,7 @@ async def test_long_names_are_measured_in_bytes():
     session.dispatch(
         CODEC.encode(p.Publish(ref=2, body=b"x", exchange="ex", routing_key=narrow), binary=True)
     )
-    error = session._out_recv.receive_nowait()
+    error = session._outbox.receive_nowait()
     assert isinstance(error, p.Error) and error.ref == 1 and "255 bytes" in error.message
     broker: ConfirmingLater = session.engine.broker  # type: ignore[assignment]
     assert len(broker.pending) == 1

@@ -12,8 +12,11 @@ from pamqp import decode, encode
 
 from sidecar import limits
 from sidecar import protocol as p
-from sidecar.adapters import amqp_decode
-from sidecar.adapters.broker import _props_from_aiormq  # installs the decoders
+from sidecar.adapters import (
+    amqp_decode,
+    broker,  # noqa: F401  # installs the decoders
+)
+from sidecar.adapters.fast_amqp import decode_properties
 
 amqp_decode.install()
 
@@ -69,9 +72,9 @@ def test_what_was_decoded_encodes_again() -> None:
 
 
 def test_placeholder_properties_reach_the_agent_as_plain_text() -> None:
-    props = spec.Basic.Properties(message_id=amqp_decode.Unreadable("<unreadable short string>"))
-    props.timestamp = amqp_decode.Unreadable("<unreadable timestamp>")  # as decoded
-    mine = _props_from_aiormq(props)
+    flags = spec.Basic.Properties.flags
+    block = b"\x02\xff\xfe" + struct.pack(">Q", 2**63 - 1)  # not UTF-8; beyond datetime
+    mine = decode_properties(flags["message_id"] | flags["timestamp"], block)
     assert type(mine.message_id) is str and mine.timestamp is None
     delivery = p.Delivery(id=1, queue="q", body=b"", message_id=mine.message_id)
     assert msgspec.msgpack.encode(delivery) and msgspec.json.encode(delivery)

@@ -35,12 +35,12 @@ from pamqp.heartbeat import Heartbeat
 from sidecar.adapters import amqp_decode, fast_amqp
 from sidecar.adapters.broker import _settle_frames  # installs the tolerant decoders
 from sidecar.adapters.fast_amqp import (
-    Delivery,
     FastConnection,
     Nacked,
     Publisher,
     Returned,
 )
+from sidecar.core.messages import Inbound
 
 # --- the internals the fast path relies on --------------------------------------------
 
@@ -139,10 +139,16 @@ def _delivery(
     return _frames(*frames)
 
 
-async def _read(chunks: list[bytes], channel: int = 1) -> tuple[list[Delivery], FastConnection]:
+async def _read(
+    chunks: list[bytes], channel: int = 1, reads: list[int] | None = None
+) -> tuple[list[Inbound], FastConnection]:
+    """What the parser delivers from ``chunks``; ``reads`` gets, per read, how many
+    deliveries had been handed over when that read's frames were done."""
     connection = FastConnection("amqp://guest:guest@127.0.0.1/?heartbeat=0")
-    got: list[Delivery] = []
-    connection.consume_fast(channel, "ct", got.append)
+    got: list[Inbound] = []
+    connection.consume_fast(channel, "ct", got.append, queue="q1", generation=7)
+    if reads is not None:
+        connection.after_read = lambda: reads.append(len(got))
     reader = asyncio.StreamReader()
     for chunk in chunks:
         reader.feed_data(chunk)
@@ -151,18 +157,18 @@ async def _read(chunks: list[bytes], channel: int = 1) -> tuple[list[Delivery], 
     return got, connection
 
 
-def _summary(deliveries: list[Delivery]) -> list[tuple[Any, ...]]:
+def _summary(deliveries: list[Inbound]) -> list[tuple[Any, ...]]:
     return [
         (
-            d.delivery_tag,
+            d.tag,
             d.redelivered,
             d.exchange,
             d.routing_key,
             d.body,
-            d.properties.headers,
-            d.properties.message_id,
-            d.properties.timestamp,
-            d.properties.delivery_mode,
+            d.props.headers,
+            d.props.message_id,
+            d.props.timestamp,
+            d.props.delivery_mode,
         )
         for d in deliveries
     ]
@@ -179,12 +185,13 @@ def test_deliveries_come_out_whole_however_the_reads_split_them() -> None:
         ]
     )
     whole, _ = _run(_read([stream]))
-    (stamped,) = [d for d in whole if d.delivery_tag == 3]
-    assert stamped.properties.timestamp == stamp
+    (stamped,) = [d for d in whole if d.tag == 3]
+    assert stamped.props.timestamp == stamp
     assert _summary(whole)[:2] == [
-        (1, False, "ex", "rk1", b"a" * 200, None, "m1", None, 2),
+        (1, False, "ex", "rk1", b"a" * 200, {}, "m1", None, 2),
         (2, False, "ex", "rk2", b"", {"x": [1, "two", {"d": 3.5}]}, None, None, None),
     ]
+    assert {(d.queue, d.generation) for d in whole} == {("q1", 7)}
     assert whole[2].body == bytes(range(256)) * 40
     # Every split point of the stream in two, and a byte at a time.
     for cut in range(0, len(stream), 7):
@@ -192,6 +199,84 @@ def test_deliveries_come_out_whole_however_the_reads_split_them() -> None:
         assert _summary(split) == _summary(whole), cut
     trickle, _ = _run(_read([stream[i : i + 1] for i in range(len(stream))]))
     assert _summary(trickle) == _summary(whole)
+
+
+def test_a_whole_delivery_for_an_unknown_consumer_is_dropped_and_the_next_served() -> None:
+    stranger = _frames(
+        (1, spec.Basic.Deliver(consumer_tag="other", delivery_tag=1, exchange="", routing_key="k")),
+        (1, ContentHeader(0, 1, spec.Basic.Properties())),
+        (1, ContentBody(b"s")),
+    )
+    got, _ = _run(_read([stranger + _delivery(1, 2, b"mine", spec.Basic.Properties())]))
+    assert [(d.tag, d.body) for d in got] == [(2, b"mine")]
+
+
+def test_deliveries_of_one_read_are_handed_over_before_its_after_read_hook() -> None:
+    first = _delivery(1, 1, b"a", spec.Basic.Properties()) + _delivery(
+        1, 2, b"b", spec.Basic.Properties()
+    )
+    second = _delivery(1, 3, b"c", spec.Basic.Properties())
+    reads: list[int] = []
+    got, _ = _run(_read([first, second[:10], second[10:]], reads=reads))
+    assert [d.tag for d in got] == [1, 2, 3]
+    # Once per read that was handled: two deliveries after the first, the third only once
+    # its last bytes arrived. (A StreamReader fed ahead may hand several chunks to one read.)
+    assert reads[0] in (2, 3) and reads[-1] == 3 and reads == sorted(reads)
+
+
+def test_properties_become_message_props_as_the_agent_gets_them() -> None:
+    stamp = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+    wire = spec.Basic.Properties(
+        content_type="text/plain",
+        content_encoding="gzip",
+        headers={"h": 1},
+        delivery_mode=2,
+        priority=5,
+        correlation_id="c",
+        reply_to="r",
+        expiration="1000",
+        message_id="m",
+        timestamp=stamp,
+        message_type="t",
+        user_id="guest",
+        app_id="a",
+    )
+    got, _ = _run(_read([_delivery(1, 1, b"x", wire), _delivery(1, 2, b"y", wire)]))
+    props = got[0].props
+    assert props.as_dict() == {
+        "message_id": "m",
+        "content_type": "text/plain",
+        "content_encoding": "gzip",
+        "correlation_id": "c",
+        "reply_to": "r",
+        "priority": 5,
+        "delivery_mode": 2,
+        "type": "t",
+        "app_id": "a",
+    }
+    assert props.headers == {"h": 1} and props.timestamp == stamp
+    assert props.expiration == "1000"
+    # Each message has its own props and headers: the ledger may change one's headers.
+    assert got[1].props == props and got[1].props is not props
+    assert got[1].props.headers is not props.headers
+
+
+def test_placeholder_text_in_properties_is_plain_text() -> None:
+    amqp_decode.take_repairs()
+    bad = b"\x02\xff\xfe"
+    # A message_id whose bytes are not UTF-8, then a timestamp no datetime can hold.
+    block = bad + struct.pack(">Q", 2**63)
+    flags = spec.Basic.Properties.flags
+    payload = struct.pack(">HHQH", 60, 0, 1, flags["message_id"] | flags["timestamp"]) + block
+    header = struct.pack(">BHI", 2, 1, len(payload)) + payload + b"\xce"
+    deliver = _frames(
+        (1, spec.Basic.Deliver(consumer_tag="ct", delivery_tag=1, exchange="", routing_key="k"))
+    )
+    got, _ = _run(_read([deliver + header + _frames((1, ContentBody(b"z")))]))
+    (message,) = got
+    assert type(message.props.message_id) is str and "unreadable" in message.props.message_id
+    assert message.props.timestamp is None
+    assert amqp_decode.take_repairs() == 2
 
 
 def test_a_property_block_that_cannot_be_decoded_costs_only_its_properties() -> None:
@@ -208,8 +293,8 @@ def test_a_property_block_that_cannot_be_decoded_costs_only_its_properties() -> 
     amqp_decode.take_repairs()
     got, _ = _run(_read([deliver + header + body + good]))
     assert [d.body for d in got] == [b"bad", b"fine"]
-    assert fast_amqp.UNREADABLE_PROPERTIES in got[0].properties.headers
-    assert got[1].properties.message_id == "ok"
+    assert fast_amqp.UNREADABLE_PROPERTIES in got[0].props.headers
+    assert got[1].props.message_id == "ok"
     assert amqp_decode.take_repairs() >= 1
 
 
@@ -220,8 +305,9 @@ def test_a_routing_key_that_is_not_utf8_is_a_placeholder_not_an_error() -> None:
     header = _frames((1, ContentHeader(0, 0, spec.Basic.Properties())))
     got, _ = _run(_read([deliver + header]))
     (delivery,) = got
-    assert delivery.delivery_tag == 9 and delivery.redelivered
-    assert isinstance(delivery.routing_key, amqp_decode.Unreadable)
+    assert delivery.tag == 9 and delivery.redelivered
+    # Plain text (a placeholder), so it can be carried to the agent in a frame.
+    assert type(delivery.routing_key) is str and "unreadable" in delivery.routing_key
 
 
 @pytest.mark.parametrize(
@@ -235,6 +321,23 @@ def test_a_routing_key_that_is_not_utf8_is_a_placeholder_not_an_error() -> None:
         + _frames(
             (1, spec.Basic.Deliver(consumer_tag="ct", delivery_tag=2, exchange="", routing_key="k"))
         ),  # no content
+        # Whole deliveries in one read whose header or body frame is broken: the one-go
+        # path leaves them to the frame-by-frame one, which reports them.
+        _frames(
+            (1, spec.Basic.Deliver(consumer_tag="ct", delivery_tag=1, exchange="", routing_key="k"))
+        )
+        + _frames((1, ContentHeader(0, 3, spec.Basic.Properties())))[:-1]
+        + b"\x00"
+        + _frames((1, ContentBody(b"abc"))),  # the header's end marker
+        _delivery(1, 1, b"abc", spec.Basic.Properties())[:-1] + b"\x00" + b"\x00" * 8,  # body's
+        _frames(
+            (
+                1,
+                spec.Basic.Deliver(consumer_tag="ct", delivery_tag=1, exchange="", routing_key="k"),
+            ),
+            (1, ContentHeader(0, 3, spec.Basic.Properties())),
+            (1, ContentBody(b"abcd")),
+        ),  # a body longer than announced
     ],
 )
 def test_a_broken_frame_stream_is_a_connection_error_not_a_hang(stream: bytes) -> None:

@@ -68,6 +68,10 @@ class _BudgetedStream(trio.abc.Stream):
     """A stream that charges what it reads to the shared FrameBudget until the WebSocket
     layer has assembled it into a complete message."""
 
+    # Writes are the inner stream's, untouched: the session may write to its socket directly
+    # (sidecar.wsburst.write_now).
+    passes_writes_through = True
+
     def __init__(self, inner: trio.abc.Stream, budget: FrameBudget) -> None:
         self.inner = inner
         self.budget = budget

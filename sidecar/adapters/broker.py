@@ -26,7 +26,6 @@ import struct
 import uuid
 from collections import deque
 from collections.abc import Callable
-from datetime import datetime
 from functools import partial
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -39,7 +38,7 @@ from pamqp import commands as spec
 
 from sidecar.adapters import amqp_decode
 from sidecar.adapters.aio_loop import make_bridge
-from sidecar.adapters.fast_amqp import Delivery, FastConnection, Nacked, Publisher, Returned
+from sidecar.adapters.fast_amqp import FastConnection, Nacked, Publisher, Returned
 from sidecar.core.messages import (
     Inbound,
     Inbox,
@@ -70,35 +69,6 @@ _BROKER_ERRORS = (
     asyncio.TimeoutError,
     RuntimeError,
 )
-
-
-def _text(value: Any) -> str | None:
-    """A short-string property as plain text: a placeholder for an undecodable one
-    (amqp_decode.Unreadable, a str subclass) would not encode in a frame to the agent."""
-    if value is None or type(value) is str:
-        return value  # the common cases, without a conversion (this runs per property)
-    return str.__str__(value) if isinstance(value, str) else None
-
-
-def _props_from_aiormq(p: spec.Basic.Properties) -> MessageProps:
-    timestamp = p.timestamp
-    if isinstance(timestamp, amqp_decode.Unreadable) or not isinstance(timestamp, datetime):
-        timestamp = None  # unreadable on the wire (see amqp_decode): dropped, not fatal
-    priority, mode = p.priority, p.delivery_mode
-    return MessageProps(
-        headers=dict(p.headers or {}),
-        message_id=_text(p.message_id),
-        content_type=_text(p.content_type),
-        content_encoding=_text(p.content_encoding),
-        correlation_id=_text(p.correlation_id),
-        reply_to=_text(p.reply_to),
-        priority=priority if type(priority) is int else None,
-        delivery_mode=mode if type(mode) is int else None,
-        timestamp=timestamp,
-        type=_text(p.message_type),
-        app_id=_text(p.app_id),
-        expiration=_text(p.expiration),
-    )
 
 
 def _props_to_aiormq(p: MessageProps) -> spec.Basic.Properties:
@@ -223,6 +193,15 @@ class Handoff(Generic[T]):
             self._signalled = True
             self._schedule(self._drain)
 
+    def add(self, item: T) -> None:
+        """Queue ``item`` without crossing yet: ``flush`` sends what was added."""
+        self._items.append(item)
+
+    def flush(self) -> None:
+        if self._items and not self._signalled:
+            self._signalled = True
+            self._schedule(self._drain)
+
     def _drain(self) -> None:
         self._signalled = False  # before taking, so no item put meanwhile is left behind
         self._take(self._items)
@@ -258,6 +237,9 @@ class Broker:
         self.rng = rng or random.Random()
         self.inbox = Inbox()
         self.inbox_changed = trio.Event()
+        # (trio) Called after deliveries reached the inbox, so a waiting pull is answered
+        # in the same step (set by the engine).
+        self.on_arrivals: Callable[[], None] | None = None
         self.connected = trio.Event()
         self.queues: list[str] = []
         self.paused = False
@@ -339,6 +321,7 @@ class Broker:
         gen.consume_conn = await self.bridge.call(
             _open_connection, connection_url(self.url, f"{self.name}-consume", self.heartbeat)
         )
+        gen.consume_conn.after_read = self._arrivals_read
         gen.publish_conn = await self.bridge.call(
             _open_connection, connection_url(self.url, f"{self.name}-publish", self.heartbeat)
         )
@@ -419,37 +402,47 @@ class Broker:
         # tag is ours so the route exists before the broker's first delivery can arrive.
         tag = f"{self.name}.{gen.number}.{uuid.uuid4().hex}"
         gen.consumer_queues[tag] = queue
-        gen.consume_conn.consume_fast(channel.number, tag, partial(self._on_delivery, gen))
+        gen.consume_conn.consume_fast(
+            channel.number,
+            tag,
+            partial(self._on_delivery, gen),
+            queue=queue,
+            generation=gen.number,
+        )
         ok = await self.bridge.call(channel.basic_consume, queue, _never_called, consumer_tag=tag)
         gen.consumers[queue] = ok.consumer_tag
 
-    def _on_delivery(self, gen: _Generation, delivery: Delivery) -> None:
-        """(loop) One complete delivery, from the consuming connection's frame parser."""
+    def _on_delivery(self, gen: _Generation, message: Inbound) -> None:
+        """(loop) One complete delivery, from the consuming connection's frame parser. It
+        crosses to trio with the rest of its read (``_arrivals_read``)."""
         if gen is not self._gen:
             return
-        tag = delivery.delivery_tag
-        gen.outstanding[tag] = None
-        self._arrivals.put(
-            Inbound(
-                generation=gen.number,
-                tag=tag,
-                queue=gen.consumer_queues.get(delivery.consumer_tag, ""),
-                body=delivery.body,
-                props=_props_from_aiormq(delivery.properties),
-                routing_key=_text(delivery.routing_key) or "",
-                exchange=_text(delivery.exchange) or "",
-                redelivered=delivery.redelivered,
-            )
-        )
+        gen.outstanding[message.tag] = None
+        self._arrivals.add(message)
+
+    def _arrivals_read(self) -> None:
+        """(loop) The consuming connection finished a read: what it delivered crosses now."""
+        self._arrivals.flush()
 
     def _take_arrivals(self, arrivals: deque[Inbound]) -> None:
         """(trio) Move every delivery that arrived since the last wake-up into the inbox."""
         generation = self._gen.number
+        inbox = self.inbox
         while arrivals:
             message = arrivals.popleft()
             if message.generation == generation:
-                self.inbox.append(message)
+                inbox.append(message)
         self.inbox_changed.set()
+        self._arrived()
+
+    def _arrived(self) -> None:
+        if self.on_arrivals is not None:
+            try:
+                self.on_arrivals()
+            except Exception:
+                # Not the connection's problem: whatever failed is the engine's, and a
+                # broken receive path would loop the broker's redeliveries.
+                log.exception("handing out arrivals failed")
 
     async def wait_inbox(self) -> None:
         """Return when the inbox may have changed since the last call."""
@@ -459,6 +452,7 @@ class Broker:
     def wake(self) -> None:
         """Wake whoever waits in ``wait_inbox``: what they may take has changed."""
         self.inbox_changed.set()
+        self._arrived()
 
     @property
     def unsettled(self) -> int:

@@ -50,6 +50,7 @@ from pamqp.header import ContentHeader
 from pamqp.heartbeat import Heartbeat
 
 from sidecar.adapters import amqp_decode
+from sidecar.core.messages import Inbound, MessageProps
 
 log = logging.getLogger("sidecar.broker")
 
@@ -99,46 +100,25 @@ _PROPERTIES = tuple(
 )
 
 
-_NO_PROPERTIES = spec.Basic.Properties()
-
-
 def versions_supported() -> bool:
     return version("aiormq").startswith(SUPPORTED_AIORMQ) and version("pamqp").startswith(
         SUPPORTED_PAMQP
     )
 
 
-class Delivery:
-    """One complete Basic.Deliver: method fields, properties and the whole body."""
+class Consumer:
+    """A consumer served by the fast path: deliveries for its tag become ``Inbound``
+    records of ``queue`` and ``generation``, handed to ``callback`` in wire order."""
 
-    __slots__ = (
-        "body",
-        "consumer_tag",
-        "delivery_tag",
-        "exchange",
-        "properties",
-        "redelivered",
-        "routing_key",
-    )
+    __slots__ = ("callback", "generation", "queue")
 
-    def __init__(
-        self,
-        consumer_tag: str,
-        delivery_tag: int,
-        redelivered: bool,
-        exchange: str,
-        routing_key: str,
-    ) -> None:
-        self.consumer_tag = consumer_tag
-        self.delivery_tag = delivery_tag
-        self.redelivered = redelivered
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.properties = _NO_PROPERTIES  # replaced by the content header's
-        self.body = b""
+    def __init__(self, callback: DeliveryCallback, queue: str, generation: int) -> None:
+        self.callback = callback
+        self.queue = queue
+        self.generation = generation
 
 
-DeliveryCallback = Callable[[Delivery], None]
+DeliveryCallback = Callable[[Inbound], None]
 
 
 def _short_str(data: bytes, offset: int) -> tuple[int, str]:
@@ -284,29 +264,96 @@ def _fast_table(data: bytes, offset: int, end: int, depth: int = 0) -> tuple[int
     return stop, table
 
 
-def decode_properties(flags: int, data: bytes) -> spec.Basic.Properties:
-    """Basic.Properties from a content header's property block, through pamqp's decoders
-    (looked up at call time, so the tolerant ones from ``amqp_decode`` apply); a header
-    table that is plainly well formed is read by ``_fast_table`` instead."""
-    props = spec.Basic.Properties()
+def _plain(value: Any) -> str | None:
+    """A short-string property as plain text: a placeholder for an undecodable one
+    (amqp_decode.Unreadable, a str subclass) would not encode in a frame to the agent."""
+    if value is None or type(value) is str:
+        return value  # the common cases, without a conversion
+    return str.__str__(value) if isinstance(value, str) else None
+
+
+def _table(value: Any) -> dict[str, Any]:
+    return value if type(value) is dict else {}
+
+
+def _integer(value: Any) -> int | None:
+    return value if type(value) is int else None
+
+
+def _timestamp(value: Any) -> datetime | None:
+    # A placeholder for an unreadable timestamp (see amqp_decode) is dropped, not fatal.
+    return value if isinstance(value, datetime) else None
+
+
+# What each property becomes on ``MessageProps``: (attribute, conversion); user_id and
+# cluster_id are not kept (None: decoded, to move past them, and dropped).
+_KEPT: dict[str, tuple[str, Callable[[Any], Any]] | None] = {
+    "content_type": ("content_type", _plain),
+    "content_encoding": ("content_encoding", _plain),
+    "headers": ("headers", _table),
+    "delivery_mode": ("delivery_mode", _integer),
+    "priority": ("priority", _integer),
+    "correlation_id": ("correlation_id", _plain),
+    "reply_to": ("reply_to", _plain),
+    "expiration": ("expiration", _plain),
+    "message_id": ("message_id", _plain),
+    "timestamp": ("timestamp", _timestamp),
+    "message_type": ("type", _plain),
+    "user_id": None,
+    "app_id": ("app_id", _plain),
+    "cluster_id": None,
+}
+_Field = tuple[str, str | None, Callable[[Any], Any] | None]
+# Property flags seen so far -> the fields they announce, in wire order: messages of one
+# producer carry the same set, so the flag bits are walked once, not per message.
+_FIELDS_BY_FLAGS: dict[int, tuple[_Field, ...]] = {}
+_MAX_FLAG_SETS = 1024
+
+
+def _fields_for(flags: int) -> tuple[_Field, ...]:
+    fields = _FIELDS_BY_FLAGS.get(flags)
+    if fields is None:
+        found: list[_Field] = []
+        for name, flag, kind in _PROPERTIES:
+            if flags & flag:
+                kept = _KEPT[name]
+                found.append((kind, *kept) if kept is not None else (kind, None, None))
+        fields = tuple(found)
+        if len(_FIELDS_BY_FLAGS) < _MAX_FLAG_SETS:
+            _FIELDS_BY_FLAGS[flags] = fields
+    return fields
+
+
+def _table_at(data: bytes, offset: int) -> tuple[int, Any]:
+    """The header table at ``offset``: read in place when plainly well formed, else by
+    pamqp's decoder (looked up at call time: amqp_decode's tolerant one when installed)."""
+    try:
+        return _fast_table(data, offset, len(data))
+    except Exception:  # not plainly well formed: the tolerant decoder decides
+        consumed, value = pamqp_decode.METHODS["table"](data[offset:] if offset else data)
+        return offset + consumed, value
+
+
+def decode_properties(flags: int, data: bytes) -> MessageProps:
+    """The daemon's ``MessageProps`` straight from a content header's property block,
+    through pamqp's decoders (looked up at call time, so the tolerant ones from
+    ``amqp_decode`` apply); text that cannot be carried to an agent is plain text here.
+    A header table that is plainly well formed is read by ``_fast_table`` instead."""
     if flags & 1:
         raise ValueError("property flags continue beyond Basic's 14 properties")
+    props = MessageProps()
     methods = pamqp_decode.METHODS
     offset = 0
-    for name, flag, kind in _PROPERTIES:
-        if flags & flag:
-            if offset > len(data):
-                raise ValueError("property block truncated")
-            if kind == "table":
-                try:
-                    offset, value = _fast_table(data, offset, len(data))
-                    setattr(props, name, value)
-                    continue
-                except Exception:  # not plainly well formed: the tolerant decoders decide
-                    pass
+    for kind, attribute, convert in _fields_for(flags):
+        if offset > len(data):
+            raise ValueError("property block truncated")
+        if kind == "table":
+            offset, value = _table_at(data, offset)
+        else:
             consumed, value = methods[kind](data[offset:] if offset else data)
             offset += consumed
-            setattr(props, name, value)
+        if attribute is not None and convert is not None:
+            setattr(props, attribute, convert(value))
     if offset > len(data):
         raise ValueError("property block truncated")
     return props
@@ -519,12 +566,31 @@ def content_header_frame(channel: int, body_size: int, properties: spec.Basic.Pr
 
 class _Incoming:
     """Content being assembled on one channel: after a method with content, its header,
-    then body frames until ``body_size`` bytes arrived."""
+    then body frames until ``body_size`` bytes arrived. A delivery's method fields are kept
+    here until the ``Inbound`` is built, once, when its body is complete."""
 
-    __slots__ = ("body_size", "delivery", "message_id", "parts", "received", "returned", "slow")
+    __slots__ = (
+        "body_size",
+        "consumer_tag",
+        "exchange",
+        "message_id",
+        "parts",
+        "props",
+        "received",
+        "redelivered",
+        "returned",
+        "routing_key",
+        "slow",
+        "tag",
+    )
 
     def __init__(self) -> None:
-        self.delivery: Delivery | None = None
+        self.consumer_tag: str | None = None  # set for a Basic.Deliver
+        self.tag = 0
+        self.redelivered = False
+        self.exchange = ""
+        self.routing_key = ""
+        self.props: MessageProps | None = None
         self.returned: tuple[int, str] | None = None  # (reply code, text) of a Basic.Return
         self.message_id: str | None = None  # what a Basic.Return is matched by
         self.body_size = -1  # -1: header not seen yet
@@ -713,11 +779,14 @@ class FastConnection(aiormq.Connection):
 
     def __init__(self, url: Any, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
-        # channel number -> consumer tag -> callback
-        self.consumers: dict[int, dict[str, DeliveryCallback]] = {}
+        # channel number -> consumer tag -> consumer
+        self.consumers: dict[int, dict[str, Consumer]] = {}
         self.publishers: dict[int, Publisher] = {}
         self._incoming: dict[int, _Incoming] = {}
         self._stream_writer: asyncio.StreamWriter | None = None
+        # Called after the frames of each read are handled: deliveries of one read cross
+        # to their consumer's side together (one crossing per burst, not per message).
+        self.after_read: Callable[[], None] | None = None
 
     async def _Connection__writer(self, writer: asyncio.StreamWriter) -> None:
         # aiormq's writer, unchanged; the stream is kept for ``send``.
@@ -743,11 +812,20 @@ class FastConnection(aiormq.Connection):
         return True
 
     def consume_fast(
-        self, channel_number: int, consumer_tag: str, callback: DeliveryCallback
+        self,
+        channel_number: int,
+        consumer_tag: str,
+        callback: DeliveryCallback,
+        *,
+        queue: str = "",
+        generation: int = 0,
     ) -> None:
-        """Route deliveries for ``consumer_tag`` on the channel to ``callback`` (register it
-        before Basic.Consume: deliveries may arrive before its ConsumeOk is read)."""
-        self.consumers.setdefault(channel_number, {})[consumer_tag] = callback
+        """Route deliveries for ``consumer_tag`` on the channel to ``callback`` as
+        ``Inbound`` records of ``queue`` and ``generation`` (register it before
+        Basic.Consume: deliveries may arrive before its ConsumeOk is read)."""
+        self.consumers.setdefault(channel_number, {})[consumer_tag] = Consumer(
+            callback, queue, generation
+        )
 
     async def _Connection__reader(self, frame_receiver: Any) -> None:
         # aiormq's name-mangled privates, listed in CONNECTION_INTERNALS.
@@ -777,6 +855,8 @@ class FastConnection(aiormq.Connection):
                 internals._Connection__last_frame_time = self.loop.time()
                 data = rest + chunk if rest else chunk
                 offset = await self._frames(data, max_frame)
+                if self.after_read is not None:
+                    self.after_read()
                 if offset < 0:
                     return  # Connection.Close-Ok: the last frame on the connection
                 rest = data[offset:]
@@ -810,6 +890,16 @@ class FastConnection(aiormq.Connection):
             if data[end] != _FRAME_END:
                 raise InvalidFrameError("frame end marker missing")
             start = offset + 7
+            if (
+                kind == _METHOD_FRAME
+                and channel in consumers
+                and channel not in self._incoming
+                and _METHOD.unpack_from(data, start)[0] == _DELIVER
+            ):
+                after = self._whole_delivery(channel, data, start, end, size_all, max_frame)
+                if after > 0:
+                    offset = after
+                    continue
             offset = end + 1
             if (
                 channel
@@ -857,11 +947,10 @@ class FastConnection(aiormq.Connection):
             _class, _weight, body_size, flags = _CONTENT.unpack_from(data, start)
             properties = self._properties(flags, data[start + 14 : end])
             incoming.body_size = body_size
-            if incoming.delivery is not None:
-                incoming.delivery.properties = properties
+            if incoming.consumer_tag is not None:
+                incoming.props = properties
             else:
-                message_id = properties.message_id
-                incoming.message_id = message_id if isinstance(message_id, str) else None
+                incoming.message_id = properties.message_id
         elif kind == _BODY_FRAME:
             if incoming.body_size < 0:
                 raise InvalidFrameError(f"content body before its header on channel {channel}")
@@ -876,43 +965,125 @@ class FastConnection(aiormq.Connection):
             self._complete(channel, incoming)
         return True
 
-    def _deliver(self, data: bytes, offset: int, end: int) -> _Incoming:
-        offset, consumer_tag = _short_str(data, offset)
+    def _whole_delivery(
+        self, channel: int, data: bytes, start: int, end: int, size_all: int, max_frame: int
+    ) -> int:
+        """A Basic.Deliver (its method frame at ``start``..``end``) whose content header and
+        one body frame follow it in ``data``, as almost every delivery of a small message
+        arrives: handled in one go, without the per-frame state. Returns where the next
+        frame starts, or -1 to go frame by frame (not all of it here yet, another shape,
+        or something the frame-by-frame path must report)."""
+        head = end + 1
+        if size_all - head < 8:
+            return -1
+        after: int
+        kind, number, size = _HEADER.unpack_from(data, head)
+        head_end = head + 7 + size
+        if (
+            kind != _HEADER_FRAME
+            or number != channel
+            or size < 14
+            or size > max_frame
+            or head_end >= size_all
+            or data[head_end] != _FRAME_END
+        ):
+            return -1
+        _class, _weight, body_size, flags = _CONTENT.unpack_from(data, head + 7)
+        if body_size:
+            part = head_end + 1
+            if size_all - part < 8:
+                return -1
+            kind, number, size = _HEADER.unpack_from(data, part)
+            part_end = part + 7 + size
+            if (
+                kind != _BODY_FRAME
+                or number != channel
+                or size != body_size
+                or part_end >= size_all
+                or data[part_end] != _FRAME_END
+            ):
+                return -1
+            body = data[part + 7 : part_end]
+            after = part_end + 1
+        else:
+            body = b""
+            after = head_end + 1
+        offset, consumer_tag = _short_str(data, start + 4)
         tag = _LONGLONG.unpack_from(data, offset)[0]
         redelivered = bool(data[offset + 8] & 1)
         offset, exchange = _short_str(data, offset + 9)
         offset, routing_key = _short_str(data, offset)
         if offset > end:
             raise InvalidFrameError("Basic.Deliver exceeds its frame")
+        consumer = self.consumers[channel].get(consumer_tag)
+        if consumer is None:
+            log.warning("delivery for unknown consumer %r dropped", consumer_tag)
+            return after
+        message = Inbound(
+            consumer.generation,
+            tag,
+            consumer.queue,
+            body,
+            self._properties(flags, data[head + 21 : head_end]),
+            # A placeholder (a str subclass) would not encode in a frame to the agent.
+            routing_key if type(routing_key) is str else str.__str__(routing_key),
+            exchange if type(exchange) is str else str.__str__(exchange),
+            redelivered,
+        )
+        try:
+            consumer.callback(message)
+        except Exception:
+            log.exception("delivery callback failed")
+        return after
+
+    def _deliver(self, data: bytes, offset: int, end: int) -> _Incoming:
         incoming = _Incoming()
-        incoming.delivery = Delivery(consumer_tag, tag, redelivered, exchange, routing_key)
+        offset, incoming.consumer_tag = _short_str(data, offset)
+        incoming.tag = _LONGLONG.unpack_from(data, offset)[0]
+        incoming.redelivered = bool(data[offset + 8] & 1)
+        offset, exchange = _short_str(data, offset + 9)
+        offset, routing_key = _short_str(data, offset)
+        if offset > end:
+            raise InvalidFrameError("Basic.Deliver exceeds its frame")
+        # A placeholder (a str subclass) would not encode in a frame to the agent.
+        incoming.exchange = exchange if type(exchange) is str else str.__str__(exchange)
+        incoming.routing_key = routing_key if type(routing_key) is str else str.__str__(routing_key)
         return incoming
 
     @staticmethod
-    def _properties(flags: int, block: bytes) -> spec.Basic.Properties:
+    def _properties(flags: int, block: bytes) -> MessageProps:
         try:
             return decode_properties(flags, block)
         except (ValueError, struct.error, IndexError, KeyError, TypeError, RecursionError) as exc:
             log.warning("message properties cannot be decoded (%s): delivered without", exc)
-            return spec.Basic.Properties(
-                headers={UNREADABLE_PROPERTIES: amqp_decode.repaired("properties")}
-            )
+            return MessageProps(headers={UNREADABLE_PROPERTIES: amqp_decode.repaired("properties")})
 
     def _complete(self, channel: int, incoming: _Incoming) -> None:
-        body = incoming.parts[0] if len(incoming.parts) == 1 else b"".join(incoming.parts)
-        delivery = incoming.delivery
-        if delivery is None:
+        parts = incoming.parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        consumer_tag = incoming.consumer_tag
+        if consumer_tag is None:
             publisher = self.publishers.get(channel)
             if publisher is not None and incoming.returned is not None:
                 publisher.on_return(*incoming.returned, incoming.message_id)
             return
-        delivery.body = body
-        callback = self.consumers.get(channel, {}).get(delivery.consumer_tag)
-        if callback is None:
-            log.warning("delivery for unknown consumer %r dropped", delivery.consumer_tag)
+        consumer = self.consumers.get(channel, {}).get(consumer_tag)
+        if consumer is None:
+            log.warning("delivery for unknown consumer %r dropped", consumer_tag)
             return
+        props = incoming.props
+        message = Inbound(
+            consumer.generation,
+            incoming.tag,
+            consumer.queue,
+            body,
+            props if props is not None else MessageProps(),
+            incoming.routing_key,
+            incoming.exchange,
+            incoming.redelivered,
+        )
         try:
-            callback(delivery)
+            consumer.callback(message)
         except Exception:
             log.exception("delivery callback failed")
 

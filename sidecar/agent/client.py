@@ -310,9 +310,9 @@ class Messages:
                 batch_size=calls._batch_size(),
             )
             if want:
-                # Acks first: the sidecar counts unanswered deliveries against the limit.
-                await calls._flush_acks()
-                await calls._send_pull(want, self._wait)
+                # Acks first (the sidecar counts unanswered deliveries against the limit),
+                # in the same write as the pull.
+                await calls._send_pull(want, self._wait, with_acks=True)
             if prefetch.head_due(now):
                 await calls._extend_buffered(now)
             delivery = prefetch.take(calls._held, now)
@@ -388,16 +388,26 @@ class AgentCalls:
 
     # --- pulling -------------------------------------------------------------------------
 
-    async def _send_pull(self, want: int, wait: float) -> None:
-        await self.send(p.Pull(max=want, wait=wait))
+    async def send_many(self, frames: list[p.Frame]) -> None:
+        """Send ``frames`` in order; a transport that can writes them at once."""
+        for frame in frames:
+            await self.send(frame)
+
+    async def _send_pull(self, want: int, wait: float, *, with_acks: bool = False) -> None:
+        """Send a pull; with ``with_acks``, the acks waiting to go out first, in the same
+        write (the sidecar then reads both in one wake-up)."""
+        pull = p.Pull(max=want, wait=wait)
+        if with_acks and self._prefetch.pending_acks:
+            await self.send_many([p.Ack(ids=self._prefetch.take_acks()), pull])
+        else:
+            await self.send(pull)
         self._prefetch.pulled()
 
-    async def _receive_batch(self) -> None:
-        """Wait for the pull that is out and buffer its batch."""
+    async def _answer_to_pull(self) -> list[p.Delivery]:
+        """Wait for the batch answering the pull that is out."""
         while True:
             try:
                 messages = await self._next_batch()
-                break
             except SidecarError as exc:
                 if exc.code == "pull_in_progress":
                     # A pull whose sender was cancelled mid-send went out after all: its
@@ -405,6 +415,12 @@ class AgentCalls:
                     continue
                 self._prefetch.pull_answered()
                 raise
+            self._prefetch.pull_answered()
+            return messages
+
+    async def _receive_batch(self) -> None:
+        """Wait for the pull that is out and buffer its batch."""
+        messages = await self._answer_to_pull()
         self._prefetch.arrived(messages, self._now())
 
     async def pull(self, max: int = 10, wait: float = 1.0) -> list[p.Delivery]:
@@ -416,8 +432,10 @@ class AgentCalls:
         if prefetch.buffer:
             return prefetch.take_many(max, self._held)
         await self._send_pull(max, wait)
-        await self._receive_batch()
-        return prefetch.take_many(len(prefetch.buffer), self._held)
+        # Straight to the caller, not through the buffer: one that the sidecar took back
+        # meanwhile (its deadline expired) is left out, as ``take_many`` would.
+        held = self._held
+        return [m for m in await self._answer_to_pull() if m.id in held]
 
     def messages(
         self, *, batch: int = 50, wait: float = 5.0, stop: Callable[[], bool] | None = None
@@ -572,14 +590,17 @@ class AgentClient(AgentCalls):
         self._writer_running = False
 
     async def send(self, frame: p.Frame) -> None:
-        data = self.codec.encode(frame, binary=self.binary)
+        await self.send_many([frame])
+
+    async def send_many(self, frames: list[p.Frame]) -> None:
+        # In one write, straight to the socket when it takes it at once (``send_message``
+        # yields twice per frame: its lock and trio's send, a scheduler pass each).
+        data = [self.codec.encode(frame, binary=self.binary) for frame in frames]
         if self._unsent:
-            # Never overtake the publishes queued before this frame.
+            # Never overtake the publishes queued before these frames.
             unsent, self._unsent = self._unsent, []
-            unsent.append(data)
-            await send_messages(self.ws, unsent)
-        else:
-            await self.ws.send_message(data)
+            data = unsent + data
+        await send_messages(self.ws, data)
 
     async def _flush_unsent(self) -> None:
         if self._unsent:
@@ -785,6 +806,9 @@ async def open_agent(
                 "/",
                 message_queue_size=64,
                 max_message_size=64 * 1024 * 1024,
+                # trio-websocket reads 4 KiB at a time by default: a batch of 50 took four
+                # reads (and wake-ups) to arrive. The sidecar's end reads 256 KiB.
+                receive_buffer_size=256 * 1024,
             )
             client = AgentClient(ws, binary=binary)
             nursery.start_soon(client.reader)

@@ -95,7 +95,10 @@ class Meter(Protocol):
     def in_flight(self, count: int) -> None: ...
     def buffered(self, count: int) -> None: ...
     def delivered(self, queue: str) -> None: ...
-    def acked(self, queue: str, seconds: float) -> None: ...
+    def acked(self, queue: str, seconds: float, count: int = 1) -> None:
+        """``count`` deliveries of ``queue`` acked, each ``seconds`` after it was handed out."""
+        ...
+
     def failed(self, queue: str, reason: str, seconds: float) -> None: ...
     def retried(self, queue: str, tier: float, attempt: int) -> None: ...
     def parked(self, queue: str, why: str) -> None: ...
@@ -120,7 +123,7 @@ class NoMeter:
     def delivered(self, queue: str) -> None:
         pass
 
-    def acked(self, queue: str, seconds: float) -> None:
+    def acked(self, queue: str, seconds: float, count: int = 1) -> None:
         pass
 
     def failed(self, queue: str, reason: str, seconds: float) -> None:
@@ -360,7 +363,9 @@ class Ledger:
                     if not allowed:
                         continue
                 out.append(
-                    self._hand_out(session, info, message, now, message_state, probe_of=probe_of)
+                    self._hand_out(
+                        session, info, message, now, message_state, probe_of=probe_of, key=key
+                    )
                 )
             except Exception as exc:  # the error boundary of one message
                 if probe_of != NOT_A_PROBE:
@@ -419,9 +424,13 @@ class Ledger:
         state: attempts.AttemptState | None = None,
         *,
         probe_of: int = NOT_A_PROBE,
+        key: str | None = None,
     ) -> Delivery:
         if state is None:
             state = self._read_state(message)
+        if key is None:
+            key = self._key_of(message)
+        headers = message.props.headers
         delivery_id = next(self._ids)
         deadline_after = self.settings.deadline
         # Built before anything is registered: a header that cannot be carried to the agent
@@ -434,7 +443,8 @@ class Ledger:
             deadline=deadline_after,
             routing_key=message.routing_key,
             exchange=message.exchange,
-            headers=headers_json_safe(attempts.agent_headers(message.props.headers)),
+            # Most messages carry no headers at all: nothing to filter or convert.
+            headers=headers_json_safe(attempts.agent_headers(headers)) if headers else {},
             message_id=message.props.message_id,
             content_type=message.props.content_type,
             priority=message.props.priority,
@@ -449,7 +459,7 @@ class Ledger:
             state,
             now,
             deadline,
-            self._key_of(message),
+            key,
             info.agent,
             info.version,
             probe_of,
@@ -475,19 +485,44 @@ class Ledger:
 
     def ack(self, session: int, ids: list[int], *, now: float) -> tuple[list[int], list[Command]]:
         """Settle successes. Returns the ids that were not held by this session (late
-        answers after a timeout, or never handed out), and the acks to send."""
+        answers after a timeout, or never handed out), and the acks to send.
+
+        A batch's acks are counted together: deliveries handed out by one pull (same queue,
+        same hand-out time) are one meter call, and consecutive unkeyed non-probe successes
+        one breaker call, in the order the answers came (a probe's success may close the
+        breaker mid-batch)."""
         unknown = []
         out: list[Command] = []
+        in_flight = self.in_flight
+        meter = self.meter
+        plain = 0  # unkeyed non-probe successes not yet told to the agent-wide breaker
+        group_queue = ""
+        group_handed = 0.0
+        group = 0  # acks of one queue handed out at one time, not yet metered
         for delivery_id in ids:
-            if not self.owned_by(session, delivery_id):
+            held = in_flight.get(delivery_id)
+            if held is None or held.session != session:
                 unknown.append(delivery_id)
                 continue
-            held = self._release(delivery_id)
-            assert held is not None
-            out.append(Settle(held.message))
-            self.counts["acked"] += 1
-            self.meter.acked(held.message.queue, now - held.handed_at)
-            self.breaker_for(held).record_success(now, probe_of=held.probe_of)
+            self._release(delivery_id)
+            message = held.message
+            out.append(Settle(message))
+            if held.key or held.probe_of != NOT_A_PROBE:
+                self.breaker.record_successes(now, plain)
+                plain = 0
+                self.breaker_for(held).record_success(now, probe_of=held.probe_of)
+            else:
+                plain += 1
+            if group and message.queue == group_queue and held.handed_at == group_handed:
+                group += 1
+            else:
+                if group:
+                    meter.acked(group_queue, now - group_handed, group)
+                group_queue, group_handed, group = message.queue, held.handed_at, 1
+        if group:
+            meter.acked(group_queue, now - group_handed, group)
+        self.breaker.record_successes(now, plain)
+        self.counts["acked"] += len(out)
         return unknown, out
 
     def extend(self, session: int, ids: list[int], seconds: float, *, now: float) -> list[int]:

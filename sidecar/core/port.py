@@ -25,6 +25,10 @@ class BrokerUnavailable(Exception):
 
 
 class BrokerPort(Protocol):
+    # Called (in trio) after deliveries reached the inbox and on ``wake``, so a waiting
+    # pull is answered in that step; the engine sets it.
+    on_arrivals: Callable[[], None] | None
+
     @property
     def inbox(self) -> Inbox:
         """Deliveries waiting for an agent (filled by the adapter)."""
@@ -46,7 +50,8 @@ class BrokerPort(Protocol):
         ...
 
     def wake(self) -> None:
-        """Wake ``wait_inbox`` callers: what they may take has changed."""
+        """Wake ``wait_inbox`` callers and call ``on_arrivals``: what they may take has
+        changed."""
         ...
 
     def settle(

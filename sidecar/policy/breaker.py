@@ -128,6 +128,13 @@ class CircuitBreaker:
         # OPEN, or an answer from outside the current probe round: it says nothing about
         # recovery now; ignore it.
 
+    def record_successes(self, now: float, count: int) -> None:
+        """``count`` successes of deliveries that were not probes (``NOT_A_PROBE``), at
+        once: the same as that many ``record_success`` calls, for one batch of acks."""
+        if count > 0 and self.state(now) is BreakerState.CLOSED:
+            self._consecutive = 0
+            self._remember(now, ok=True, count=count)
+
     def record_failure(self, now: float, *, probe_of: int | None = None) -> None:
         state = self.state(now)
         if state is BreakerState.HALF_OPEN:
@@ -160,15 +167,16 @@ class CircuitBreaker:
             return self._open_until - now
         return 0.0
 
-    def _remember(self, now: float, *, ok: bool) -> None:
+    def _remember(self, now: float, *, ok: bool, count: int = 1) -> None:
         width = self.config.window / WINDOW_SLICES
         if not self._slices or now >= self._slices[-1][0] + width:
             self._slices.append([now, 0, 0])
         current = self._slices[-1]
-        current[1] += 1
-        current[2] += not ok
-        self._calls_in_window += 1
-        self._failures_in_window += not ok
+        failed = 0 if ok else count
+        current[1] += count
+        current[2] += failed
+        self._calls_in_window += count
+        self._failures_in_window += failed
         horizon = now - self.config.window
         while self._slices and self._slices[0][0] <= horizon:
             _, calls, failures = self._slices.popleft()

@@ -42,6 +42,7 @@ log = logging.getLogger("sidecar.engine")
 Clock = Callable[[], float]
 WallClock = Callable[[], datetime]
 TimeoutNotice = Callable[[int, int, bool], None]
+BatchAnswer = Callable[[list[Delivery]], None]
 PRESSURE_PAUSE = 0.05  # seconds per pressure level between batches (WARNING 0.05, CRITICAL 0.1)
 
 __all__ = ["MALFORMED_MESSAGE", "Engine", "InFlight", "SessionInfo"]
@@ -49,6 +50,27 @@ __all__ = ["MALFORMED_MESSAGE", "Engine", "InFlight", "SessionInfo"]
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+# prometheus-client's Histogram has no observe-with-count; what ``observe`` does is
+# repeated here for ``count`` equal observations (one lock round per bucket, not per
+# delivery). tests/observability pins it against ``observe``; should the internals move,
+# every observation goes through ``observe`` again.
+_HISTOGRAM_INTERNALS = ("_sum", "_buckets", "_upper_bounds", "_raise_if_not_observable")
+
+
+def observe_many(histogram: Any, amount: float, count: int) -> None:
+    """``count`` observations of ``amount`` on a labelled histogram child."""
+    if count == 1 or not all(hasattr(histogram, name) for name in _HISTOGRAM_INTERNALS):
+        for _ in range(count):
+            histogram.observe(amount)
+        return
+    histogram._raise_if_not_observable()
+    histogram._sum.inc(amount * count)
+    for i, bound in enumerate(histogram._upper_bounds):
+        if amount <= bound:
+            histogram._buckets[i].inc(count)
+            break
 
 
 @dataclass(slots=True, frozen=True)
@@ -114,11 +136,11 @@ class MetricsMeter:
         delivered = self._delivered
         delivered[queue] = delivered.get(queue, 0) + 1
 
-    def acked(self, queue: str, seconds: float) -> None:
+    def acked(self, queue: str, seconds: float, count: int = 1) -> None:
         acked = self._acked
-        acked[queue] = acked.get(queue, 0) + 1
-        # Each duration is its own observation: the histogram's buckets need every one.
-        self._queue(queue).ack_seconds.observe(seconds)
+        acked[queue] = acked.get(queue, 0) + count
+        # Each delivery is its own observation: the histogram's buckets need every one.
+        observe_many(self._queue(queue).ack_seconds, seconds, count)
 
     def failed(self, queue: str, reason: str, seconds: float) -> None:
         self.m.failures.labels(queue, reason).inc()
@@ -179,6 +201,11 @@ class Engine:
         self._flush_metrics: Callable[[], None] = (
             meter.flush if isinstance(meter, MetricsMeter) else lambda: None
         )
+        # Pulls waiting for deliveries, oldest first: session -> (want, answer). Answered
+        # from the broker's arrivals hook in the step that filled the inbox, not by a task
+        # woken for it (at paced rates each such hop was a wake-up per message).
+        self._waiting: dict[int, tuple[int, BatchAnswer]] = {}
+        broker.on_arrivals = self._serve_waiting
 
     # --- views the rest of the daemon reads ------------------------------------------------
 
@@ -337,6 +364,35 @@ class Engine:
                 await self.broker.wait_inbox()
         return []
 
+    def pull_now(self, session: int, want: int) -> list[Delivery]:
+        """What a pull gets without waiting (maybe nothing)."""
+        return self._take(session, want)
+
+    def must_pause(self) -> bool:
+        """Whether a pull must wait out the memory pressure's pause first (``pull``)."""
+        return "increase_processing_delay" in degradation_actions(self.pressure)
+
+    def wait_for(self, session: int, want: int, answer: BatchAnswer) -> None:
+        """Answer ``session``'s pull with ``answer(batch)`` as soon as deliveries for it
+        arrive; ``stop_waiting`` takes the pull back (its wait ran out)."""
+        self._waiting[session] = (want, answer)
+
+    def stop_waiting(self, session: int) -> bool:
+        """Take back a waiting pull; False when it was answered already (or never made)."""
+        return self._waiting.pop(session, None) is not None
+
+    def _serve_waiting(self) -> None:
+        """The inbox changed: answer the waiting pulls it can, oldest first."""
+        if not self._waiting or not self.broker.inbox:
+            return
+        for session, (want, answer) in list(self._waiting.items()):
+            batch = self._take(session, want)
+            if batch:
+                del self._waiting[session]
+                answer(batch)
+            if not self.broker.inbox:
+                return
+
     def _take(self, session: int, want: int) -> list[Delivery]:
         if not self.accepting_work():
             return []
@@ -393,6 +449,7 @@ class Engine:
         return True
 
     def close_session(self, session: int, *, crashed: bool) -> None:
+        self._waiting.pop(session, None)
         self._run(
             self.ledger.close_session(
                 session,

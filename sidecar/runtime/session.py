@@ -30,7 +30,17 @@ from sidecar.core.port import BrokerPort
 from sidecar.metrics import Metrics
 from sidecar.runtime.backpressure import HELD_RETRY_AFTER, PublishGate
 from sidecar.runtime.engine import Engine
-from sidecar.wsburst import read_in_bursts, send_messages, take_received
+from sidecar.wsburst import (
+    coalesces_writes,
+    frame_messages,
+    may_write_now,
+    read_in_bursts,
+    send_framed,
+    send_messages,
+    take_received,
+    write_now,
+    writes_to_socket,
+)
 
 log = logging.getLogger("sidecar.session")
 
@@ -53,6 +63,47 @@ PUMP_RECHECK = 1.0  # held targets are re-checked at least this often (rates fol
 DISCONNECTED_RECHECK = 0.2
 MAX_SLOT_TARGETS = 256  # targets whose next throttled slot is remembered
 MAX_CHECKED_QUEUES = 1024  # publish queue names remembered as valid, not matched again
+
+
+class Outbox:
+    """What waits for the session's writer, in order: frames, or bytes already framed for
+    the wire (the rest of a direct write the socket did not take at once)."""
+
+    def __init__(self, limit: int) -> None:
+        self.items: deque[p.Frame | bytes] = deque()
+        self.limit = limit
+        self.closed = False
+        self.changed = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def put(self, item: p.Frame | bytes) -> None:
+        """Raises ``trio.WouldBlock`` when full, ``trio.ClosedResourceError`` once closed."""
+        if self.closed:
+            raise trio.ClosedResourceError
+        if len(self.items) >= self.limit:
+            raise trio.WouldBlock
+        self.items.append(item)
+        self.changed.set()
+
+    def receive_nowait(self) -> p.Frame | bytes:
+        if not self.items:
+            raise trio.WouldBlock
+        return self.items.popleft()
+
+    def close(self) -> None:
+        self.closed = True
+        self.changed.set()
+
+    async def wait(self) -> bool:
+        """Until something is queued; False once closed and empty."""
+        while not self.items:
+            if self.closed:
+                return False
+            self.changed = trio.Event()
+            await self.changed.wait()
+        return True
 
 
 @dataclass(slots=True)
@@ -101,7 +152,11 @@ class Session:
         self.binary = False
         self.hello: p.Hello | None = None
         self.pulling = False
-        self._out_send, self._out_recv = trio.open_memory_channel[p.Frame](OUTBOX_LIMIT)
+        self._outbox = Outbox(OUTBOX_LIMIT)
+        # Set while the writer holds frames it took from the outbox and has not written:
+        # a direct write then would overtake them.
+        self._writing = False
+        self._direct: bool | None = None  # whether frames may be written without the writer
         self.crashed = True
         self._nursery: trio.Nursery | None = None
         # Publishes waiting for their target's token bucket, one FIFO per target so a held
@@ -120,25 +175,62 @@ class Session:
         self._checked_queues: set[str] = set()
         self._published_ok = metrics.published.labels("ok")
         self._published_error = metrics.published.labels("error")
+        # The waiting pull's end (trio clock) and the timer's scope, whose deadline follows
+        # it: moving a deadline wakes nobody, so a pull answered in time costs no wake-up.
+        self._pull_until = math.inf
+        self._pull_timer_scope: trio.CancelScope | None = None
 
     # --- sending -----------------------------------------------------------------------
 
     def send(self, frame: p.Frame) -> None:
+        if (
+            not self._outbox.items
+            and not self._writing
+            and type(frame) is not p.Published
+            and self._may_write_directly()
+        ):
+            self._write_directly(frame)
+            return
+        self._queue(frame)
+
+    def _queue(self, item: p.Frame | bytes) -> None:
         try:
-            self._out_send.send_nowait(frame)
+            self._outbox.put(item)
         except trio.WouldBlock:
             # The agent stopped reading; buffering without bound would eat our memory, and a
             # polite close would block on the same full socket. Cut the connection.
             log.warning("agent session %d is not reading its socket; dropping it", self.id)
             self.metrics.protocol_errors.labels("not_reading").inc()
             self.crashed = False
-            self._out_send.close()
+            self._outbox.close()
             if self._nursery is not None:
                 self._nursery.cancel_scope.cancel()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
+        except trio.ClosedResourceError:
             # The connection is closing (its writer is gone): a late notice, such as a
             # deadline that expired meanwhile, has nobody to go to.
             pass
+
+    def _may_write_directly(self) -> bool:
+        if self._direct is None:
+            self._direct = (
+                self.ws is not None and coalesces_writes(self.ws) and writes_to_socket(self.ws)
+            )
+        return self._direct and not self._outbox.closed and may_write_now(self.ws)
+
+    def _write_directly(self, frame: p.Frame) -> None:
+        """Write ``frame`` now, without waking the writer (a batch answering a pull at
+        a paced rate was a writer wake-up and two more yields per message); what the
+        socket does not take at once is left to the writer, ahead of anything later."""
+        data = self._encode(frame)
+        if data is None:
+            return
+        try:
+            framed = frame_messages(self.ws, [data])
+        except ConnectionClosed:
+            return  # the connection is closing: nobody to tell (as for a queued frame)
+        written = write_now(self.ws, framed)
+        if written < len(framed):
+            self._queue(framed[max(written, 0) :])
 
     def refuse(self, error: p.ProtocolError, *, fatal: bool = False) -> None:
         self.metrics.protocol_errors.labels(error.code).inc()
@@ -149,32 +241,46 @@ class Session:
         """Send what the outbox holds: everything queued by the time this task wakes (a
         batch, the ``published`` answers of one read of confirms, errors) goes out in one
         write, in order, each frame still its own WebSocket message."""
-        receive_nowait = self._out_recv.receive_nowait
+        outbox = self._outbox
+        framing = self.ws is not None and coalesces_writes(self.ws)
         try:
-            async with self._out_recv:
-                async for frame in self._out_recv:
-                    if type(frame) is p.Published:
-                        # Confirms arrive a few per read of the broker's socket: one turn
-                        # for the tasks already runnable lets the next read's answers join
-                        # this write. A batch, which a pull is waiting for, goes at once.
-                        await trio.lowlevel.checkpoint()
-                    burst: list[bytes | str] = []
-                    size = 0
-                    while True:
-                        data = self._encode(frame)
-                        if data is not None:
-                            burst.append(data)
-                            size += len(data)
-                        if size >= WRITE_BURST_BYTES:
-                            break
-                        try:
-                            frame = receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
+            while await outbox.wait():
+                if type(outbox.items[0]) is p.Published:
+                    # Confirms arrive a few per read of the broker's socket: one turn for
+                    # the tasks already runnable lets the next read's answers join this
+                    # write. A batch, which a pull is waiting for, goes at once.
+                    await trio.lowlevel.checkpoint()
+                self._writing = True
+                burst: list[bytes | str] = []
+                framed: list[bytes] = []
+                size = 0
+                while outbox.items and size < WRITE_BURST_BYTES:
+                    item = outbox.items.popleft()
+                    if type(item) is bytes:
+                        # The rest of a direct write: framed already, and first in line.
+                        if burst:
+                            framed.append(frame_messages(self.ws, burst))
+                            burst = []
+                        framed.append(item)
+                        size += len(item)
+                        continue
+                    assert not isinstance(item, bytes)
+                    data = self._encode(item)
+                    if data is not None:
+                        burst.append(data)
+                        size += len(data)
+                if framing:
                     if burst:
-                        await send_messages(self.ws, burst)
+                        framed.append(frame_messages(self.ws, burst))
+                    if framed:
+                        await send_framed(self.ws, b"".join(framed))
+                elif burst:
+                    await send_messages(self.ws, burst)
+                self._writing = False
         except ConnectionClosed:
             pass
+        finally:
+            outbox.close()
 
     def _encode(self, frame: p.Frame) -> bytes | str | None:
         try:
@@ -196,6 +302,7 @@ class Session:
                 self._nursery = nursery
                 nursery.start_soon(self._writer)
                 nursery.start_soon(self._pump)
+                nursery.start_soon(self._pull_timer)
                 await self._read_frames()
                 nursery.cancel_scope.cancel()
         except ConnectionClosed:
@@ -219,8 +326,13 @@ class Session:
             self.crashed = reason is None or reason.code not in (1000, 1001)
 
     async def _flush_and_close(self) -> None:
-        self._out_send.close()
-        refusals = [self.codec.encode(frame, binary=self.binary) async for frame in self._out_recv]
+        self._outbox.close()
+        refusals = [
+            self.codec.encode(item, binary=self.binary)
+            for item in self._outbox.items
+            if not isinstance(item, bytes)
+        ]
+        self._outbox.items.clear()
         await send_messages(self.ws, refusals)
         await self.ws.aclose(code=1008, reason="handshake refused")
 
@@ -320,13 +432,42 @@ class Session:
             raise p.ProtocolError("pull_in_progress", "wait for the batch before pulling again")
         self.pulling = True
         assert self._nursery is not None, "frames are handled only while the session runs"
-        self._nursery.start_soon(
-            self._pull, min(frame.max, self.agent_settings.batch_size), frame.wait
-        )
+        want = min(frame.max, self.agent_settings.batch_size)
+        wait = min(frame.wait, 30.0)
+        if self.engine.must_pause():
+            self._nursery.start_soon(self._pull, want, wait)
+            return
+        # Answered here when deliveries are buffered; else by the engine as soon as some
+        # arrive, or with an empty batch by the timer when the wait runs out.
+        batch = self.engine.pull_now(self.id, want)
+        if batch or wait <= 0:
+            self._answer_pull(batch)
+            return
+        self.engine.wait_for(self.id, want, self._answer_pull)
+        self._pull_until = trio.current_time() + wait
+        if self._pull_timer_scope is not None:
+            self._pull_timer_scope.deadline = self._pull_until
+
+    def _answer_pull(self, batch: list[p.Delivery]) -> None:
+        self.pulling = False
+        self._pull_until = math.inf
+        # The timer's deadline is left where it is: moving it costs more than the one
+        # wake-up it may save, and at that wake-up it sees nothing is waiting.
+        self.send(p.Batch(messages=batch))
+
+    async def _pull_timer(self) -> None:
+        """Answer a waiting pull whose wait ran out with an empty batch."""
+        while True:
+            with trio.CancelScope(deadline=self._pull_until) as scope:
+                self._pull_timer_scope = scope
+                await trio.sleep_forever()
+            self._pull_timer_scope = None
+            if trio.current_time() >= self._pull_until and self.engine.stop_waiting(self.id):
+                self._answer_pull([])
 
     async def _pull(self, want: int, wait: float) -> None:
         try:
-            messages = await self.engine.pull(self.id, want, min(wait, 30.0))
+            messages = await self.engine.pull(self.id, want, wait)
         finally:
             self.pulling = False
         self.send(p.Batch(messages=messages))

@@ -141,3 +141,44 @@ async def test_metrics_of_a_batch_are_written_once_per_event_and_add_up(autojump
     engine.ack(1, [d.id for d in batch[3:]])
     assert sample(metrics, "sidecar_messages_acked_total", {"queue": "work"}) == 5
     assert sample(metrics, "sidecar_in_flight_messages") == 0
+
+
+async def test_a_waiting_pull_is_answered_in_the_step_that_fills_the_inbox():
+    engine, broker = make_engine([])
+    engine.open_session(1, "a", "1.0", None)
+    engine.open_session(2, "b", "1.0", None)
+    answers: list[tuple[int, list[int]]] = []
+    assert engine.pull_now(1, 5) == []
+    engine.wait_for(1, 2, lambda batch: answers.append((1, [d.id for d in batch])))
+    engine.wait_for(2, 5, lambda batch: answers.append((2, [d.id for d in batch])))
+    broker.deliver(message(1), message(2), message(3))
+    # Synchronously, oldest pull first, each within its own want.
+    assert [(s, len(ids)) for s, ids in answers] == [(1, 2), (2, 1)]
+    assert not engine.stop_waiting(1) and not engine.stop_waiting(2)  # both answered
+    assert len(engine.in_flight) == 3
+
+
+async def test_a_waiting_pull_taken_back_or_closed_gets_nothing():
+    engine, broker = make_engine([])
+    engine.open_session(1, "a", "1.0", None)
+    engine.open_session(2, "b", "1.0", None)
+    answers: list[int] = []
+    engine.wait_for(1, 5, lambda batch: answers.append(1))
+    engine.wait_for(2, 5, lambda batch: answers.append(2))
+    assert engine.stop_waiting(1)
+    engine.close_session(2, crashed=False)
+    broker.deliver(message(1))
+    assert answers == [] and len(broker.inbox) == 1 and not engine.in_flight
+
+
+async def test_a_waiting_pull_is_not_answered_while_work_is_not_accepted():
+    engine, broker = make_engine([])
+    engine.open_session(1, "a", "1.0", None)
+    answers: list[list[int]] = []
+    engine.wait_for(1, 5, lambda batch: answers.append([d.id for d in batch]))
+    broker.is_connected = False
+    broker.deliver(message(1))
+    assert answers == [] and engine.pull_now(1, 5) == []
+    broker.is_connected = True
+    broker.wake()  # what the broker does when work may be taken again
+    assert len(answers) == 1 and len(answers[0]) == 1

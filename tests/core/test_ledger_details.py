@@ -27,7 +27,7 @@ from sidecar.core.ledger import (
 from sidecar.core.messages import Inbound, Inbox, MessageProps
 from sidecar.limits import MAX_NESTING
 from sidecar.policies import breaker_config_from, retry_policy_from
-from sidecar.policy.breaker import BreakerState, CircuitBreaker, KeyedBreakers
+from sidecar.policy.breaker import NOT_A_PROBE, BreakerState, CircuitBreaker, KeyedBreakers
 from sidecar.policy.failure import error_signature
 from sidecar.policy.pressure import PressureLevel
 from sidecar.store.records import DeadLetterRecord
@@ -58,8 +58,10 @@ class RecordingMeter:
     def delivered(self, queue: str) -> None:
         self.calls.append(("delivered", queue))
 
-    def acked(self, queue: str, seconds: float) -> None:
-        self.calls.append(("acked", queue, seconds))
+    def acked(self, queue: str, seconds: float, count: int = 1) -> None:
+        self.calls.append(
+            ("acked", queue, seconds) if count == 1 else ("acked", queue, seconds, count)
+        )
 
     def failed(self, queue: str, reason: str, seconds: float) -> None:
         self.calls.append(("failed", queue, reason, seconds))
@@ -1028,3 +1030,35 @@ def test_a_crash_with_several_messages_parks_them_in_the_first_tier():
     ledger.pull(1, 2, inbox_of(message(1), message(2)), at=at(0.0))
     parks = ledger.close_session(1, crashed=True, at=at(1.0))
     assert [(p.tier, p.props.expiration) for p in parks] == [(1.0, "900"), (1.0, "900")]
+
+
+def test_the_acks_of_one_batch_are_metered_together_and_others_apart():
+    meter = RecordingMeter()
+    ledger = make_ledger(meter=meter)
+    ledger.open_session(1, "a", "1.0", None)
+    early = ledger.pull(1, 2, inbox_of(message(1), message(2)), at=at(10.0)).deliveries
+    late = ledger.pull(1, 2, inbox_of(message(3)), at=at(11.0)).deliveries
+    meter.take()
+    ids = [d.id for d in early + late]
+    unknown, commands = ledger.ack(1, [*ids, 999], now=12.0)
+    assert unknown == [999] and len(only(commands, Settle)) == 3
+    assert [c for c in meter.take() if c[0] == "acked"] == [
+        ("acked", "work", 2.0, 2),  # the two handed out together
+        ("acked", "work", 1.0),
+    ]
+    assert ledger.counts["acked"] == 3
+
+
+def test_a_probe_success_closing_the_breaker_keeps_the_order_of_a_batch():
+    ledger = make_ledger(breaker={"failure_threshold": 1, "half_open_successes": 1})
+    ledger.open_session(1, "a", "1.0", None)
+    (before,) = ledger.pull(1, 1, inbox_of(message(1)), at=at(0.0)).deliveries
+    breaker = ledger.breaker
+    breaker.record_failure(0.0)  # open; half-open once its open time has passed
+    now = breaker.config.open_timeout
+    (probe,) = ledger.pull(1, 1, inbox_of(message(2)), at=at(now)).deliveries
+    assert ledger.in_flight[probe.id].probe_of != NOT_A_PROBE
+    ledger.ack(1, [before.id, probe.id], now=now)
+    # The plain success came while half-open (ignored); the probe's closed the breaker.
+    assert breaker.state(now) is BreakerState.CLOSED
+    assert breaker._calls_in_window == 0

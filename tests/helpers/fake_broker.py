@@ -34,6 +34,7 @@ class FakeBroker:
         self.settled: list[tuple[int, bool]] = []
         self.published: list[Published] = []
         self._changed = trio.Event()
+        self.on_arrivals: Callable[[], None] | None = None
 
     def deliver(self, *messages: Inbound) -> None:
         for m in messages:
@@ -46,6 +47,8 @@ class FakeBroker:
 
     def wake(self) -> None:
         self._changed.set()
+        if self.on_arrivals is not None:
+            self.on_arrivals()
 
     def settle(
         self, generation: int, tag: int, *, requeue: bool = False, linger: bool = False

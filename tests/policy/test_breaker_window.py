@@ -333,3 +333,30 @@ def test_after_recovery_failures_count_from_zero():
     record(breaker, now, failures=3, successes=6)
     breaker.record_failure(now)
     assert breaker.state(now) is CLOSED
+
+
+def test_successes_recorded_together_count_as_many_as_one_by_one():
+    one_by_one = CircuitBreaker(BreakerConfig(**RATIO_ONLY))
+    together = CircuitBreaker(BreakerConfig(**RATIO_ONLY))
+    for breaker in (one_by_one, together):
+        for _ in range(4):
+            breaker.record_failure(0.0)
+    for _ in range(5):
+        one_by_one.record_success(1.0)
+    together.record_successes(1.0, 5)
+    together.record_successes(1.0, 0)  # nothing to tell: no change
+    # 4 failures in 9 calls stay closed; one more failure (5 of 10) trips both alike.
+    assert one_by_one.state(1.0) is CLOSED and together.state(1.0) is CLOSED
+    one_by_one.record_failure(2.0)
+    together.record_failure(2.0)
+    assert one_by_one.state(2.0) is OPEN and together.state(2.0) is OPEN
+
+
+def test_successes_recorded_together_say_nothing_while_not_closed():
+    breaker, now = open_then_half_open(BreakerConfig(half_open_probes=1, half_open_successes=1))
+    breaker.record_successes(now, 10)  # not probes: a half-open breaker ignores them
+    assert breaker.state(now) is HALF_OPEN
+    tripped = CircuitBreaker(BreakerConfig(failure_threshold=1))
+    tripped.record_failure(0.0)
+    tripped.record_successes(0.1, 10)
+    assert tripped.state(0.1) is OPEN

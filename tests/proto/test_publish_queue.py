@@ -65,7 +65,7 @@ def answers(session: Session) -> list[p.Published]:
     out = []
     while True:
         try:
-            frame = session._out_recv.receive_nowait()
+            frame = session._outbox.receive_nowait()
         except trio.WouldBlock:
             return out
         assert isinstance(frame, p.Published)
