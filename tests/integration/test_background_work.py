@@ -100,9 +100,10 @@ class SlowJob:
 
 
 async def consume_counting(
-    socket: str, queue: str, total: int, job: SlowJob, *, fail_every: int = 0
+    socket: str, queue: str, total: int, job: SlowJob, *, fail_every: int = 0, pace: float = 0
 ) -> int:
-    """Take and settle ``total`` messages; return how many arrived while ``job`` was busy."""
+    """Take and settle ``total`` messages, resting ``pace`` seconds after each batch; return
+    how many arrived while ``job`` was busy."""
     during = 0
     settled = 0
     async with open_agent(socket, agent="bg", queues=[queue]) as agent:
@@ -115,6 +116,7 @@ async def consume_counting(
                     await agent.fail(m.id, "VALIDATION_FAILED", "bad field")
                 else:
                     await agent.ack([m.id])
+            await trio.sleep(pace)
     return during
 
 
@@ -162,8 +164,10 @@ async def test_slow_store_reads_do_not_hold_deliveries(tmp_path, unique_queue, m
             sidecar.store.failure_patterns = (  # type: ignore[method-assign]
                 lambda *a, **k: job.run(failure_patterns(*a, **k))
             )
+            # Paced so the run outlasts the first store read: unpaced, 200 messages can all
+            # be settled before the first dead letter's refresh has begun.
             during = await consume_counting(
-                config.agent.socket, queue, total, job, fail_every=fail_every
+                config.agent.socket, queue, total, job, fail_every=fail_every, pace=0.02
             )
             # The view still follows the store: every dead letter is counted.
             await until(lambda: sidecar.metrics.dlq_size._value.get() == total // fail_every)
