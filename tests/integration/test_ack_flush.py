@@ -67,4 +67,5 @@ async def test_an_events_acks_are_written_at_its_end_when_the_writer_is_idle(
         # Acks not on the wire would have come back to the queue when the connection closed.
         assert await queue_count(queue) == 0
     finally:
-        await trio.to_thread.run_sync(delete_queues, [queue])
+        # Consuming declared the queue's delay tier too.
+        await trio.to_thread.run_sync(delete_queues, [queue, broker.tier_for(queue, 0.2)])
