@@ -82,6 +82,9 @@ class Bridge(Protocol):
     """How trio code and aiormq's loop reach each other."""
 
     name: str
+    # aiormq's loop runs in the trio thread: loop-side state may be touched from trio code
+    # between the loop's steps.
+    same_thread: bool
 
     def open(self) -> Any:
         """An async context manager running the loop."""
@@ -107,6 +110,7 @@ class TrioAsyncioBridge:
     """aiormq on trio-asyncio's loop, in the trio thread: crossings are plain calls."""
 
     name = "trio-asyncio"
+    same_thread = True
 
     def __init__(self) -> None:
         self.loop: Any = None
@@ -148,6 +152,7 @@ class ThreadBridge:
     """aiormq on a plain asyncio loop in its own thread."""
 
     name = "thread"
+    same_thread = False
 
     def __init__(self) -> None:
         self.loop: asyncio.AbstractEventLoop | None = None

@@ -129,6 +129,10 @@ class _Generation:
         # (tag, requeue) from trio, read by the writer on the loop.
         self.settle_requests: deque[tuple[int, bool]] = deque()
         self.writer_signalled = False
+        # The writer waits for a wake-up with nothing in hand: an agent's acks may then be
+        # written by ``flush_settlements`` at the end of the event (same thread only).
+        self.writer_parked = False
+        self.settle_deferred = False  # urgent requests left for ``flush_settlements``
         # A settlement that should not wait (an agent's ack) is among the requests; while
         # only lingering ones are, the writer waits up to SETTLE_LINGER for company.
         self.settle_urgent = False
@@ -479,6 +483,7 @@ class Broker:
             await self._cancel_consumers(self._gen)
         for message in self.inbox.clear():
             self.settle(message.generation, message.tag, requeue=True)
+        self.flush_settlements()
 
     async def resume(self) -> None:
         if not self.paused:
@@ -516,6 +521,9 @@ class Broker:
         gen.settle_requests.append((tag, requeue))
         if not linger:
             gen.settle_urgent = True
+            if self.bridge.same_thread and gen.writer_parked and not gen.writer_signalled:
+                gen.settle_deferred = True  # written by flush_settlements, no writer wake-up
+                return True
             lingering = gen.writer_lingering  # read once: the loop thread may clear it
             if lingering is not None:
                 self.bridge.to_asyncio(lingering.set)
@@ -524,24 +532,63 @@ class Broker:
             self.bridge.to_asyncio(gen.writer_wakeup.set)
         return True
 
+    def flush_settlements(self) -> None:
+        """At the end of an event: write the acks ``settle`` left for it, in this call,
+        when aiormq's loop shares the thread and the writer is idle (it cannot be mid-pass,
+        so the single-writer order holds); otherwise wake the writer as usual."""
+        gen = self._gen
+        if not gen.settle_deferred:
+            return
+        gen.settle_deferred = False
+        conn = gen.consume_conn
+        if (
+            gen.writer_signalled  # a later settlement woke the writer: it takes them all
+            or not gen.writer_parked
+            or gen.consume_channel.is_closed
+            or conn.write_queue.full()
+        ):
+            self._signal_writer(gen)
+            return
+        gen.settle_urgent = False
+        plan = self._take_settlements(gen)
+        if plan:
+            payload = _settle_frames(gen.consume_channel.number, plan)
+            if not conn.send(payload):
+                conn.write_queue.put_nowait(ChannelFrame(payload=payload, should_close=False))
+        if gen.writer_passed is not None:
+            gen.writer_passed.set()
+
+    def _signal_writer(self, gen: _Generation) -> None:
+        if not gen.writer_signalled and gen.writer_wakeup is not None:
+            gen.writer_signalled = True
+            self.bridge.to_asyncio(gen.writer_wakeup.set)
+
+    def _take_settlements(self, gen: _Generation) -> list[tuple[int, bool, bool]]:
+        """The frames for every settlement requested so far (see ``_settle_plan``)."""
+        requests = gen.settle_requests
+        while requests:
+            tag, requeue = requests.popleft()
+            if tag not in gen.outstanding:
+                self.stale_acks += 1  # already settled: never send a tag twice
+                continue
+            (gen.to_requeue if requeue else gen.to_ack).add(tag)
+        return self._settle_plan(gen)
+
     async def _ack_writer(self, gen: _Generation) -> None:
         assert gen.writer_wakeup is not None
         channel = gen.consume_channel
         while True:
-            await gen.writer_wakeup.wait()
+            gen.writer_parked = True
+            try:
+                await gen.writer_wakeup.wait()
+            finally:
+                gen.writer_parked = False
             gen.writer_wakeup.clear()
             if not gen.settle_urgent:
                 await self._linger(gen)
             gen.settle_urgent = False
             gen.writer_signalled = False  # before draining, so no request is left behind
-            requests = gen.settle_requests
-            while requests:
-                tag, requeue = requests.popleft()
-                if tag not in gen.outstanding:
-                    self.stale_acks += 1  # already settled: never send a tag twice
-                    continue
-                (gen.to_requeue if requeue else gen.to_ack).add(tag)
-            plan = self._settle_plan(gen)
+            plan = self._take_settlements(gen)
             if plan:
                 if channel.is_closed:
                     raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")

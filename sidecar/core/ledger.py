@@ -246,7 +246,12 @@ class Ledger:
         self.suspects: list[Inbound] = []
         self.counts: dict[str, int] = dict.fromkeys(COUNTS, 0)
         self._ids = itertools.count(1)
-        self._deadlines: list[tuple[float, int]] = []
+        # One heap entry per pull: (deadline, sequence, ids). A pull's deliveries share one
+        # deadline, so they share an entry; an extension pushes an entry for its ids alone.
+        # An entry may name ids already answered or extended: tick checks each against
+        # in_flight, whose deadline is the truth.
+        self._deadlines: list[tuple[float, int, list[int]]] = []
+        self._deadline_entries = itertools.count()
         # Set when the earliest deadline moved earlier; the driver's timer reads and clears it.
         self.deadline_moved = False
 
@@ -324,6 +329,7 @@ class Ledger:
         if state is BreakerState.OPEN:
             return pulled
         out = pulled.deliveries
+        deadline = now + self.settings.deadline
         # A suspect (held by an agent that crashed with several messages) goes alone, to
         # an agent holding nothing else: if it is the poison, only it gets charged.
         if self.suspects and not info.in_flight:
@@ -339,6 +345,8 @@ class Ledger:
                 if probe_of != NOT_A_PROBE:
                     self.breaker.release_probe(now, probe_of=probe_of)
                 self._malformed(pulled.commands, suspect, exc, wall)
+            if out:
+                self._push_deadline(deadline, [out[0].id])
             return pulled
         while len(out) < limit and (message := inbox.peek()) is not None:
             key = ""
@@ -375,6 +383,8 @@ class Ledger:
                 if inbox.peek() is message:
                     inbox.pop()
                 self._malformed(pulled.commands, message, exc, wall)
+        if out:
+            self._push_deadline(deadline, [delivery.id for delivery in out])
         self.meter.buffered(len(inbox))
         return pulled
 
@@ -465,7 +475,7 @@ class Ledger:
             probe_of,
         )
         info.in_flight.add(delivery_id)
-        self._push_deadline(deadline, delivery_id)
+        # The caller pushes one deadline entry for all it handed out.
         self.counts["delivered"] += 1
         self.meter.delivered(message.queue)
         self.meter.in_flight(len(self.in_flight))
@@ -535,7 +545,7 @@ class Ledger:
                 continue
             held = self.in_flight[delivery_id]
             held.deadline = now + seconds
-            self._push_deadline(held.deadline, delivery_id)
+            self._push_deadline(held.deadline, [delivery_id])
         return unknown
 
     def fail(
@@ -813,14 +823,18 @@ class Ledger:
 
     # --- deadlines -------------------------------------------------------------------------
 
-    def _push_deadline(self, deadline: float, delivery_id: int) -> None:
-        heapq.heappush(self._deadlines, (deadline, delivery_id))
+    def _push_deadline(self, deadline: float, ids: list[int]) -> None:
+        """One heap entry for ``ids``, all due at ``deadline``."""
+        entry = (deadline, next(self._deadline_entries), ids)
+        heapq.heappush(self._deadlines, entry)
         if len(self._deadlines) > 2 * len(self.in_flight) + 1024:
             # Answered deliveries leave their entry behind until its deadline; rebuild from
             # what is really in flight so the heap stays proportional to it (amortised O(1)).
-            self._deadlines = [(h.deadline, i) for i, h in self.in_flight.items()]
+            entries = self._deadline_entries
+            self._deadlines = [(h.deadline, next(entries), [i]) for i, h in self.in_flight.items()]
             heapq.heapify(self._deadlines)
-        if self._deadlines[0][1] == delivery_id:
+            self.deadline_moved = True  # the timer re-reads the earliest; rare and harmless
+        elif self._deadlines[0] is entry:
             self.deadline_moved = True
 
     def tick(self, *, at: Moment) -> list[Command]:
@@ -828,22 +842,23 @@ class Ledger:
         out: list[Command] = []
         now = at.now
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, delivery_id = heapq.heappop(self._deadlines)
-            held = self.in_flight.get(delivery_id)
-            if held is None or held.deadline > now:
-                continue  # answered, or extended (a newer heap entry exists)
-            self._release(delivery_id)
-            self.counts["timeouts"] += 1
-            charged = self._charge(
-                out,
-                held,
-                FailureReason.TIMEOUT,
-                f"no answer within {self.settings.deadline:g}s",
-                None,
-                at,
-            )
-            # Told after the decision, so the notice can say truthfully what happened.
-            out.append(NotifyTimeout(held.session, delivery_id, charged))
+            _, _, ids = heapq.heappop(self._deadlines)
+            for delivery_id in ids:
+                held = self.in_flight.get(delivery_id)
+                if held is None or held.deadline > now:
+                    continue  # answered, or extended (a newer heap entry exists)
+                self._release(delivery_id)
+                self.counts["timeouts"] += 1
+                charged = self._charge(
+                    out,
+                    held,
+                    FailureReason.TIMEOUT,
+                    f"no answer within {self.settings.deadline:g}s",
+                    None,
+                    at,
+                )
+                # Told after the decision, so the notice can say truthfully what happened.
+                out.append(NotifyTimeout(held.session, delivery_id, charged))
         return out
 
     # --- drain -----------------------------------------------------------------------------

@@ -61,6 +61,10 @@ class BrokerPort(Protocol):
         ``linger``: the write may wait a few milliseconds for others (no one waits on it)."""
         ...
 
+    def flush_settlements(self) -> None:
+        """The end of an event: settlements asked for during it may be written now."""
+        ...
+
     def publish_nowait(
         self,
         body: bytes,

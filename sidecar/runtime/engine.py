@@ -262,17 +262,20 @@ class Engine:
     def _run(self, commands: list[Command], *, linger: bool = False) -> None:
         """``linger``: the commands answer the broker or the store, not an agent, so their
         acks may wait a moment to share a write."""
-        for command in commands:
-            if isinstance(command, Settle):
-                self._settle(command.message, requeue=command.requeue, linger=linger)
-            elif isinstance(command, Republish):
-                self._republish(command)
-            elif isinstance(command, WriteDeadLetter):
-                self._write_dead_letter(command)
-            elif isinstance(command, NotifyTimeout):
-                self.on_timeout(command.session, command.delivery_id, command.charged)
-            elif isinstance(command, BreakerChanged):
-                self._breaker_changed.set()
+        try:
+            for command in commands:
+                if isinstance(command, Settle):
+                    self._settle(command.message, requeue=command.requeue, linger=linger)
+                elif isinstance(command, Republish):
+                    self._republish(command)
+                elif isinstance(command, WriteDeadLetter):
+                    self._write_dead_letter(command)
+                elif isinstance(command, NotifyTimeout):
+                    self.on_timeout(command.session, command.delivery_id, command.charged)
+                elif isinstance(command, BreakerChanged):
+                    self._breaker_changed.set()
+        finally:
+            self.broker.flush_settlements()  # the event's acks in one write
         self._wake_waiters()
 
     def _wake_waiters(self) -> None:

@@ -735,9 +735,10 @@ def test_answered_deadlines_are_dropped_once_they_outnumber_what_is_in_flight():
     ledger.extend(1, [other.id], 110.0, now=0.0)
     # Each extension leaves the previous deadline behind; the earliest stays reported
     # (a harmless early wake-up) until the entries outnumber twice the in-flight plus 1024.
-    for _ in range(1025):
+    for _ in range(1026):
         ledger.extend(1, [d.id], 100.0, now=0.0)
-    assert ledger.next_deadline() == 30.0  # 1028 entries for 2 in flight
+    # 1028 entries for 2 in flight: the pull's two deliveries share one.
+    assert ledger.next_deadline() == 30.0
     ledger.extend(1, [d.id], 100.0, now=0.0)
     assert ledger.next_deadline() == 100.0
 
@@ -754,6 +755,42 @@ def test_a_tick_charges_only_what_is_due_in_deadline_order():
     assert only(commands, NotifyTimeout) == [NotifyTimeout(1, d3.id, True)]
     assert list(ledger.in_flight) == [d1.id]
     assert ledger.next_deadline() == 50.0
+
+
+def test_a_pulls_deliveries_share_one_deadline_entry_and_each_times_out_on_its_own():
+    ledger = make_ledger()
+    ledger.open_session(1, "a", "1.0", None)
+    batch = ledger.pull(
+        1, 4, inbox_of(message(1), message(2), message(3), message(4)), at=at(0.0)
+    ).deliveries
+    assert len(ledger._deadlines) == 1  # one entry for the whole pull
+    d1, d2, d3, d4 = batch
+    ledger.ack(1, [d2.id], now=1.0)
+    ledger.extend(1, [d3.id], 45.0, now=2.0)  # one of the batch moves on alone
+    assert ledger.tick(at=at(29.9)) == []
+    commands = ledger.tick(at=at(30.0))
+    # The rest of the batch times out, each in hand-out order; the answered and the
+    # extended ones do not.
+    assert only(commands, NotifyTimeout) == [
+        NotifyTimeout(1, d1.id, True),
+        NotifyTimeout(1, d4.id, True),
+    ]
+    assert list(ledger.in_flight) == [d3.id]
+    assert ledger.next_deadline() == 47.0
+    assert only(ledger.tick(at=at(47.0)), NotifyTimeout) == [NotifyTimeout(1, d3.id, True)]
+    assert ledger.in_flight == {} and ledger.next_deadline() is None
+
+
+def test_an_extension_of_one_delivery_of_a_batch_to_earlier_wakes_the_timer():
+    ledger = make_ledger()
+    ledger.open_session(1, "a", "1.0", None)
+    d1, d2 = ledger.pull(1, 2, inbox_of(message(1), message(2)), at=at(0.0)).deliveries
+    ledger.deadline_moved = False
+    ledger.extend(1, [d2.id], 3.0, now=1.0)
+    assert ledger.deadline_moved and ledger.next_deadline() == 4.0
+    assert only(ledger.tick(at=at(4.0)), NotifyTimeout) == [NotifyTimeout(1, d2.id, True)]
+    assert list(ledger.in_flight) == [d1.id]
+    assert ledger.next_deadline() == 30.0
 
 
 # --- uncharged parks ---------------------------------------------------------------------

@@ -58,6 +58,9 @@ class FakeBroker:
         self.settled.append((tag, requeue))
         return True
 
+    def flush_settlements(self) -> None:
+        pass  # settlements are recorded as they come
+
     def publish_nowait(
         self,
         body: bytes,
