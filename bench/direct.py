@@ -35,6 +35,7 @@ from bench.common import (
     stamp_of,
     tier_queue_names,
 )
+from sidecar.core.messages import tier_queue_arguments
 
 
 def persistent() -> spec.Basic.Properties:
@@ -231,14 +232,7 @@ async def retry(queue: str, count: int, tiers: list[float], prefetch: int, idle:
         await admin.queue_declare(
             name,
             durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-message-ttl": round(ttl * 1000),
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": queue,
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
-            },
+            arguments=tier_queue_arguments(queue, ttl),
         )
     channel = await conn.channel(publisher_confirms=True)
     await channel.basic_qos(prefetch_count=prefetch)

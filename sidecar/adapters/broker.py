@@ -43,6 +43,7 @@ from sidecar.core.messages import (
     Inbound,
     Inbox,
     MessageProps,
+    tier_queue_arguments,
     tier_queue_name,
 )
 from sidecar.core.port import UNENCODABLE, BrokerUnavailable, PublishCallback
@@ -877,14 +878,7 @@ class Broker:
                 channel.queue_declare,
                 tier_queue_name(self.tier_prefix, queue, ttl),
                 durable=True,
-                arguments={
-                    "x-queue-type": "quorum",
-                    "x-message-ttl": round(ttl * 1000),
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": queue,
-                    "x-dead-letter-strategy": "at-least-once",
-                    "x-overflow": "reject-publish",
-                },
+                arguments=tier_queue_arguments(queue, ttl),
             )
 
     def tier_for(self, queue: str, ttl: float) -> str:

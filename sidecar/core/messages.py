@@ -121,6 +121,20 @@ def tier_queue_name(prefix: str, queue: str, ttl: float) -> str:
     return f"{prefix}.{queue}.{round(ttl * 1000)}ms"
 
 
+def tier_queue_arguments(queue: str, ttl: float) -> dict[str, Any]:
+    """How a delay tier is declared: a quorum queue (at-least-once dead-lettering, so a
+    message leaving the tier is never dropped) whose messages go back to ``queue`` after
+    ``ttl`` seconds; a full tier refuses the publish rather than dropping the oldest."""
+    return {
+        "x-queue-type": "quorum",
+        "x-message-ttl": round(ttl * 1000),
+        "x-dead-letter-exchange": "",
+        "x-dead-letter-routing-key": queue,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
 def headers_json_safe(headers: Mapping[str, Any], *, lenient: bool = False) -> dict[str, Any]:
     """AMQP header values as JSON-friendly values (datetimes and bytes become text). Values
     nested deeper than ``limits.MAX_NESTING`` raise ``limits.TooDeep``, or with ``lenient``

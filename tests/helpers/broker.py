@@ -66,6 +66,20 @@ async def queue_count(queue: str) -> int | None:
     return await amqp(go)
 
 
+async def drain_bodies(queue: str) -> list[bytes]:
+    """Every body in ``queue``, oldest first (taken with no_ack: the queue ends empty)."""
+
+    async def go(channel: Any) -> list[bytes]:
+        bodies = []
+        while True:
+            got = await channel.basic_get(queue, no_ack=True)
+            if got.delivery is None or got.body is None or not got.delivery_tag:
+                return bodies
+            bodies.append(bytes(got.body))
+
+    return await amqp(go)
+
+
 def delete_queues(names: list[str]) -> None:
     async def go(channel: Any) -> None:
         for name in names:

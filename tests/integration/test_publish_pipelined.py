@@ -15,7 +15,14 @@ import trio
 
 from sidecar import protocol as p
 from sidecar.client import AgentClient, PublishRefused, open_agent
-from tests.helpers import amqp, make_config, publish_many, queue_count, running_sidecar, until
+from tests.helpers import (
+    drain_bodies,
+    make_config,
+    publish_many,
+    queue_count,
+    running_sidecar,
+    until,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -65,18 +72,6 @@ def count_broker_writes(sidecar: Any) -> list[int]:
 
     publisher.flush = counting_flush
     return per_write
-
-
-async def drain_bodies(queue: str) -> list[bytes]:
-    async def go(channel: Any) -> list[bytes]:
-        bodies = []
-        while True:
-            got = await channel.basic_get(queue, no_ack=True)
-            if got.delivery is None or got.body is None or not got.delivery_tag:
-                return bodies
-            bodies.append(bytes(got.body))
-
-    return await amqp(go)
 
 
 async def test_a_burst_of_publishes_from_tasks_is_confirmed_and_answered_per_ref(

@@ -11,21 +11,9 @@ import trio
 
 from sidecar import protocol as p
 from sidecar.client import open_agent
-from tests.helpers import amqp, make_config, publish_many, running_sidecar, until
+from tests.helpers import drain_bodies, make_config, publish_many, running_sidecar, until
 
 pytestmark = pytest.mark.integration
-
-
-async def drain_bodies(queue: str) -> list[bytes]:
-    async def go(channel: Any) -> list[bytes]:
-        bodies = []
-        while True:
-            got = await channel.basic_get(queue, no_ack=True)
-            if got.delivery is None or got.body is None or not got.delivery_tag:
-                return bodies
-            bodies.append(bytes(got.body))
-
-    return await amqp(go)
 
 
 async def test_an_agent_flooding_at_100_times_the_rate_sends_under_two_frames_per_message(
