@@ -27,29 +27,9 @@ from sidecar.runtime.session import (
     Session,
 )
 from sidecar.wsburst import read_in_bursts, reads_in_bursts, take_received
+from tests.helpers.streams import CountedStream
 
 CODEC = p.Codec()
-
-
-class CountedStream(trio.abc.Stream):
-    """A stream that records the size of every write made to it."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
-        self.writes: list[int] = []
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes.append(len(data))
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @asynccontextmanager

@@ -23,6 +23,7 @@ from tests.helpers import (
     running_sidecar,
     until,
 )
+from tests.helpers.streams import CountedStream
 
 pytestmark = pytest.mark.integration
 
@@ -30,29 +31,8 @@ BURST = 200
 HOP = os.environ.get("SIDECAR_TEST_HOP", "trio-asyncio")
 
 
-class CountedWrites(trio.abc.Stream):
-    """Counts the writes an agent's WebSocket makes to its stream."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
-        self.writes = 0
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes += 1
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-def count_writes(agent: AgentClient) -> CountedWrites:
-    counted = CountedWrites(agent.ws._stream)
+def count_writes(agent: AgentClient) -> CountedStream:
+    counted = CountedStream(agent.ws._stream)
     agent.ws._stream = counted
     return counted
 
@@ -96,7 +76,7 @@ async def test_a_burst_of_publishes_from_tasks_is_confirmed_and_answered_per_ref
             async with trio.open_nursery() as nursery:
                 for i in range(BURST):  # no checkpoint in between: one wake-up's worth
                     nursery.start_soon(one, i)
-            publish_writes = client_writes.writes  # before the close frame's own write
+            publish_writes = len(client_writes.writes)  # before the close frame's own write
             await until(lambda: not sidecar.broker.unsettled)
     assert len(answers) == BURST
     assert all(a.ok and not a.throttled for a in answers.values())
