@@ -194,9 +194,7 @@ class Handoff(Generic[T]):
 
     def put(self, item: T) -> None:
         self._items.append(item)
-        if not self._signalled:
-            self._signalled = True
-            self._schedule(self._drain)
+        self.flush()
 
     def add(self, item: T) -> None:
         """Queue ``item`` without crossing yet: ``flush`` sends what was added."""
@@ -528,9 +526,7 @@ class Broker:
             lingering = gen.writer_lingering  # read once: the loop thread may clear it
             if lingering is not None:
                 self.bridge.to_asyncio(lingering.set)
-        if not gen.writer_signalled:
-            gen.writer_signalled = True
-            self.bridge.to_asyncio(gen.writer_wakeup.set)
+        self._signal_writer(gen)
         return True
 
     def flush_settlements(self) -> None:
@@ -674,20 +670,21 @@ class Broker:
         """(loop) The burst goes out as one write per publishing channel, confirms
         pipelined: no task per publish. Only a publish that needs a round trip first (an
         exchange not seen yet, a channel to reopen) takes a task."""
-        touched: set[Publisher] = set()
-        while requests:
-            self._publish_fast(requests.popleft(), 1, touched)
-        for publisher in touched:
+        for publisher in self._marshal_all(requests):
             publisher.flush()
 
     def _start_lingering(self, requests: deque[_PublishRequest]) -> None:
         """(loop) Like ``_start_publishes``, but the write waits up to ``PUBLISH_LINGER``
         (or for the next burst that is written at once) so several go out together."""
+        for publisher in self._marshal_all(requests):
+            publisher.flush_later(PUBLISH_LINGER)
+
+    def _marshal_all(self, requests: deque[_PublishRequest]) -> set[Publisher]:
+        """(loop) Every request into its channel's burst; the publishers to flush."""
         touched: set[Publisher] = set()
         while requests:
             self._publish_fast(requests.popleft(), 1, touched)
-        for publisher in touched:
-            publisher.flush_later(PUBLISH_LINGER)
+        return touched
 
     def _publish_fast(
         self, request: _PublishRequest, attempt: int, touched: set[Publisher]

@@ -212,9 +212,7 @@ class Session:
 
     def _may_write_directly(self) -> bool:
         if self._direct is None:
-            self._direct = (
-                self.ws is not None and coalesces_writes(self.ws) and writes_to_socket(self.ws)
-            )
+            self._direct = self.ws is not None and writes_to_socket(self.ws)
         return self._direct and not self._outbox.closed and may_write_now(self.ws)
 
     def _write_directly(self, frame: p.Frame) -> None:
